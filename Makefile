@@ -30,7 +30,7 @@ bench-full: $(STAMP)
 	$(PY) -m benchmarks.run --full
 
 protos: $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/epp/api/v1/pick.proto
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/epp/v1/pick.proto
 
 clean:
 	rm -rf $(VENV) build *.egg-info

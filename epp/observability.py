@@ -1,0 +1,163 @@
+"""The EPP's own Prometheus metrics, with the upstream EPP's names and labels.
+
+Every metric lives here, on one registry, so that a dashboard built for the upstream EPP
+works unchanged and a newcomer finds all names in one place. Modules import the metric
+objects they update; the metrics server (`serve_metrics`) exposes `REGISTRY`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (
+    0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10,
+    15, 20, 30, 45, 60, 120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600,
+)
+_TOKEN_BUCKETS = tuple(float(2**i) for i in range(0, 18))
+_SIZE_BUCKETS = tuple(float(2**i) for i in range(6, 25, 2))
+_FAST_BUCKETS = (
+    0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01,
+    0.02, 0.05, 0.1,
+)
+
+# -- per objective (model) ---------------------------------------------------------
+
+REQUEST_TOTAL = Counter(
+    "inference_objective_request_total",
+    "Requests received, by model as sent, model served and priority.",
+    ["model_name", "target_model_name", "priority"],
+    registry=REGISTRY,
+)
+REQUEST_ERROR_TOTAL = Counter(
+    "inference_objective_request_error_total",
+    "Requests that ended in an error, by error code.",
+    ["model_name", "target_model_name", "error_code"],
+    registry=REGISTRY,
+)
+REQUEST_DURATION = Histogram(
+    "inference_objective_request_duration_seconds",
+    "Time from the request's headers to the end of its response.",
+    ["model_name", "target_model_name"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+REQUEST_SIZES = Histogram(
+    "inference_objective_request_sizes",
+    "Request body size in bytes.",
+    ["model_name", "target_model_name"],
+    buckets=_SIZE_BUCKETS,
+    registry=REGISTRY,
+)
+INPUT_TOKENS = Histogram(
+    "inference_objective_input_tokens",
+    "Prompt tokens per request, from the response's usage.",
+    ["model_name", "target_model_name"],
+    buckets=_TOKEN_BUCKETS,
+    registry=REGISTRY,
+)
+OUTPUT_TOKENS = Histogram(
+    "inference_objective_output_tokens",
+    "Completion tokens per request, from the response's usage.",
+    ["model_name", "target_model_name"],
+    buckets=_TOKEN_BUCKETS,
+    registry=REGISTRY,
+)
+RUNNING_REQUESTS = Gauge(
+    "inference_objective_running_requests",
+    "Requests routed and not yet finished.",
+    ["model_name"],
+    registry=REGISTRY,
+)
+
+# -- per pool ----------------------------------------------------------------------
+
+POOL_READY_PODS = Gauge(
+    "inference_pool_ready_pods", "Endpoints in the pool.", ["name"], registry=REGISTRY
+)
+POOL_AVG_KV_CACHE = Gauge(
+    "inference_pool_average_kv_cache_utilization",
+    "Mean KV-cache utilization over endpoints with fresh metrics.",
+    ["name"],
+    registry=REGISTRY,
+)
+POOL_AVG_QUEUE = Gauge(
+    "inference_pool_average_queue_size",
+    "Mean waiting requests over endpoints with fresh metrics.",
+    ["name"],
+    registry=REGISTRY,
+)
+POOL_AVG_RUNNING = Gauge(
+    "inference_pool_average_running_requests",
+    "Mean running requests over endpoints with fresh metrics.",
+    ["name"],
+    registry=REGISTRY,
+)
+POOL_PER_POD_QUEUE = Gauge(
+    "inference_pool_per_pod_queue_size",
+    "Waiting requests per endpoint.",
+    ["name", "model_server_pod"],
+    registry=REGISTRY,
+)
+
+# -- the EPP itself ----------------------------------------------------------------
+
+SCHEDULER_E2E_DURATION = Histogram(
+    "inference_extension_scheduler_e2e_duration_seconds",
+    "Time to run one scheduling cycle.",
+    buckets=_FAST_BUCKETS,
+    registry=REGISTRY,
+)
+PLUGIN_DURATION = Histogram(
+    "inference_extension_plugin_duration_seconds",
+    "Time spent in one plugin per call.",
+    ["extension_point", "plugin_type", "plugin_name"],
+    buckets=_FAST_BUCKETS,
+    registry=REGISTRY,
+)
+SCRAPE_ERRORS = Counter(
+    "inference_extension_scrape_errors_total",
+    "Failed metric scrapes of model-server endpoints, by reason.",
+    ["endpoint", "reason"],
+    registry=REGISTRY,
+)
+EXTPROC_STREAM_ERRORS = Counter(
+    "inference_extension_extproc_stream_errors_total",
+    "ext_proc streams ended with a gRPC error (malformed or out-of-order messages).",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+# -- flow control ------------------------------------------------------------------
+
+FLOW_QUEUE_SIZE = Gauge(
+    "inference_extension_flow_control_queue_size",
+    "Requests waiting in flow control, by priority band.",
+    ["priority"],
+    registry=REGISTRY,
+)
+FLOW_QUEUE_BYTES = Gauge(
+    "inference_extension_flow_control_queue_bytes",
+    "Body bytes waiting in flow control, by priority band.",
+    ["priority"],
+    registry=REGISTRY,
+)
+FLOW_QUEUE_DURATION = Histogram(
+    "inference_extension_flow_control_request_queue_duration_seconds",
+    "Time a request spent in the flow-control queue, by outcome.",
+    ["priority", "outcome"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+FLOW_POOL_SATURATION = Gauge(
+    "inference_extension_flow_control_pool_saturation",
+    "Pool saturation as seen by the saturation detector (1.0 = saturated).",
+    registry=REGISTRY,
+)
+FLOW_DISPATCH_CYCLE = Histogram(
+    "inference_extension_flow_control_dispatch_cycle_duration_seconds",
+    "Time for one dispatcher cycle.",
+    buckets=_FAST_BUCKETS,
+    registry=REGISTRY,
+)

@@ -1,0 +1,226 @@
+"""OpenAI-style request bodies in, plain dataclasses out; usage out of responses.
+
+The EPP routes on a few fields of the body (model, prompt, stream flag). Everything here
+is pure and synchronous so that it can be tested and benchmarked without gRPC.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from epp.errors import bad_request
+
+# Request headers the EPP reads (upstream names).
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
+FAIRNESS_ID_HEADER = "x-gateway-inference-fairness-id"
+MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
+REQUEST_ID_HEADER = "x-request-id"
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+DESTINATION_SERVED_HEADER = "x-gateway-destination-endpoint-served"
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+LB_NAMESPACE = "envoy.lb"
+
+DEFAULT_FAIRNESS_ID = "default"
+
+
+class ApiKind(str, enum.Enum):
+    COMPLETIONS = "completions"
+    CHAT_COMPLETIONS = "chat/completions"
+    EMBEDDINGS = "embeddings"
+    RESPONSES = "responses"
+    OTHER = "other"
+
+
+_PATHS = {
+    "/v1/completions": ApiKind.COMPLETIONS,
+    "/v1/chat/completions": ApiKind.CHAT_COMPLETIONS,
+    "/v1/embeddings": ApiKind.EMBEDDINGS,
+    "/v1/responses": ApiKind.RESPONSES,
+}
+
+
+def api_kind(path: str) -> ApiKind:
+    """The API a request path names; query strings and trailing slashes are ignored."""
+    p = path.split("?", 1)[0].rstrip("/")
+    return _PATHS.get(p, ApiKind.OTHER)
+
+
+@dataclass(slots=True)
+class ParsedBody:
+    """What the scheduler needs from an OpenAI request body."""
+
+    api: ApiKind
+    model: str
+    stream: bool
+    prompt_text: str
+    """The prompt as text, for prefix hashing: completions prompt, or chat messages
+    serialised canonically so that a conversation's earlier turns are a text prefix."""
+    data: dict[str, Any]
+    """The decoded JSON object, kept so that a model rewrite can re-serialise it."""
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    """One request as the director sees it; no protobuf types past this point."""
+
+    request_id: str
+    path: str = "/"
+    method: str = "POST"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    parsed: ParsedBody | None = None
+    subset: tuple[str, ...] | None = None
+    """The gateway's subset hint (ip:port list); None means every endpoint."""
+
+    @property
+    def objective(self) -> str | None:
+        return self.headers.get(OBJECTIVE_HEADER) or None
+
+    @property
+    def fairness_id(self) -> str:
+        return self.headers.get(FAIRNESS_ID_HEADER) or DEFAULT_FAIRNESS_ID
+
+    @property
+    def model_rewrite(self) -> str | None:
+        return self.headers.get(MODEL_REWRITE_HEADER) or None
+
+    @property
+    def model(self) -> str:
+        return self.parsed.model if self.parsed else ""
+
+    @property
+    def prompt_text(self) -> str:
+        return self.parsed.prompt_text if self.parsed else ""
+
+
+def parse_body(path: str, body: bytes) -> ParsedBody:
+    """Decode and validate an OpenAI request body; raises a 400 `EppError` when invalid."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise bad_request(f"invalid JSON body: {e}") from None
+    if not isinstance(data, dict):
+        raise bad_request("request body must be a JSON object")
+    model = data.get("model")
+    if model is None:
+        raise bad_request("model not found in request body")
+    if not isinstance(model, str) or not model:
+        raise bad_request("model must be a non-empty string")
+    stream = data.get("stream", False)
+    if not isinstance(stream, bool):
+        raise bad_request("stream must be a boolean")
+    kind = api_kind(path)
+    return ParsedBody(kind, model, stream, _prompt_text(kind, data), data)
+
+
+def _prompt_text(kind: ApiKind, data: dict[str, Any]) -> str:
+    if kind is ApiKind.COMPLETIONS:
+        if "prompt" not in data:
+            raise bad_request("prompt not found in request body")
+        return _completion_prompt(data["prompt"])
+    if kind is ApiKind.CHAT_COMPLETIONS:
+        messages = data.get("messages")
+        if messages is None:
+            raise bad_request("messages not found in request body")
+        if not isinstance(messages, list) or not messages:
+            raise bad_request("messages must be a non-empty list")
+        if not all(isinstance(m, dict) for m in messages):
+            raise bad_request("each message must be an object")
+        return "".join(_canonical(m) for m in messages)
+    if kind is ApiKind.EMBEDDINGS:
+        if "input" not in data:
+            raise bad_request("input not found in request body")
+        return _completion_prompt(data["input"], field_name="input")
+    if kind is ApiKind.RESPONSES:
+        if "input" not in data:
+            raise bad_request("input not found in request body")
+        instructions = data.get("instructions")
+        prefix = instructions if isinstance(instructions, str) else ""
+        inp = data["input"]
+        if isinstance(inp, str):
+            return prefix + inp
+        if isinstance(inp, list):
+            return prefix + "".join(_canonical(x) for x in inp)
+        raise bad_request("input must be a string or a list")
+    return ""
+
+
+def _completion_prompt(prompt: Any, field_name: str = "prompt") -> str:
+    """A prompt may be a string, a list of strings, token ids, or a list of token-id lists."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        if all(isinstance(p, str) for p in prompt):
+            return "\n".join(prompt)
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return " ".join(map(str, prompt))
+        if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
+            return "\n".join(" ".join(map(str, p)) for p in prompt)
+    raise bad_request(f"{field_name} must be a string, a list of strings, or token ids")
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def with_model(parsed: ParsedBody, model: str) -> bytes:
+    """The body re-serialised with another `model` (a rewrite); other fields unchanged."""
+    data = dict(parsed.data)
+    data["model"] = model
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# -- responses ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def parse_usage(body: bytes) -> Usage | None:
+    """Token usage from a JSON response, or from the SSE `data:` lines of a streamed one.
+
+    Returns None when the response carries no usage (for example a stream without
+    `stream_options.include_usage`). Never raises: a response is not the EPP's to reject.
+    """
+    text = body.lstrip()
+    if text.startswith(b"{"):
+        try:
+            return _usage_of(json.loads(text))
+        except ValueError:
+            return None
+    found: Usage | None = None
+    for line in body.splitlines():
+        line = line.strip()
+        if not line.startswith(b"data:"):
+            continue
+        payload = line[5:].strip()
+        if not payload.startswith(b"{") or b'"usage"' not in payload:
+            continue
+        try:
+            usage = _usage_of(json.loads(payload))
+        except ValueError:
+            continue
+        if usage is not None:
+            found = usage
+    return found
+
+
+def _usage_of(data: Any) -> Usage | None:
+    if not isinstance(data, dict):
+        return None
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    # The Responses API says input/output tokens.
+    p = usage.get("prompt_tokens", usage.get("input_tokens", 0))
+    c = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    if not isinstance(p, int) or not isinstance(c, int):
+        return None
+    return Usage(p, c)
