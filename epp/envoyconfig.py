@@ -1,0 +1,218 @@
+"""`epp envoy-config`: an Envoy bootstrap that routes through this EPP.
+
+Built with `envoy-data-plane`'s typed classes so that a misspelt field fails here rather
+than in Envoy. The pitfalls this encodes are listed in DESIGN.md: headers must be SENT even
+when only the body matters, `envoy.lb` metadata must be allowed in, the upstream cluster
+is ORIGINAL_DST reading the EPP's header (which the EPP always overwrites), and a failing
+EPP fails the request (`failure_mode_allow: false`) instead of letting it through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from dataclasses import dataclass
+
+import yaml
+from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    Cluster,
+    ClusterDiscoveryType,
+    ClusterLbPolicy,
+    ClusterOriginalDstLbConfig,
+)
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+    Http2ProtocolOptions,
+    SocketAddress,
+    TransportSocket,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import (
+    ClusterLoadAssignment,
+    Endpoint,
+    LbEndpoint,
+    LocalityLbEndpoints,
+)
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.route.v3 import (
+    Route,
+    RouteAction,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+)
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
+    ExternalProcessor,
+    MetadataOptions,
+    MetadataOptionsMetadataNamespaces,
+    ProcessingMode,
+    ProcessingModeBodySendMode,
+    ProcessingModeHeaderSendMode,
+)
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpFilter,
+)
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CommonTlsContext,
+    UpstreamTlsContext,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions,
+    HttpProtocolOptionsExplicitHttpConfig,
+)
+from envoy_data_plane.google.protobuf import Any
+
+from epp.request import DESTINATION_HEADER, LB_NAMESPACE
+
+BODY_MODES = {
+    "full-duplex-streamed": ProcessingModeBodySendMode.FULL_DUPLEX_STREAMED,
+    "streamed": ProcessingModeBodySendMode.STREAMED,
+    "buffered": ProcessingModeBodySendMode.BUFFERED,
+}
+
+
+@dataclass
+class EnvoyOptions:
+    listen_address: str = "0.0.0.0"
+    listen_port: int = 8081
+    admin_port: int = 9901
+    epp_address: str = "127.0.0.1"
+    epp_port: int = 9002
+    epp_tls: bool = True
+    body_mode: str = "full-duplex-streamed"
+    process_response: bool = True
+    message_timeout: float = 60.0
+    upstream_connect_timeout: float = 5.0
+    buffer_limit_bytes: int = 16 * 1024 * 1024
+    """Per-connection buffer limit. Envoy's default (1 MiB) caps BUFFERED bodies and stalls
+    STREAMED ones; prompts with images or long contexts are larger."""
+
+
+def _dur(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=seconds)
+
+
+def _sock(address: str, port: int) -> Address:
+    return Address(socket_address=SocketAddress(address=address, port_value=port))
+
+
+def build(o: EnvoyOptions) -> Bootstrap:
+    body_mode = BODY_MODES[o.body_mode]
+    resp_mode = body_mode if o.process_response else ProcessingModeBodySendMode.NONE
+    ext_proc = ExternalProcessor(
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="epp"),
+                                 timeout=_dur(o.message_timeout)),
+        failure_mode_allow=False,
+        allow_mode_override=True,
+        processing_mode=ProcessingMode(
+            request_header_mode=ProcessingModeHeaderSendMode.SEND,
+            request_body_mode=body_mode,
+            request_trailer_mode=(ProcessingModeHeaderSendMode.SEND
+                                  if body_mode == ProcessingModeBodySendMode.FULL_DUPLEX_STREAMED
+                                  else ProcessingModeHeaderSendMode.SKIP),
+            response_header_mode=(ProcessingModeHeaderSendMode.SEND if o.process_response
+                                  else ProcessingModeHeaderSendMode.SKIP),
+            response_body_mode=resp_mode,
+            response_trailer_mode=(ProcessingModeHeaderSendMode.SEND
+                                   if resp_mode == ProcessingModeBodySendMode.FULL_DUPLEX_STREAMED
+                                   else ProcessingModeHeaderSendMode.SKIP),
+        ),
+        message_timeout=_dur(o.message_timeout),
+        metadata_options=MetadataOptions(
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[LB_NAMESPACE])),
+        send_body_without_waiting_for_header_response=(
+            body_mode == ProcessingModeBodySendMode.STREAMED),
+    )
+    hcm = HttpConnectionManager(
+        stat_prefix="inference",
+        route_config=RouteConfiguration(name="inference", virtual_hosts=[VirtualHost(
+            name="model-servers", domains=["*"],
+            routes=[Route(match=RouteMatch(prefix="/"),
+                          route=RouteAction(cluster="model-servers", timeout=_dur(0)))],
+        )]),
+        http_filters=[
+            HttpFilter(name="envoy.filters.http.ext_proc", typed_config=Any.pack(ext_proc)),
+            HttpFilter(name="envoy.filters.http.router", typed_config=Any.pack(Router())),
+        ],
+    )
+    listener = Listener(
+        name="inference",
+        address=_sock(o.listen_address, o.listen_port),
+        per_connection_buffer_limit_bytes=o.buffer_limit_bytes,
+        filter_chains=[FilterChain(filters=[Filter(
+            name="envoy.filters.network.http_connection_manager", typed_config=Any.pack(hcm))])],
+    )
+    http2 = HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+        http2_protocol_options=Http2ProtocolOptions()))
+    epp = Cluster(
+        name="epp",
+        type=ClusterDiscoveryType.STRICT_DNS,
+        connect_timeout=_dur(1.0),
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(http2)},
+        load_assignment=ClusterLoadAssignment(cluster_name="epp", endpoints=[LocalityLbEndpoints(
+            lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_sock(o.epp_address, o.epp_port)))])]),
+    )
+    if o.epp_tls:
+        # The EPP's certificate is self-signed by default: encrypt without verifying.
+        epp.transport_socket = TransportSocket(
+            name="envoy.transport_sockets.tls",
+            typed_config=Any.pack(UpstreamTlsContext(common_tls_context=CommonTlsContext(
+                alpn_protocols=["h2"]))))
+    model_servers = Cluster(
+        name="model-servers",
+        type=ClusterDiscoveryType.ORIGINAL_DST,
+        lb_policy=ClusterLbPolicy.CLUSTER_PROVIDED,
+        connect_timeout=_dur(o.upstream_connect_timeout),
+        original_dst_lb_config=ClusterOriginalDstLbConfig(
+            use_http_header=True, http_header_name=DESTINATION_HEADER),
+    )
+    return Bootstrap(
+        admin=Admin(address=_sock("127.0.0.1", o.admin_port)),
+        static_resources=BootstrapStaticResources(listeners=[listener], clusters=[epp, model_servers]),
+    )
+
+
+def render(o: EnvoyOptions) -> str:
+    header = (
+        "# Envoy in front of model servers, routing each request to the endpoint the EPP picks.\n"
+        f"# Generated by: epp envoy-config {' '.join(_argv_of(o))}\n"
+    )
+    return header + yaml.safe_dump(build(o).to_dict(), sort_keys=False)
+
+
+def _argv_of(o: EnvoyOptions) -> list[str]:
+    d = EnvoyOptions()
+    out = []
+    for name in o.__dataclass_fields__:
+        v, dv = getattr(o, name), getattr(d, name)
+        if v != dv:
+            flag = "--" + name.replace("_", "-")
+            out.append(f"{flag}={str(v).lower() if isinstance(v, bool) else v}")
+    return out
+
+
+def main(argv: list[str]) -> int:
+    d = EnvoyOptions()
+    p = argparse.ArgumentParser(prog="epp envoy-config", description=__doc__.split("\n")[0])
+    from epp.settings import parse_bool
+
+    p.add_argument("--listen-address", default=d.listen_address)
+    p.add_argument("--listen-port", type=int, default=d.listen_port)
+    p.add_argument("--admin-port", type=int, default=d.admin_port)
+    p.add_argument("--epp-address", default=d.epp_address)
+    p.add_argument("--epp-port", type=int, default=d.epp_port)
+    p.add_argument("--epp-tls", type=parse_bool, nargs="?", const=True, default=d.epp_tls)
+    p.add_argument("--body-mode", choices=sorted(BODY_MODES), default=d.body_mode)
+    p.add_argument("--process-response", type=parse_bool, nargs="?", const=True,
+                   default=d.process_response)
+    p.add_argument("--message-timeout", type=float, default=d.message_timeout)
+    p.add_argument("--buffer-limit-bytes", type=int, default=d.buffer_limit_bytes)
+    ns = p.parse_args(argv)
+    sys.stdout.write(render(EnvoyOptions(**vars(ns))))
+    return 0

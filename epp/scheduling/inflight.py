@@ -1,0 +1,163 @@
+"""In-flight accounting: requests routed since an endpoint's last scrape.
+
+Scraped queue lengths lag reality by up to one scrape interval. A burst that arrives between
+two scrapes would otherwise see the same "idle" numbers for every request and pile onto one
+endpoint. So the scheduler remembers what it has routed and not yet seen finish, and the
+queue scorer adds, per endpoint, the requests routed *after* that endpoint's last scrape
+(earlier ones are already in the scraped numbers) to the scraped waiting count.
+
+Events are O(1): `started` appends a record to preallocated numpy arrays, `finished` clears
+its alive flag. Reading (`extra_waiting`) is one vectorised pass over the live records.
+Records that a scrape has since covered, that finished, or that timed out are dropped when
+the arrays fill up (amortised O(1)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from epp.datastore import Snapshot
+
+DEFAULT_TIMEOUT = 300.0
+"""Seconds after which an unfinished request stops counting (a lost `finished` call)."""
+
+
+class InFlightTracker:
+    """Requests the EPP routed and has not yet seen finish, by endpoint name."""
+
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT, capacity: int = 1024) -> None:
+        if not timeout > 0:
+            raise ValueError(f"in-flight timeout must be > 0, got {timeout!r}")
+        self.timeout = float(timeout)
+        cap = max(16, int(capacity))
+        self._slot_of: dict[str, int] = {}
+        self._ep_slot = np.zeros(cap, np.int64)
+        self._start = np.zeros(cap, np.float64)
+        self._alive = np.zeros(cap, np.bool_)
+        self._rids: list[str | None] = []
+        self._pos: dict[str, int] = {}
+        self._n = 0
+        # Per snapshot version: slot of each snapshot index, and scrape time per slot.
+        self._snap_version = -1
+        self._snap_slots = np.zeros(0, np.int64)
+        self._scraped_by_slot = np.zeros(0, np.float64)
+
+    def __len__(self) -> int:
+        """Requests started and not finished (timed-out ones included until compaction)."""
+        return len(self._pos)
+
+    def started(self, request_id: str, endpoint_name: str, now: float) -> None:
+        """A request was routed to `endpoint_name` at `now` (time.monotonic())."""
+        if request_id in self._pos:
+            self.finished(request_id)
+        slot = self._slot_of.get(endpoint_name)
+        if slot is None:
+            slot = self._slot_of[endpoint_name] = len(self._slot_of)
+        if self._n == len(self._alive):
+            self._compact(now)
+        i = self._n
+        self._ep_slot[i] = slot
+        self._start[i] = now
+        self._alive[i] = True
+        self._rids.append(request_id)
+        self._pos[request_id] = i
+        self._n = i + 1
+
+    def finished(self, request_id: str) -> None:
+        """The request's response ended or its stream closed; unknown ids are ignored."""
+        i = self._pos.pop(request_id, None)
+        if i is not None:
+            self._alive[i] = False
+            self._rids[i] = None
+
+    def endpoint_of(self, request_id: str) -> str | None:
+        i = self._pos.get(request_id)
+        if i is None:
+            return None
+        slot = int(self._ep_slot[i])
+        for name, s in self._slot_of.items():
+            if s == slot:
+                return name
+        return None
+
+    def extra_waiting(self, snapshot: Snapshot, now: float) -> np.ndarray | None:
+        """Per snapshot index, requests routed after that endpoint's last scrape and still open.
+
+        None when there is nothing to add (the common idle case costs nothing).
+        """
+        if not self._pos:
+            return None
+        self._sync_snapshot(snapshot)
+        n = self._n
+        slots = self._ep_slot[:n]
+        start = self._start[:n]
+        mask = self._alive[:n] & (start > self._scraped_by_slot[slots])
+        mask &= start > now - self.timeout
+        counts = np.bincount(slots[mask], minlength=len(self._scraped_by_slot))
+        return counts[self._snap_slots].astype(np.float64)
+
+    def _sync_snapshot(self, snapshot: Snapshot) -> None:
+        if snapshot.version == self._snap_version and len(self._scraped_by_slot) == len(
+            self._slot_of
+        ):
+            return
+        slot_of = self._slot_of
+        for e in snapshot.endpoints:
+            if e.name not in slot_of:
+                slot_of[e.name] = len(slot_of)
+        snap_slots = np.fromiter(
+            (slot_of[e.name] for e in snapshot.endpoints), np.int64, len(snapshot)
+        )
+        scraped = np.full(len(slot_of), math.inf)  # endpoints not in the snapshot: never count
+        # Never scraped (NaN): everything routed there counts.
+        scraped[snap_slots] = np.nan_to_num(snapshot.scraped_at, nan=-math.inf)
+        self._snap_slots = snap_slots
+        self._scraped_by_slot = scraped
+        self._snap_version = snapshot.version
+
+    def _compact(self, now: float) -> None:
+        """Drop records that no longer count; grow the arrays when most still do."""
+        n = self._n
+        keep = self._alive[:n] & (self._start[:n] > now - self.timeout)
+        known = len(self._scraped_by_slot)
+        if known:
+            slots = self._ep_slot[:n]
+            covered = np.zeros(n, np.bool_)
+            in_range = slots < known
+            covered[in_range] = self._start[:n][in_range] <= self._scraped_by_slot[slots[in_range]]
+            keep &= ~covered
+        idx = np.flatnonzero(keep)
+        cap = len(self._alive)
+        if len(idx) * 2 > cap:
+            cap *= 2
+        ep_slot = np.zeros(cap, np.int64)
+        start = np.zeros(cap, np.float64)
+        alive = np.zeros(cap, np.bool_)
+        m = len(idx)
+        ep_slot[:m] = self._ep_slot[idx]
+        start[:m] = self._start[idx]
+        alive[:m] = True
+        old_rids = self._rids
+        rids: list[str | None] = [old_rids[i] for i in idx.tolist()]
+        pos: dict[str, int] = {}
+        for j, rid in enumerate(rids):
+            if rid is not None:
+                pos[rid] = j
+        self._ep_slot, self._start, self._alive = ep_slot, start, alive
+        self._rids, self._pos, self._n = rids, pos, m
+
+    def forget_endpoint(self, name: str) -> None:
+        """Stop counting requests routed to an endpoint that left the pool."""
+        slot = self._slot_of.get(name)
+        if slot is None:
+            return
+        n = self._n
+        hit = np.flatnonzero(self._alive[:n] & (self._ep_slot[:n] == slot))
+        for i in hit.tolist():
+            rid = self._rids[i]
+            if rid is not None:
+                self._pos.pop(rid, None)
+                self._rids[i] = None
+        self._alive[hit] = False

