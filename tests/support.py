@@ -138,11 +138,13 @@ class UpstreamFleet:
             data = {}
         model = data.get("model", "") if isinstance(data, dict) else ""
         usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        delay = float(data.get("test_delay", 0)) if isinstance(data, dict) else 0.0
         if isinstance(data, dict) and data.get("stream"):
             resp = web.StreamResponse(headers={"content-type": "text/event-stream",
                                                "x-served-by": u.name})
             await resp.prepare(request)
             for word in ("hello", "world"):
+                await asyncio.sleep(delay)
                 chunk = {"model": model, "choices": [{"text": word}], "served_by": u.name}
                 await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             await resp.write(b"data: " + json.dumps({"model": model, "choices": [], "usage": usage}).encode() + b"\n\n")
@@ -236,14 +238,21 @@ class EnvoyProcess:
 
 
 def start_envoy(epp_port: int, *, epp_tls: bool = False, body_mode: str = "full-duplex-streamed",
-                process_response: bool = True, config_text: str | None = None) -> EnvoyProcess:
-    from epp.envoyconfig import EnvoyOptions, render
+                process_response: bool = True,
+                patch: Callable[[dict[str, Any]], None] | None = None) -> EnvoyProcess:
+    """Envoy from `epp envoy-config`'s builder; `patch` may edit the config dict first."""
+    import yaml
+
+    from epp.envoyconfig import EnvoyOptions, build
 
     port, admin = free_port(), free_port()
-    text = config_text or render(EnvoyOptions(
+    cfg = build(EnvoyOptions(
         listen_address="127.0.0.1", listen_port=port, admin_port=admin, epp_port=epp_port,
         epp_tls=epp_tls, body_mode=body_mode, process_response=process_response,
-        message_timeout=10.0))
+        message_timeout=10.0)).to_dict()
+    if patch is not None:
+        patch(cfg)
+    text = yaml.safe_dump(cfg)
     cfg = tempfile.NamedTemporaryFile("w", prefix="envoy-", suffix=".yaml", delete=False)
     cfg.write(text)
     cfg.close()

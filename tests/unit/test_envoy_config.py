@@ -1,0 +1,56 @@
+"""The Envoy configs we ship pass Envoy's own validation and match the generator."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from epp.envoyconfig import EnvoyOptions, render
+from tests.support import ROOT, envoy_binary
+
+SHIPPED = {
+    "envoy.yaml": EnvoyOptions(epp_tls=False),
+    "envoy-tls.yaml": EnvoyOptions(epp_tls=True),
+}
+
+
+def validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_config_is_valid_and_up_to_date(name: str) -> None:
+    path = ROOT / "deploy" / "envoy" / name
+    r = validate(path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert path.read_text() == render(SHIPPED[name]), f"regenerate with: epp envoy-config ... > {path}"
+
+
+@pytest.mark.parametrize("mode", ["buffered", "streamed", "full-duplex-streamed"])
+def test_every_body_mode_validates(mode: str, tmp_path: Path) -> None:
+    p = tmp_path / "envoy.yaml"
+    p.write_text(render(EnvoyOptions(body_mode=mode, process_response=mode != "buffered")))
+    r = validate(p)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_pitfalls_from_design_are_encoded() -> None:
+    cfg = yaml.safe_load(render(EnvoyOptions()))
+    hcm = cfg["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    ext_proc = hcm["httpFilters"][0]["typedConfig"]
+    assert ext_proc["processingMode"]["requestHeaderMode"] == "SEND"
+    assert ext_proc.get("failureModeAllow", False) is False
+    assert ext_proc["metadataOptions"]["receivingNamespaces"]["untyped"] == ["envoy.lb"]
+    upstream = next(c for c in cfg["staticResources"]["clusters"] if c["type"] == "ORIGINAL_DST")
+    assert upstream["originalDstLbConfig"]["httpHeaderName"] == "x-gateway-destination-endpoint"
+
+
+def test_envoy_and_xds_protos_share_the_envoy_package() -> None:
+    # Both install a top-level `envoy` package: the stubs must import and the binary exist.
+    from envoy.service.ext_proc.v3 import external_processor_pb2  # noqa: F401
+
+    assert Path(envoy_binary()).exists()

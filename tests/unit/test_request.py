@@ -1,0 +1,96 @@
+"""OpenAI bodies in, routing fields out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from epp.errors import ErrorCode, EppError
+from epp.request import ApiKind, api_kind, parse_body, parse_usage, with_model
+
+
+def body(**kw: object) -> bytes:
+    return json.dumps(kw).encode()
+
+
+def test_completion_with_a_string_prompt() -> None:
+    p = parse_body("/v1/completions", body(model="food-review", prompt="Hello", max_tokens=5))
+    assert (p.api, p.model, p.prompt_text, p.stream) == (ApiKind.COMPLETIONS, "food-review", "Hello", False)
+
+
+@pytest.mark.parametrize("prompt, text", [
+    (["a", "b"], "a\nb"),
+    ([1, 2, 3], "1 2 3"),
+    ([[1, 2], [3]], "1 2\n3"),
+])
+def test_completion_prompt_forms(prompt: object, text: str) -> None:
+    assert parse_body("/v1/completions", body(model="m", prompt=prompt)).prompt_text == text
+
+
+def test_chat_messages_serialise_so_earlier_turns_are_a_prefix() -> None:
+    first = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    longer = first + [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]
+    a = parse_body("/v1/chat/completions", body(model="m", messages=first)).prompt_text
+    b = parse_body("/v1/chat/completions", body(model="m", messages=longer, stream=True))
+    assert b.prompt_text.startswith(a)
+    assert b.stream is True
+
+
+def test_embeddings_and_responses() -> None:
+    assert parse_body("/v1/embeddings", body(model="e", input="text")).prompt_text == "text"
+    r = parse_body("/v1/responses", body(model="m", input="q", instructions="sys: "))
+    assert (r.api, r.prompt_text) == (ApiKind.RESPONSES, "sys: q")
+
+
+def test_path_with_query_and_trailing_slash() -> None:
+    assert api_kind("/v1/chat/completions/?x=1") is ApiKind.CHAT_COMPLETIONS
+    assert api_kind("/v2/other") is ApiKind.OTHER
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b'{"model": "m", "prompt": ', "invalid JSON body"),
+    (b"\xff\xfe", "invalid JSON body"),
+    (b"[1, 2]", "request body must be a JSON object"),
+    (body(prompt="p"), "model not found in request body"),
+    (body(model=7, prompt="p"), "model must be a non-empty string"),
+    (body(model="", prompt="p"), "model must be a non-empty string"),
+    (body(model="m"), "prompt not found in request body"),
+    (body(model="m", prompt={"x": 1}), "prompt must be a string"),
+    (body(model="m", prompt="p", stream="yes"), "stream must be a boolean"),
+])
+def test_bad_completion_bodies_are_400(raw: bytes, message: str) -> None:
+    with pytest.raises(EppError) as e:
+        parse_body("/v1/completions", raw)
+    assert e.value.code is ErrorCode.BadRequest
+    assert message in e.value.message
+    assert e.value.body.startswith("inference error: BadRequest - ")
+
+
+@pytest.mark.parametrize("messages", [None, [], "hi", [1]])
+def test_bad_chat_messages_are_400(messages: object) -> None:
+    payload = {"model": "m"} if messages is None else {"model": "m", "messages": messages}
+    with pytest.raises(EppError) as e:
+        parse_body("/v1/chat/completions", json.dumps(payload).encode())
+    assert e.value.code is ErrorCode.BadRequest
+
+
+def test_unknown_path_needs_only_a_model() -> None:
+    assert parse_body("/v1/audio/transcriptions", body(model="whisper")).prompt_text == ""
+
+
+def test_with_model_rewrites_only_the_model() -> None:
+    p = parse_body("/v1/completions", body(model="food-review", prompt="p", max_tokens=3))
+    assert json.loads(with_model(p, "food-review-v2")) == {"model": "food-review-v2", "prompt": "p", "max_tokens": 3}
+
+
+def test_usage_from_json_and_from_sse() -> None:
+    assert parse_usage(body(usage={"prompt_tokens": 11, "completion_tokens": 4})).completion_tokens == 4
+    sse = (b'data: {"choices":[{"text":"a"}]}\n\n'
+           b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\n'
+           b"data: [DONE]\n\n")
+    u = parse_usage(sse)
+    assert (u.prompt_tokens, u.completion_tokens) == (5, 2)
+    assert parse_usage(b"data: [DONE]\n\n") is None
+    assert parse_usage(b"<html>oops</html>") is None
+    assert parse_usage(b'{"usage": "lots"}') is None
