@@ -18,6 +18,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from epp import observability as obs
+from epp.datalayer.engines import EngineRegistry
+from epp.datalayer.poolmetrics import PoolMetricsRefresher
+from epp.datalayer.scraper import Scraper
 from epp.datastore import Datastore
 from epp.director import Director
 from epp.server import tls
@@ -50,6 +53,7 @@ class EppApp:
         self.metrics_port = 0
         self._metrics_server: Any = None
         self._tasks: list[Any] = []  # objects with async stop()
+        self.engines_config: Any = None
 
     async def start(self) -> None:
         s = self.settings
@@ -86,7 +90,21 @@ class EppApp:
             src = EndpointsFileSource(self.datastore, s.endpoints_file)
             await src.start()
             self._tasks.append(src)
-        obs.POOL_READY_PODS.labels(s.pool_name).set(len(self.datastore.endpoints()))
+        scraper = Scraper(
+            self.datastore,
+            interval=s.refresh_metrics_interval,
+            scheme=s.model_server_metrics_scheme,
+            path=s.model_server_metrics_path,
+            port=s.model_server_metrics_port,
+            insecure_skip_verify=s.model_server_metrics_https_insecure_skip_verify,
+            engines=EngineRegistry.from_config(self.engines_config),
+        )
+        await scraper.start()
+        self._tasks.append(scraper)
+        refresher = PoolMetricsRefresher(self.datastore, s.pool_name,
+                                         interval=s.refresh_prometheus_metrics_interval)
+        await refresher.start()
+        self._tasks.append(refresher)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report not ready, stop accepting, let streams in flight finish."""

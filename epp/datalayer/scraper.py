@@ -77,6 +77,7 @@ class Scraper:
         client: ClientKind = "auto",
         max_body_bytes: int = MAX_BODY_BYTES,
         flush_delay: float | None = None,
+        max_polls_per_second: float | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
@@ -84,6 +85,8 @@ class Scraper:
             raise ValueError("timeout must be positive")
         if scheme not in ("http", "https"):
             raise ValueError(f"scheme must be http or https, got {scheme!r}")
+        if max_polls_per_second is not None and max_polls_per_second <= 0:
+            raise ValueError("max_polls_per_second must be positive")
         if client not in ("auto", "aiohttp", "raw"):
             raise ValueError(f"client must be auto, aiohttp or raw, got {client!r}")
         if not path.startswith("/"):
@@ -97,6 +100,7 @@ class Scraper:
         self.insecure_skip_verify = insecure_skip_verify
         self.engines = engines or EngineRegistry()
         self.max_body_bytes = max_body_bytes
+        self.max_polls_per_second = max_polls_per_second
         self.use_raw = client == "raw" or (client == "auto" and scheme == "http")
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -159,6 +163,18 @@ class Scraper:
             await self._session.close()
             self._session = None
 
+    def effective_interval(self) -> float:
+        """The poll interval each endpoint gets now.
+
+        `interval`, unless `max_polls_per_second` caps the total: then large pools are
+        polled less often (N / cap seconds) so that the scraper's CPU stays bounded
+        whatever the pool size, at the price of older (but still fresh) metrics.
+        """
+        cap = self.max_polls_per_second
+        if cap is None:
+            return self.interval
+        return max(self.interval, len(self._tasks) / cap)
+
     def polling(self) -> frozenset[str]:
         """Names of the endpoints that have a polling task right now."""
         return frozenset(self._tasks)
@@ -203,11 +219,11 @@ class Scraper:
         try:
             # Spread the first polls over one interval so that 100 endpoints added at once
             # do not poll in lockstep forever after.
-            await asyncio.sleep(random.uniform(0, self.interval))
+            await asyncio.sleep(random.uniform(0, self.effective_interval()))
             next_at = loop.time()
             while True:
                 await self._poll_once(st, raw)
-                next_at += self.interval
+                next_at += self.effective_interval()
                 now = loop.time()
                 if next_at < now:  # this endpoint was slow: go on from now, no burst
                     next_at = now
