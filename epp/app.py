@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 import grpc
+import numpy as np
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_reflection.v1alpha import reflection
@@ -21,8 +22,17 @@ from epp import observability as obs
 from epp.datalayer.engines import EngineRegistry
 from epp.datalayer.poolmetrics import PoolMetricsRefresher
 from epp.datalayer.scraper import Scraper
+from epp.config import load_config, load_config_file
 from epp.datastore import Datastore
+from epp.flowcontrol.admission import DirectorAdmission, admission_from_config
+from epp.flowcontrol.saturation import detector_from_config
+from epp.manifests import ObjectivesFileWatcher
+from epp.scheduling import Scheduler, SchedulingRequest
+from epp.server.pick_api import SERVICE_NAME as PICK_SERVICE_NAME
+from epp.server.pick_api import add_to_server as add_pick_api
 from epp.director import Director
+from epp.k8s import KubernetesSource, kubernetes_settings
+from epp.objectives import ObjectiveStore
 from epp.server import tls
 from epp.server.extproc import ExtProcServicer
 from epp.server.health import HealthService
@@ -43,9 +53,30 @@ class EppApp:
     """One EPP process's worth of servers and background tasks."""
 
     def __init__(self, settings: Settings) -> None:
+        """Builds everything that can fail on bad configuration (raises ValueError)."""
         self.settings = settings
+        self.config = (load_config_file(settings.config_file) if settings.config_file
+                       else load_config(settings.config_text))
         self.datastore = Datastore(staleness_threshold=settings.metrics_staleness_threshold)
-        self.director = Director(self.datastore)
+        # An objectives file carries its own namespaces; a cluster filters by the pool's.
+        self.objectives = ObjectiveStore(
+            settings.pool_name or None,
+            None if settings.objectives_file else settings.pool_namespace)
+        self.scheduler = Scheduler.from_config(self.config, track_inflight=False, e2e_metric=False)
+        self.scheduler.attach(self.datastore)
+        detector = detector_from_config(self.config.saturation_detector, self.config.plugins)
+        self.admission = DirectorAdmission(admission_from_config(
+            self.config.feature_gates, self.config.flow_control, detector, self.datastore.snapshot))
+        self.director = Director(
+            self.datastore, self.scheduler,
+            resolver=self.objectives,
+            admission=self.admission,
+            inflight=self.scheduler.inflight,
+            make_scheduling_request=lambda req, res: SchedulingRequest.from_inference(
+                req, res.target_model, res.priority),
+        )
+        self.engines = EngineRegistry.from_config(self.config.data or None)
+        self.k8s: KubernetesSource | None = None
         self.health = HealthService()
         self.server: grpc.aio.Server | None = None
         self.grpc_port = 0
@@ -53,7 +84,6 @@ class EppApp:
         self.metrics_port = 0
         self._metrics_server: Any = None
         self._tasks: list[Any] = []  # objects with async stop()
-        self.engines_config: Any = None
 
     async def start(self) -> None:
         s = self.settings
@@ -61,8 +91,9 @@ class EppApp:
         self.server = grpc.aio.server(options=_GRPC_OPTIONS)
         ep_grpc.add_ExternalProcessorServicer_to_server(
             ExtProcServicer(self.director, max_body_bytes=s.max_body_bytes), self.server)
+        add_pick_api(self.server, self.director.route)
         names = [ep.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name,
-                 reflection.SERVICE_NAME]
+                 PICK_SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.server)
         addr = f"{s.bind_address}:{s.grpc_port}"
         if s.secure_serving:
@@ -77,19 +108,41 @@ class EppApp:
             self._metrics_server, thread = start_http_server(
                 s.metrics_port, addr=s.bind_address, registry=obs.REGISTRY)
             self.metrics_port = self._metrics_server.server_port
-        await self.health.set_ready(True)
+        if self.k8s is not None:
+            # Ready only after the first full sync and, with HA, only on the leader.
+            loop = asyncio.get_running_loop()
+            self.k8s.add_readiness_listener(
+                lambda ok: loop.create_task(self.health.set_ready(ok)))
+            await self.health.set_ready(self.k8s.serving)
+        else:
+            await self.health.set_ready(True)
         log.info("EPP serving: ext_proc %s on %s, health on %d, metrics on %d, %d endpoints",
                  "TLS" if s.secure_serving else "plaintext", self.grpc_port,
                  self.health_port, self.metrics_port, len(self.datastore.endpoints()))
 
     async def _start_sources(self) -> None:
         s = self.settings
+        if s.objectives_file:
+            watcher = ObjectivesFileWatcher(s.objectives_file, self.objectives)
+            await asyncio.to_thread(watcher.load)  # a bad file stops the start
+            watcher.start()
+            self._tasks.append(watcher)
+        self.admission.start()
+        self._tasks.append(self.admission)
         if s.endpoints:
             self.datastore.set_endpoints(parse_endpoint_list(s.endpoints))
         if s.endpoints_file:
             src = EndpointsFileSource(self.datastore, s.endpoints_file)
             await src.start()
             self._tasks.append(src)
+        ks = kubernetes_settings(s)
+        if ks is None and not (s.endpoints or s.endpoints_file):
+            log.warning("no endpoint source: give --endpoints, --endpoints-file, --pool-name "
+                        "or --endpoint-selector; every request will get 503")
+        if ks is not None:
+            self.k8s = KubernetesSource(self.datastore, self.objectives, ks)
+            await self.k8s.start()
+            self._tasks.append(self.k8s)
         scraper = Scraper(
             self.datastore,
             interval=s.refresh_metrics_interval,
@@ -97,14 +150,27 @@ class EppApp:
             path=s.model_server_metrics_path,
             port=s.model_server_metrics_port,
             insecure_skip_verify=s.model_server_metrics_https_insecure_skip_verify,
-            engines=EngineRegistry.from_config(self.engines_config),
+            engines=self.engines,
         )
         await scraper.start()
         self._tasks.append(scraper)
+        await self._await_first_scrape(timeout=2.0)
         refresher = PoolMetricsRefresher(self.datastore, s.pool_name,
                                          interval=s.refresh_prometheus_metrics_interval)
         await refresher.start()
         self._tasks.append(refresher)
+
+    async def _await_first_scrape(self, timeout: float) -> None:
+        """Hold readiness until every known endpoint was polled once (or `timeout`), so
+        that the first requests are not routed blind."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            snap = self.datastore.snapshot()
+            failed = np.fromiter((e is not None for e in snap.last_error), bool, len(snap))
+            if bool(np.all(np.isfinite(snap.scraped_at) | failed)):
+                return
+            await asyncio.sleep(0.01)
+        log.warning("not every endpoint answered its first metrics poll within %.1fs", timeout)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report not ready, stop accepting, let streams in flight finish."""
@@ -119,8 +185,18 @@ class EppApp:
 
 
 async def serve(settings: Settings) -> int:
-    app = EppApp(settings)
-    await app.start()
+    try:
+        app = EppApp(settings)
+    except ValueError as e:  # ConfigError, engine config errors
+        log.error("invalid configuration: %s", e)
+        return 2
+    try:
+        await app.start()
+    except (ValueError, OSError) as e:
+        # Bad flag combinations, unreadable objectives file or certificates, ports in use.
+        log.error("cannot start: %s", e)
+        await app.stop(0)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

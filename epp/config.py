@@ -274,8 +274,8 @@ def _classify(plugin: Any) -> str | None:
 def _build_profiles(entries: Any, plugins: dict[str, Any]) -> dict[str, Profile]:
     if entries is None or entries == []:
         # Upstream default: one profile with every schedulable plugin, in declared order.
-        refs = [{"pluginRef": n} for n, p in plugins.items() if _classify(p) is not None]
-        entries = [{"name": "default", "plugins": refs}]
+        all_refs = [{"pluginRef": n} for n, p in plugins.items() if _classify(p) is not None]
+        entries = [{"name": "default", "plugins": all_refs}]
     if not isinstance(entries, list):
         raise ConfigError("schedulingProfiles must be a list of {name, plugins} entries")
     profiles: dict[str, Profile] = {}

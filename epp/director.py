@@ -149,13 +149,20 @@ class Director:
             ticket = None
             if self.admission is not None:
                 ticket = await self.admission.admit(req, res.priority, snapshot, cands)
-                snapshot = self.datastore.snapshot()  # may have waited in a queue
-                cands = self.candidates(req, snapshot)
-            t0 = time.perf_counter()
-            result = self.scheduler.schedule(
-                self._make_req(req, res), snapshot, cands, explain=explain
-            )
-            obs.SCHEDULER_E2E_DURATION.observe(time.perf_counter() - t0)
+            try:
+                if ticket is not None:
+                    snapshot = self.datastore.snapshot()  # may have waited in a queue
+                    cands = self.candidates(req, snapshot)
+                t0 = time.perf_counter()
+                result = self.scheduler.schedule(
+                    self._make_req(req, res), snapshot, cands, explain=explain
+                )
+                obs.SCHEDULER_E2E_DURATION.observe(time.perf_counter() - t0)
+            except BaseException:
+                _release(ticket)  # scheduling failed or the stream went away
+                raise
+            if ticket is not None and hasattr(ticket, "started"):
+                ticket.started(result.endpoint.name, 0)
         except EppError as e:
             obs.REQUEST_ERROR_TOTAL.labels(model, res.target_model, e.code.name).inc()
             raise
@@ -183,11 +190,7 @@ class Director:
         """Called once per routed request when its response ended or its stream closed."""
         if self.inflight is not None:
             self.inflight.finished(req.request_id)
-        if decision.admission_ticket is not None and hasattr(decision.admission_ticket, "done"):
-            try:
-                decision.admission_ticket.done()
-            except Exception:  # never let bookkeeping break the stream
-                log.exception("admission ticket release failed")
+        _release(decision.admission_ticket)
         m, t = decision.model, decision.target_model
         obs.RUNNING_REQUESTS.labels(m).dec()
         obs.REQUEST_DURATION.labels(m, t).observe(time.monotonic() - decision.started_at)
@@ -196,3 +199,13 @@ class Director:
             obs.OUTPUT_TOKENS.labels(m, t).observe(usage.completion_tokens)
         if error_code is not None:
             obs.REQUEST_ERROR_TOTAL.labels(m, t, error_code.name).inc()
+
+
+def _release(ticket: Any) -> None:
+    """Give an admission lease back; never lets bookkeeping break the stream."""
+    if ticket is None or not hasattr(ticket, "done"):
+        return
+    try:
+        ticket.done()
+    except Exception:
+        log.exception("admission lease release failed")

@@ -118,7 +118,7 @@ def _timestamp(v: Any) -> float:
     if isinstance(v, dt.datetime):
         if v.tzinfo is None:
             v = v.replace(tzinfo=dt.timezone.utc)
-        return v.timestamp()
+        return float(v.timestamp())
     raise _Bad("metadata.creationTimestamp must be a timestamp")
 
 
@@ -151,18 +151,22 @@ def _pool_name(spec: dict[str, Any]) -> str:
     return _str(ref.get("name"), "spec.poolRef.name")  # type: ignore[return-value]
 
 
-def object_from_manifest(doc: Any) -> InferenceObject | None:
+def object_from_manifest(doc: Any, kind: str | None = None) -> InferenceObject | None:
     """One decoded document -> typed object; None for kinds this store does not hold.
 
-    Raises `ValueError` with the offending field path when the document is malformed.
+    `kind`, when given (a watch knows what it watches), is used if the object itself
+    carries no `kind`; `apiVersion` is then optional too. Raises `ValueError` with the
+    offending field path when the document is malformed.
     """
     if not isinstance(doc, dict):
         raise _Bad("document must be a mapping")
-    kind = doc.get("kind")
+    kind = doc.get("kind") or kind
     if kind not in (KIND_OBJECTIVE, KIND_REWRITE, KIND_MODEL):
         return None
     api = doc.get("apiVersion")
-    if not isinstance(api, str) or api.split("/", 1)[0] not in API_GROUPS:
+    if api is None and doc.get("kind") is None:
+        pass  # a watch event's bare object; its kind came from the caller
+    elif not isinstance(api, str) or api.split("/", 1)[0] not in API_GROUPS:
         raise _Bad(f"apiVersion {api!r} is not in group inference.networking.x-k8s.io")
     md = _map(doc.get("metadata"), "metadata")
     name = _str(md.get("name"), "metadata.name")

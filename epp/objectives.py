@@ -169,7 +169,7 @@ class _Picker:
 
 @dataclass(slots=True)
 class _Index:
-    priority_by_objective: dict[str, tuple[int, str]] = field(default_factory=dict)
+    priority_by_objective: dict[str, int] = field(default_factory=dict)
     legacy_by_model: dict[str, InferenceModel] = field(default_factory=dict)
     exact_rewrite: dict[str, _Picker] = field(default_factory=dict)
     legacy_targets: dict[str, _Picker] = field(default_factory=dict)
@@ -179,26 +179,30 @@ class _Index:
 class ObjectiveStore:
     """Objectives, rewrites and legacy models of one pool; see the module docstring.
 
-    `pool_name` filters by `spec.poolRef.name`; `pool_namespace`, when given, also
+    `pool_name` filters by `spec.poolRef.name` (None accepts every pool: handy for a
+    standalone EPP that was given no pool name); `pool_namespace`, when given, also
     requires the object to live in that namespace (poolRef is namespace-local in a
-    cluster). Like the Datastore, it is used from the event-loop thread only.
+    cluster). Like the Datastore, it is used from the event-loop thread only: a
+    Kubernetes watch thread hands objects over with `loop.call_soon_threadsafe`.
     """
 
-    def __init__(self, pool_name: str, pool_namespace: str | None = None) -> None:
+    def __init__(self, pool_name: str | None, pool_namespace: str | None = None) -> None:
         self.pool_name = pool_name
         self.pool_namespace = pool_namespace
         self._objects: dict[ObjectKey, InferenceObject] = {}
         self._seen: dict[ObjectKey, int] = {}  # first-seen order, the age tie-breaker
         self._seq = 0
         self._index = _Index()
+        self._dirty = False
         self.version = 0
+        """Bumped on every change (for observers that cache derived data)."""
 
     # -- writes ----------------------------------------------------------------------
 
     def accepts(self, obj: InferenceObject) -> bool:
         """Whether the object belongs to this store's pool."""
         m = obj.meta
-        if m.pool != self.pool_name:
+        if self.pool_name is not None and m.pool != self.pool_name:
             return False
         return self.pool_namespace is None or m.key.namespace == self.pool_namespace
 
@@ -217,7 +221,7 @@ class ObjectiveStore:
         if key not in self._seen:
             self._seen[key] = self._seq
             self._seq += 1
-        self._rebuild()
+        self._changed()
         return True
 
     def delete(self, key: ObjectKey) -> bool:
@@ -225,7 +229,7 @@ class ObjectiveStore:
         if self._objects.pop(key, None) is None:
             return False
         self._seen.pop(key, None)
-        self._rebuild()
+        self._changed()
         return True
 
     def replace_all(self, objs: Iterable[InferenceObject]) -> None:
@@ -244,7 +248,7 @@ class ObjectiveStore:
                 seen[k] = self._seq
                 self._seq += 1
         self._objects, self._seen = new, seen
-        self._rebuild()
+        self._changed()
 
     # -- reads -----------------------------------------------------------------------
 
@@ -260,13 +264,14 @@ class ObjectiveStore:
     def resolve(
         self, model: str, objective: str | None, rewrite_header: str | None, rand: float
     ) -> Resolution:
-        """Target model and priority of one request (pure dict lookups)."""
+        """Target model and priority of one request (dict lookups on prebuilt indexes)."""
+        if self._dirty:
+            self._rebuild()
         ix = self._index
         legacy = ix.legacy_by_model.get(model)
         hit = ix.priority_by_objective.get(objective) if objective else None
         if hit is not None:
-            priority, name = hit
-            objective_name: str | None = name
+            priority, objective_name = hit, objective
         elif legacy is not None:
             priority, objective_name = legacy.priority, legacy.model_name
         else:
@@ -287,12 +292,18 @@ class ObjectiveStore:
         k = obj.meta.key
         return (obj.meta.created, self._seen.get(k, 0), k.namespace, k.name)
 
+    def _changed(self) -> None:
+        # Indexes are rebuilt lazily by the next `resolve()`, so that a watch's initial
+        # list of many objects costs one rebuild, not one per object.
+        self._dirty = True
+        self.version += 1
+
     def _rebuild(self) -> None:
         """Recompute the lookup indexes, oldest object first so that it wins ties."""
         ix = _Index()
         for obj in sorted(self._objects.values(), key=self._age):
             if isinstance(obj, InferenceObjective):
-                ix.priority_by_objective.setdefault(obj.meta.key.name, (obj.priority, obj.meta.key.name))
+                ix.priority_by_objective.setdefault(obj.meta.key.name, obj.priority)
             elif isinstance(obj, InferenceModel):
                 if obj.model_name not in ix.legacy_by_model:
                     ix.legacy_by_model[obj.model_name] = obj
@@ -310,4 +321,4 @@ class ObjectiveStore:
                             if m not in ix.exact_rewrite:
                                 ix.exact_rewrite[m] = _Picker(rule.targets)
         self._index = ix
-        self.version += 1
+        self._dirty = False

@@ -27,6 +27,9 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 
 
+UPSTREAM = web.AppKey("upstream", object)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,6 +64,29 @@ def wait_until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "con
 
 
 # -- upstream model servers ----------------------------------------------------------
+
+
+def vllm_page(waiting: float = 0, running: float = 0, kv: float = 0.0,
+              running_adapters: tuple[str, ...] = (), waiting_adapters: tuple[str, ...] = (),
+              max_lora: int = 4, model: str = "meta-llama/Llama-3.1-8B-Instruct") -> str:
+    """A minimal vLLM /metrics page with the series the EPP reads."""
+    lbl = f'engine="0",model_name="{model}"'
+    return (
+        "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        f"vllm:num_requests_waiting{{{lbl}}} {waiting}\n"
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+        "# TYPE vllm:num_requests_running gauge\n"
+        f"vllm:num_requests_running{{{lbl}}} {running}\n"
+        "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
+        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        f"vllm:kv_cache_usage_perc{{{lbl}}} {kv}\n"
+        "# HELP vllm:lora_requests_info Running stats on lora requests.\n"
+        "# TYPE vllm:lora_requests_info gauge\n"
+        f'vllm:lora_requests_info{{max_lora="{max_lora}",running_lora_adapters="{",".join(running_adapters)}",'
+        f'waiting_lora_adapters="{",".join(waiting_adapters)}"}} 1.7e9\n'
+    )
+
 
 
 @dataclass
@@ -108,7 +134,7 @@ class UpstreamFleet:
     async def _start(self) -> None:
         for u in self.upstreams:
             app = web.Application(client_max_size=64 * 1024 * 1024)
-            app["u"] = u
+            app[UPSTREAM] = u
             app.router.add_get("/metrics", self._metrics)
             app.router.add_route("*", "/{tail:.*}", self._serve)
             runner = web.AppRunner(app, access_log=None)
@@ -122,12 +148,14 @@ class UpstreamFleet:
 
     @staticmethod
     async def _metrics(request: web.Request) -> web.Response:
-        u: Upstream = request.app["u"]
+        u: Upstream = request.app[UPSTREAM]
+        if u.metrics_page.startswith("<"):
+            return web.Response(text=u.metrics_page, content_type="text/html")
         return web.Response(text=u.metrics_page, content_type="text/plain")
 
     @staticmethod
     async def _serve(request: web.Request) -> web.StreamResponse:
-        u: Upstream = request.app["u"]
+        u: Upstream = request.app[UPSTREAM]
         body = await request.read()
         record = {"path": request.path, "method": request.method,
                   "headers": {k.lower(): v for k, v in request.headers.items()}, "body": body}

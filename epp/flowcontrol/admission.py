@@ -3,8 +3,9 @@
 The director calls, once per request::
 
     lease = await admission.admit(ticket, candidates)   # may raise EppError 429/503
-    ...schedule...; lease.started(endpoint.name, tokens)
-    ...when the response ends, fails, or the stream goes away...; lease.release()
+    with lease:                     # release() on every exit path, cancellation included
+        ...schedule...; lease.started(endpoint.name, tokens)
+        ...until the response ends, fails, or the stream goes away...
 
 `candidates()` returns `(snapshot, indices or None)`: the pool and the request's
 candidate endpoints (the subset hint), computed only when admission needs it.
@@ -17,9 +18,13 @@ Two implementations, chosen by the `flowControl` feature gate:
 - `FlowControlAdmission`: every request waits in the flow controller's queues until the
   dispatcher releases it (see `controller.py`).
 
-The lease is how a dispatched request signals completion: `release()` tells the
-saturation detector (the concurrency detector counts in-flight work) and wakes the
-dispatcher so that it sees load drain without waiting for its next poll.
+The lease is how a dispatched request signals completion: `release()` (alias `done()`)
+tells the saturation detector (the concurrency detector counts in-flight work) and wakes
+the dispatcher so that it sees load drain without waiting for its next poll.
+
+`DirectorAdmission` adapts either implementation to `epp.director.Director`'s call shape
+`admit(request, priority, snapshot, candidates)`; `admission_from_config()` builds the
+right one from the EndpointPickerConfig sections.
 """
 
 from __future__ import annotations
@@ -72,9 +77,18 @@ class AdmissionLease:
         if self._controller is not None:
             self._controller.notify()
 
+    done = release
+    """Alias: `epp.director.Director.finished()` calls `done()` on what admission returned."""
+
     @property
     def released(self) -> bool:
         return self._released
+
+    def __enter__(self) -> "AdmissionLease":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class Admission(Protocol):
@@ -113,16 +127,52 @@ class FlowControlAdmission:
     def __init__(self, controller: FlowController, detector: SaturationDetector | None) -> None:
         self.controller = controller
         self.detector = detector
+        self._state = "new"  # -> "running" -> "stopped"
 
     async def admit(self, ticket: AdmissionTicket, candidates: CandidatesFn) -> AdmissionLease:
+        if self._state == "new":
+            self.start()  # queued requests must never wait for a dispatcher nobody started
         await self.controller.enqueue_and_wait(ticket)
         return AdmissionLease(self.detector, self.controller)
 
     def start(self) -> None:
-        self.controller.start()
+        """Start the dispatcher task (on the running loop); `admit()` does it if needed."""
+        if self._state == "new":
+            self._state = "running"
+            self.controller.start()
 
     async def stop(self) -> None:
+        """Stop the dispatcher; waiting requests get 503, later ones too."""
+        self._state = "stopped"
         await self.controller.stop()
+
+
+class DirectorAdmission:
+    """Adapts an `Admission` to `epp.director.Admission`'s call shape:
+    `admit(request, priority, snapshot, candidates) -> lease` (the lease has `done()`).
+
+    The ticket is built from the request: its id, fairness id (header
+    `x-gateway-inference-fairness-id`, default "default") and body size. Candidates that
+    cover the whole pool are passed on as None so that the detector's cached whole-pool
+    reading applies. For the concurrency detector the director should also call
+    `lease.started(endpoint.name, tokens)` once it has picked the endpoint.
+    """
+
+    def __init__(self, admission: DefaultAdmission | FlowControlAdmission) -> None:
+        self.admission = admission
+
+    async def admit(self, request: Any, priority: int, snapshot: Snapshot,
+                    candidates: Sequence[int] | np.ndarray | None) -> AdmissionLease:
+        ticket = AdmissionTicket(request.request_id, priority, request.fairness_id,
+                                 len(request.body or b""))
+        cands = None if candidates is None or len(candidates) == len(snapshot) else candidates
+        return await self.admission.admit(ticket, lambda: (snapshot, cands))
+
+    def start(self) -> None:
+        self.admission.start()
+
+    async def stop(self) -> None:
+        await self.admission.stop()
 
 
 def admission_from_config(

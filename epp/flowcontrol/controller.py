@@ -12,8 +12,10 @@ down, releasing requests while saturation is below the band's ceiling, at most
 event loop, so a released request reaches the scheduler and `lease.started()` before the
 next saturation reading: with the `concurrency-detector` the pool never gets more than
 its capacity. A metrics-based detector only sees released work after the next scrape, so
-while its reading is stale the dispatcher keeps releasing (highest priority first). Priority is strict: a band that still has requests
-waiting (because it is blocked) holds back every lower band. When it cannot release
+while its reading is stale the dispatcher keeps releasing (highest priority first).
+Priority is strict: a band that still has requests waiting (because it is blocked) holds
+back every lower band. Saturation is read for the whole pool (subset hints are not
+considered here; the scheduler honours them after release). When it cannot release
 anything it sleeps until something happens: a new request, `notify()` (a request
 finished, so load may have drained), the next TTL deadline, or `dispatchPollInterval`
 (metrics-based saturation changes without telling anyone).
@@ -42,6 +44,7 @@ from epp.flowcontrol.queues import (
     EXPIRED,
     OUTCOMES,
     QUEUED,
+    REJECTED,
     AdmissionTicket,
     Band,
     LazyHeap,
@@ -104,6 +107,7 @@ class FlowController:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.last_saturation = math.nan
+        self._saturation_error: str | None = None
         for prio in config.bands:
             self._band(prio)
 
@@ -135,11 +139,13 @@ class FlowController:
             if sat < band.ceiling:
                 return None
         if not band.fits(ticket.size):
+            state.durations[REJECTED].observe(0.0)
             raise EppError(ErrorCode.ResourceExhausted, MSG_BAND_FULL.format(priority=band.priority))
         c = self.config
         if (c.max_requests and self._queued + 1 > c.max_requests) or (
             c.max_bytes and self._bytes + ticket.size > c.max_bytes
         ):
+            state.durations[REJECTED].observe(0.0)
             raise EppError(ErrorCode.ResourceExhausted, MSG_POOL_FULL)
         ttl = band.config.ttl if ticket.ttl is None else ticket.ttl
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -303,8 +309,11 @@ class FlowController:
     def _read_saturation(self) -> float:
         try:
             sat = float(self._saturation())
-        except Exception:  # a broken detector must not wedge the queue: assume saturated
-            log.exception("saturation detector failed; treating the pool as saturated")
+            self._saturation_error = None
+        except Exception as e:  # a broken detector must not crash the loop: hold requests
+            if repr(e) != self._saturation_error:  # log once per distinct failure, not per cycle
+                log.exception("saturation detector failed; treating the pool as saturated")
+                self._saturation_error = repr(e)
             sat = math.inf
         if math.isnan(sat):
             sat = math.inf

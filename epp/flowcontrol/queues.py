@@ -41,8 +41,9 @@ class AdmissionTicket:
     """Overrides the band's TTL for this request (seconds; 0 = no expiry)."""
 
 
-QUEUED, DISPATCHED, EXPIRED, CANCELLED, CLOSED = range(5)
-OUTCOMES = ("queued", "dispatched", "expired", "cancelled", "closed")
+QUEUED, DISPATCHED, EXPIRED, CANCELLED, CLOSED, REJECTED = range(6)
+OUTCOMES = ("queued", "dispatched", "expired", "cancelled", "closed", "rejected")
+"""Outcome label values of the queue-duration histogram, indexed by state."""
 
 
 class QueueItem:
@@ -243,7 +244,10 @@ class RoundRobinFairness:
         return len(self._flows)
 
 
-FAIRNESS = {"global-strict": GlobalStrictFairness, "round-robin": RoundRobinFairness}
+FAIRNESS: dict[str, type[GlobalStrictFairness] | type[RoundRobinFairness]] = {
+    "global-strict": GlobalStrictFairness,
+    "round-robin": RoundRobinFairness,
+}
 
 
 class Band:

@@ -23,6 +23,8 @@ saturationDetector:
 saturationDetector:
   type: concurrency-detector
   parameters: {mode: requests, maxConcurrency: 64}
+# or: no saturationDetector section and exactly one detector under `plugins:` (used);
+# no section and none declared: the utilization detector with its defaults.
 ```
 """
 
@@ -86,7 +88,10 @@ class UtilizationDetector:
         self.queue_depth_threshold = float(queue_depth_threshold)
         self.kv_cache_util_threshold = float(kv_cache_util_threshold)
         self.metrics_staleness_threshold = float(metrics_staleness_threshold)
+        self._inv_queue = 1.0 / self.queue_depth_threshold
+        self._inv_kv = 1.0 / self.kv_cache_util_threshold
         self.clock = clock
+        self._pool_cache: tuple[Snapshot, float, float, float] | None = None
 
     @classmethod
     def from_params(cls, name: str, params: dict[str, Any]) -> "UtilizationDetector":
@@ -110,11 +115,11 @@ class UtilizationDetector:
         if now is None:
             now = self.clock()
         idx = slice(None) if candidates is None else np.asarray(candidates, dtype=np.intp)
-        with np.errstate(invalid="ignore"):
-            q = snapshot.waiting[idx] / self.queue_depth_threshold
-            kv = snapshot.kv_usage[idx] / self.kv_cache_util_threshold
-        u = np.fmax(q, kv)  # fmax ignores a NaN (unreported) side
-        np.nan_to_num(u, copy=False, nan=0.0)
+        # A handful of whole-array operations (this runs once per dispatch when the
+        # cached reading cannot be used, so it is kept lean).
+        u = np.fmax(snapshot.waiting[idx] * self._inv_queue,  # fmax ignores a NaN side
+                    snapshot.kv_usage[idx] * self._inv_kv)
+        np.fmax(u, 0.0, out=u)  # neither reported (NaN) -> 0
         np.minimum(u, 1.0, out=u)
         # Snapshot.stale() applies the datastore's threshold; shift `now` so that it
         # applies ours: age <= ours  <=>  (now + theirs - ours) - scraped_at <= theirs.
@@ -126,7 +131,22 @@ class UtilizationDetector:
                    now: float | None = None) -> float:
         if len(snapshot) == 0 or (candidates is not None and len(candidates) == 0):
             return 1.0  # nowhere to send work
-        return float(self.utilization(snapshot, candidates, now).mean())
+        if now is None:
+            now = self.clock()
+        if candidates is not None:
+            return float(self.utilization(snapshot, candidates, now).sum()) / len(candidates)
+        # The whole-pool reading (what the flow-control dispatcher asks for, once per
+        # release) only changes with a new snapshot or when a fresh endpoint turns stale,
+        # so it is cached until the earliest such moment.
+        cached = self._pool_cache
+        if cached is not None and cached[0] is snapshot and cached[1] <= now <= cached[2]:
+            return cached[3]
+        value = float(self.utilization(snapshot, None, now).sum()) / len(snapshot)
+        fresh_until = snapshot.scraped_at + self.metrics_staleness_threshold
+        with np.errstate(invalid="ignore"):
+            pending = fresh_until[fresh_until >= now]
+        self._pool_cache = (snapshot, now, float(pending.min()) if len(pending) else np.inf, value)
+        return value
 
     def is_saturated(self, snapshot: Snapshot, candidates: Candidates = None,
                      now: float | None = None) -> bool:
@@ -223,6 +243,15 @@ def detector_from_config(section: Mapping[str, Any] | None,
         if not callable(getattr(inst, "saturation", None)):
             raise ValueError(f"saturationDetector.type: {s['type']!r} is not a saturation detector")
         return inst  # type: ignore[no-any-return]
+    if not s:
+        # No section: a detector declared under `plugins:` is meant to be used.
+        declared = [p for p in (plugins or {}).values()
+                    if isinstance(p, (UtilizationDetector, ConcurrencyDetector))]
+        if len(declared) == 1:
+            return declared[0]
+        if len(declared) > 1:
+            raise ValueError("several saturation detectors declared under plugins: "
+                             "choose one with saturationDetector.pluginRef")
     return UtilizationDetector.from_params("utilization-detector", s)
 
 

@@ -20,7 +20,7 @@ flowControl:
     orderingPolicy: fcfs             # or earliest-deadline (default fcfs)
     requestTTL: 30s                  # (ext) defaults to defaultRequestTTL
     saturationCeiling: 1.0           # (ext) release only while pool saturation < this
-  priorityBands:
+  priorityBands:                     # unset fields come from defaultPriorityBand
     - priority: 20
       maxRequests: 1000
       fairnessPolicy: round-robin
@@ -220,8 +220,9 @@ def _band(raw: Any, where: str, base: BandConfig, needs_priority: bool) -> BandC
     ordering = raw.get("orderingPolicy", raw.get("orderingPolicyRef", base.ordering))
     if not isinstance(ordering, str) or ordering not in ORDERING_POLICIES:
         raise ValueError(f"{where}.orderingPolicy: {ordering!r} is not one of fcfs, earliest-deadline")
+    priority: int = prio if isinstance(prio, int) else base.priority
     return BandConfig(
-        priority=prio if needs_priority else base.priority,
+        priority=priority,
         max_requests=_count(raw.get("maxRequests", base.max_requests), f"{where}.maxRequests"),
         max_bytes=parse_quantity(raw.get("maxBytes", base.max_bytes), f"{where}.maxBytes"),
         fairness=FAIRNESS_POLICIES[fairness],

@@ -5,7 +5,14 @@ Entry points: `KubernetesSource` (feeds the datastore and the objective store),
 """
 
 from epp.k8s.leader import LeaderElector
-from epp.k8s.settings import KubernetesSettings, SettingsError, load_api_client, parse_ports, parse_selector
+from epp.k8s.settings import (
+    KubernetesSettings,
+    SettingsError,
+    kubernetes_settings,
+    load_api_client,
+    parse_ports,
+    parse_selector,
+)
 from epp.k8s.source import KubernetesSource, ObjectiveSink
 
 __all__ = [
@@ -14,6 +21,7 @@ __all__ = [
     "LeaderElector",
     "ObjectiveSink",
     "SettingsError",
+    "kubernetes_settings",
     "load_api_client",
     "parse_ports",
     "parse_selector",

@@ -23,6 +23,7 @@ import logging
 import random
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -134,34 +135,39 @@ class Reflector:
     def _run(self) -> None:
         rv: str | None = None
         while not self._stop.is_set():
+            pause = 0.0
             try:
                 if rv is None:
                     rv = self._relist()
                     if rv is None:  # optional collection absent
-                        self._sleep(self._absent_retry)
-                        continue
-                rv = self._watch(rv)
-                self._backoff.reset()
+                        pause = self._absent_retry
+                else:
+                    started, events = time.monotonic(), self.stats.events
+                    rv = self._watch(rv)
+                    if self.stats.events == events and time.monotonic() - started < 1.0:
+                        # Closed at once with nothing said: do not spin on such a server.
+                        pause = self._backoff.next()
+                    else:
+                        self._backoff.reset()
             except _Stopped:
                 break
             except _Gone as e:
                 self.stats.gone += 1
                 log.info("k8s %s: %s; listing again", self.name, e)
                 rv = None
-                self._sleep(random.uniform(0.0, 0.2))
+                # A successful list resets the backoff, so this is short unless the
+                # server keeps failing right after each relist.
+                pause = self._backoff.next()
             except Exception as e:  # noqa: BLE001 - the thread must survive anything
                 if self._stop.is_set():
                     break
                 self.stats.errors += 1
-                delay = self._backoff.next()
+                pause = self._backoff.next()
                 log.warning("k8s %s: %s: %s; retrying in %.1fs", self.name,
-                            type(e).__name__, _short(e), delay)
-                self._sleep(delay)
+                            type(e).__name__, _short(e), pause)
+            if pause and self._stop.wait(pause):
+                break
         log.debug("k8s %s: stopped", self.name)
-
-    def _sleep(self, seconds: float) -> None:
-        if self._stop.wait(seconds):
-            raise _Stopped
 
     def _relist(self) -> str | None:
         """List every page; deliver the set; return its resourceVersion (None if absent)."""

@@ -139,3 +139,29 @@ def load_api_client(kubeconfig: str | None = None, *, pool_maxsize: int = 16) ->
             config.load_kube_config(client_configuration=cfg)
     cfg.connection_pool_maxsize = pool_maxsize
     return client.ApiClient(configuration=cfg)
+
+
+def kubernetes_settings(s: Any) -> KubernetesSettings | None:
+    """The Kubernetes source's settings from the EPP's parsed flags (`epp.settings.Settings`),
+    or None when the endpoints come from elsewhere (`--endpoints`, `--endpoints-file`).
+
+    Pool mode: `--pool-name` (objectives come from the cluster unless `--objectives-file`).
+    Standalone on Kubernetes: `--endpoint-selector` with `--endpoint-target-ports`.
+    Raises SettingsError for a combination that cannot work.
+    """
+    selector_text = getattr(s, "endpoint_selector", None)
+    pool = getattr(s, "pool_name", "") or None
+    if not selector_text and (not pool or getattr(s, "endpoints", None)
+                              or getattr(s, "endpoints_file", None)):
+        return None
+    ports = tuple(getattr(s, "endpoint_target_ports", ()) or ())
+    return KubernetesSettings(
+        pool_name=None if selector_text else pool,
+        pool_namespace=getattr(s, "pool_namespace", None) or os.environ.get("NAMESPACE", "default"),
+        pool_group=getattr(s, "pool_group", GROUP_V1) or GROUP_V1,
+        endpoint_selector=parse_selector(selector_text) if selector_text else None,
+        endpoint_target_ports=parse_ports(",".join(map(str, ports))) if ports else (),
+        kubeconfig=getattr(s, "kubeconfig", None),
+        watch_objectives=not getattr(s, "objectives_file", None),
+        leader_election=bool(getattr(s, "ha_enable_leader_election", False)),
+    )

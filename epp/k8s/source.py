@@ -119,6 +119,11 @@ class KubernetesSource:
         """What the readiness probe should say now."""
         return self._serving
 
+    @property
+    def synced(self) -> frozenset[str]:
+        """Names of the collections listed at least once ("pool", "pods", kinds...)."""
+        return frozenset(self._synced)
+
     def add_readiness_listener(self, cb: Callable[[bool], None]) -> None:
         """`cb(serving)` runs on the loop whenever `serving` changes."""
         self._listeners.append(cb)
@@ -189,7 +194,7 @@ class KubernetesSource:
         for r in self.reflectors.values():
             await loop.run_in_executor(None, r.join, 5.0)
         if self._own_api and self._api is not None:
-            self._api.close()
+            await loop.run_in_executor(None, self._api.close)
         self._set_serving(False)
 
     # -- wiring --------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 
 from epp.plugins import register
 from epp.scheduling.framework import CycleState, check_params, param_float, param_int
-from epp.scheduling.scorers import PrefixCacheScorer, lora_scores
+from epp.scheduling.scorers import PrefixCacheScorer, _lora
 
 
 def _known(state: CycleState, field: str, cand: np.ndarray) -> np.ndarray:
@@ -110,9 +110,7 @@ class LoraAffinityFilter:
         return cls(name)
 
     def filter(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
-        model = state.request.target_model
-        base = state.derived.get(("lora", model), lambda s: lora_scores(s, model))
-        s = state.take(base, candidates)
+        s = state.take(_lora(state), candidates)
         if not state.all_fresh:
             s = s * state.take(state.fresh, candidates)
         active = candidates[s == 1.0]

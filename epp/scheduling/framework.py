@@ -49,6 +49,19 @@ class SchedulingRequest:
     headers: Mapping[str, str] = field(default_factory=dict)
     priority: int = 0
 
+    @classmethod
+    def from_inference(
+        cls, req: Any, target_model: str | None = None, priority: int = 0
+    ) -> "SchedulingRequest":
+        """From an `epp.request.InferenceRequest` (target_model defaults to its model)."""
+        return cls(
+            request_id=req.request_id,
+            target_model=target_model if target_model is not None else req.model,
+            prompt_text=req.prompt_text,
+            headers=req.headers,
+            priority=priority,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class FilterStep:
@@ -123,16 +136,27 @@ class SchedulingResult:
 # -- per-snapshot and per-cycle state ----------------------------------------------
 
 
+_MISSING: Any = object()
+
+
 class Derived:
     """Arrays derived from one snapshot only, shared by all cycles on that snapshot."""
 
-    __slots__ = ("snapshot", "n", "all", "all_true", "fresh_until", "_cache")
+    __slots__ = ("snapshot", "prev", "n", "all", "all_true", "fresh_until", "_cache")
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, prev: "Derived | None" = None) -> None:
         self.snapshot = snapshot
+        self.prev = prev
+        """The previous snapshot's values, for builders that can reuse them when their
+        inputs did not change (a scrape usually changes numbers, not adapters)."""
         self.n = len(snapshot)
-        self.all = np.arange(self.n, dtype=np.int64)
-        self.all_true = np.ones(self.n, np.bool_)
+        self.all: np.ndarray
+        self.all_true: np.ndarray
+        if prev is not None and prev.n == self.n:
+            self.all, self.all_true = prev.all, prev.all_true  # read-only by convention
+        else:
+            self.all = np.arange(self.n, dtype=np.int64)
+            self.all_true = np.ones(self.n, np.bool_)
         # Until this time every endpoint is fresh, so cycles skip the staleness test.
         scraped = snapshot.scraped_at
         if self.n and not np.isnan(scraped).any():
@@ -140,6 +164,19 @@ class Derived:
         else:
             self.fresh_until = -math.inf
         self._cache: dict[Any, Any] = {}
+
+    def carried(self, key: Any, same_inputs: Callable[[Snapshot, Snapshot], bool]) -> Any:
+        """The previous snapshot's value for `key` when `same_inputs(old, new)`, else _MISSING."""
+        prev = self.prev
+        if prev is None:
+            return _MISSING
+        v = prev._cache.get(key, _MISSING)
+        if v is _MISSING:
+            return v
+        same = self._cache.get(("same-inputs", same_inputs), _MISSING)
+        if same is _MISSING:
+            same = self._cache[("same-inputs", same_inputs)] = same_inputs(prev.snapshot, self.snapshot)
+        return v if same else _MISSING
 
     def get(self, key: Any, build: Callable[[Snapshot], Any]) -> Any:
         """The value for `key`, built from the snapshot on first use."""
@@ -149,7 +186,6 @@ class Derived:
         return v
 
 
-_MISSING = object()
 
 
 class CycleState:
@@ -483,6 +519,7 @@ class Scheduler:
         inflight: InFlightTracker | None = None,
         track_inflight: bool = True,
         plugin_metrics_every: int = 1,
+        e2e_metric: bool = True,
     ) -> None:
         if not isinstance(profiles, Mapping):
             profiles = {p.name: p for p in profiles}
@@ -509,12 +546,12 @@ class Scheduler:
             for p in _with_producers([p for prof in self.profiles.values() for p in prof.plugins()])
             if hasattr(p, "forget_endpoint")
         ]
-        self._e2e_observe = SCHEDULER_E2E_DURATION.observe
+        self._e2e_observe = SCHEDULER_E2E_DURATION.observe if e2e_metric else _noop
 
     @classmethod
-    def from_config(cls, config: Any, *, inflight: InFlightTracker | None = None) -> "Scheduler":
-        """The scheduler an `epp.config.EppConfig` describes."""
-        return cls(config.profiles, config.profile_handler, inflight=inflight)
+    def from_config(cls, config: Any, **kwargs: Any) -> "Scheduler":
+        """The scheduler an `epp.config.EppConfig` describes (kwargs as for `__init__`)."""
+        return cls(config.profiles, config.profile_handler, **kwargs)
 
     # -- pool membership -----------------------------------------------------------
 
@@ -541,7 +578,9 @@ class Scheduler:
         d = self._derived
         # Keyed by identity: the datastore hands out one object per version.
         if d is None or d.snapshot is not snapshot:
-            d = self._derived = Derived(snapshot)
+            if d is not None:
+                d.prev = None  # keep one generation only
+            d = self._derived = Derived(snapshot, d)
             for p in self._forgetters:
                 prune = getattr(p, "prune", None)
                 if prune is not None:
@@ -569,7 +608,9 @@ class Scheduler:
             cand = derived.all
         else:
             cand = np.asarray(candidates, dtype=np.int64)
-            if cand.ndim != 1 or (len(cand) and (cand.min() < 0 or cand.max() >= derived.n)):
+            if len(cand) == derived.n and np.array_equal(cand, derived.all):
+                cand = derived.all  # the whole pool: plugins then skip their fancy indexing
+            elif cand.ndim != 1 or (len(cand) and (cand.min() < 0 or cand.max() >= derived.n)):
                 raise EppError(ErrorCode.Internal, "candidate indices out of the snapshot's range")
         if len(cand) == 0:
             raise EppError(ErrorCode.ServiceUnavailable, "no candidate endpoints in the pool")
@@ -612,10 +653,16 @@ class Scheduler:
             endpoint=endpoint,
             index=index,
             profile=primary,
-            fallbacks=tuple(snapshot.endpoints[i] for i in res.indices[1:]),
+            fallbacks=tuple(snapshot.endpoints[i] for i in res.indices[1:])
+            if len(res.indices) > 1
+            else (),
             profile_results=results,
             explanation=explanation,
         )
+
+
+def _noop(_: float) -> None:
+    pass
 
 
 def _with_producers(plugins: list[Any]) -> list[Any]:

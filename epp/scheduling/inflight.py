@@ -6,8 +6,9 @@ endpoint. So the scheduler remembers what it has routed and not yet seen finish,
 queue scorer adds, per endpoint, the requests routed *after* that endpoint's last scrape
 (earlier ones are already in the scraped numbers) to the scraped waiting count.
 
-Events are O(1): `started` appends a record to preallocated numpy arrays, `finished` clears
-its alive flag. Reading (`extra_waiting`) is one vectorised pass over the live records.
+Events are O(1): `started` appends a record to preallocated numpy arrays, `finished` sets
+its start time to -inf (so that it can never count again). Reading (`extra_waiting`) is one
+vectorised pass over the records.
 Records that a scrape has since covered, that finished, or that timed out are dropped when
 the arrays fill up (amortised O(1)).
 """
@@ -18,7 +19,7 @@ import math
 
 import numpy as np
 
-from epp.datastore import Snapshot
+from epp.datastore import Endpoint, Snapshot
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds after which an unfinished request stops counting (a lost `finished` call)."""
@@ -34,14 +35,14 @@ class InFlightTracker:
         cap = max(16, int(capacity))
         self._slot_of: dict[str, int] = {}
         self._ep_slot = np.zeros(cap, np.int64)
-        self._start = np.zeros(cap, np.float64)
-        self._alive = np.zeros(cap, np.bool_)
+        self._start = np.full(cap, -math.inf)  # -inf: finished (or unused)
         self._rids: list[str | None] = []
         self._pos: dict[str, int] = {}
         self._n = 0
         # Per snapshot version: slot of each snapshot index, and scrape time per slot.
         self._snap_version = -1
         self._snap_slots = np.zeros(0, np.int64)
+        self._snap_endpoints: tuple[Endpoint, ...] = ()
         self._scraped_by_slot = np.zeros(0, np.float64)
 
     def __len__(self) -> int:
@@ -55,12 +56,11 @@ class InFlightTracker:
         slot = self._slot_of.get(endpoint_name)
         if slot is None:
             slot = self._slot_of[endpoint_name] = len(self._slot_of)
-        if self._n == len(self._alive):
+        if self._n == len(self._start):
             self._compact(now)
         i = self._n
         self._ep_slot[i] = slot
         self._start[i] = now
-        self._alive[i] = True
         self._rids.append(request_id)
         self._pos[request_id] = i
         self._n = i + 1
@@ -69,7 +69,7 @@ class InFlightTracker:
         """The request's response ended or its stream closed; unknown ids are ignored."""
         i = self._pos.pop(request_id, None)
         if i is not None:
-            self._alive[i] = False
+            self._start[i] = -math.inf
             self._rids[i] = None
 
     def endpoint_of(self, request_id: str) -> str | None:
@@ -92,11 +92,10 @@ class InFlightTracker:
         self._sync_snapshot(snapshot)
         n = self._n
         slots = self._ep_slot[:n]
-        start = self._start[:n]
-        mask = self._alive[:n] & (start > self._scraped_by_slot[slots])
-        mask &= start > now - self.timeout
-        counts = np.bincount(slots[mask], minlength=len(self._scraped_by_slot))
-        return counts[self._snap_slots].astype(np.float64)
+        # Counts when routed after the endpoint's last scrape and within the timeout.
+        since = np.maximum(self._scraped_by_slot[slots], now - self.timeout)
+        counts = np.bincount(slots[self._start[:n] > since], minlength=len(self._scraped_by_slot))
+        return counts[self._snap_slots]
 
     def _sync_snapshot(self, snapshot: Snapshot) -> None:
         if snapshot.version == self._snap_version and len(self._scraped_by_slot) == len(
@@ -104,15 +103,21 @@ class InFlightTracker:
         ):
             return
         slot_of = self._slot_of
-        for e in snapshot.endpoints:
-            if e.name not in slot_of:
-                slot_of[e.name] = len(slot_of)
-        snap_slots = np.fromiter(
-            (slot_of[e.name] for e in snapshot.endpoints), np.int64, len(snapshot)
-        )
+        if snapshot.endpoints == self._snap_endpoints:
+            # Same endpoints (the usual case: only metrics changed). The tuple compare is a
+            # C loop with an identity shortcut, as the datastore reuses Endpoint objects.
+            snap_slots = self._snap_slots
+        else:
+            for e in snapshot.endpoints:
+                if e.name not in slot_of:
+                    slot_of[e.name] = len(slot_of)
+            snap_slots = np.fromiter(
+                (slot_of[e.name] for e in snapshot.endpoints), np.int64, len(snapshot)
+            )
+            self._snap_endpoints = snapshot.endpoints
         scraped = np.full(len(slot_of), math.inf)  # endpoints not in the snapshot: never count
         # Never scraped (NaN): everything routed there counts.
-        scraped[snap_slots] = np.nan_to_num(snapshot.scraped_at, nan=-math.inf)
+        scraped[snap_slots] = np.fmax(snapshot.scraped_at, -math.inf)  # fmax drops NaN
         self._snap_slots = snap_slots
         self._scraped_by_slot = scraped
         self._snap_version = snapshot.version
@@ -120,7 +125,7 @@ class InFlightTracker:
     def _compact(self, now: float) -> None:
         """Drop records that no longer count; grow the arrays when most still do."""
         n = self._n
-        keep = self._alive[:n] & (self._start[:n] > now - self.timeout)
+        keep = self._start[:n] > now - self.timeout
         known = len(self._scraped_by_slot)
         if known:
             slots = self._ep_slot[:n]
@@ -129,23 +134,21 @@ class InFlightTracker:
             covered[in_range] = self._start[:n][in_range] <= self._scraped_by_slot[slots[in_range]]
             keep &= ~covered
         idx = np.flatnonzero(keep)
-        cap = len(self._alive)
+        cap = len(self._start)
         if len(idx) * 2 > cap:
             cap *= 2
         ep_slot = np.zeros(cap, np.int64)
-        start = np.zeros(cap, np.float64)
-        alive = np.zeros(cap, np.bool_)
+        start = np.full(cap, -math.inf)
         m = len(idx)
         ep_slot[:m] = self._ep_slot[idx]
         start[:m] = self._start[idx]
-        alive[:m] = True
         old_rids = self._rids
         rids: list[str | None] = [old_rids[i] for i in idx.tolist()]
         pos: dict[str, int] = {}
         for j, rid in enumerate(rids):
             if rid is not None:
                 pos[rid] = j
-        self._ep_slot, self._start, self._alive = ep_slot, start, alive
+        self._ep_slot, self._start = ep_slot, start
         self._rids, self._pos, self._n = rids, pos, m
 
     def forget_endpoint(self, name: str) -> None:
@@ -154,10 +157,10 @@ class InFlightTracker:
         if slot is None:
             return
         n = self._n
-        hit = np.flatnonzero(self._alive[:n] & (self._ep_slot[:n] == slot))
+        hit = np.flatnonzero((self._ep_slot[:n] == slot) & (self._start[:n] > -math.inf))
         for i in hit.tolist():
             rid = self._rids[i]
             if rid is not None:
                 self._pos.pop(rid, None)
                 self._rids[i] = None
-        self._alive[hit] = False
+        self._start[hit] = -math.inf

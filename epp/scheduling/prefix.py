@@ -11,7 +11,8 @@ Facts carried over from the upstream EPP: a block is (block size in tokens x 4) 
 (about 4 characters per token), 16 tokens by default or the endpoint's own scraped block size;
 the chain starts from a 64-bit xxhash of the target model so that two models never share
 entries; at most 256 blocks per request; a per-endpoint LRU of 31,250 blocks unless the
-endpoint reports its GPU block count.
+endpoint reports its GPU block count. On top of that (our addition), the whole index holds
+at most 2,000,000 (hash, endpoint) entries, about 330 MB in CPython.
 
 Blocks are cut from the UTF-8 bytes of the prompt text (equal to characters for ASCII), which
 costs one encode per request instead of one per block.
@@ -19,15 +20,17 @@ costs one encode per request instead of one per block.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from itertools import repeat
 from typing import Iterable, Sequence
 
-import numpy as np
 import xxhash
 
 CHARS_PER_TOKEN = 4
 DEFAULT_BLOCK_TOKENS = 16
 DEFAULT_MAX_BLOCKS = 256
 DEFAULT_LRU_CAPACITY = 31_250
+DEFAULT_MAX_INDEXED_BLOCKS = 2_000_000
 
 _xxh64 = xxhash.xxh64_intdigest
 _MODEL_SEEDS: dict[str, int] = {}
@@ -75,18 +78,26 @@ class PrefixIndex:
     name (stable across snapshots, unlike snapshot indices).
 
     Layout, chosen for the per-request cost: `_owners` maps a hash to the one endpoint name
-    that holds it (the common case) or to a set of names; each endpoint's `_lru` maps its
-    hashes to a recency stamp. Recording a request is then one C-level dict update plus a
-    little work per *new* hash. Eviction happens in batches of about a tenth of the capacity,
-    least-recent stamps first.
+    that holds it (the common case) or to a set of names; each endpoint's `_lru` is an
+    OrderedDict of its hashes, least recent first. Recording a request costs one C-level
+    update for its new blocks, one move per block it already held, and one pop per block
+    evicted: O(1) per block, no scans.
     """
 
-    __slots__ = ("_owners", "_lru", "_tick")
+    __slots__ = ("_owners", "_lru", "_size", "max_total")
 
-    def __init__(self) -> None:
+    def __init__(self, max_total: int = DEFAULT_MAX_INDEXED_BLOCKS) -> None:
         self._owners: dict[int, str | set[str]] = {}
-        self._lru: dict[str, dict[int, int]] = {}
-        self._tick = 0
+        self._lru: dict[str, OrderedDict[int, None]] = {}
+        self._size = 0
+        self.max_total = max(1, max_total)
+        """Bound on (hash, endpoint) entries over all endpoints (~165 B each): per-endpoint
+        capacities alone would let a pool of thousands of endpoints grow to many GB."""
+
+    @property
+    def size(self) -> int:
+        """(hash, endpoint) entries held over all endpoints."""
+        return self._size
 
     def __len__(self) -> int:
         """Number of endpoints the index holds blocks for."""
@@ -114,7 +125,7 @@ class PrefixIndex:
             return {}
         n = len(hashes)
         result: dict[str, int] = {}
-        names: set[str] = {first} if first.__class__ is str else set(first)  # type: ignore[arg-type]
+        names: set[str] = {first} if first.__class__ is str else set(first)
         stack: list[tuple[set[str], int, int]] = [(names, 1, n)]
         while stack:
             names, lo, hi = stack.pop()  # every name holds >= lo blocks and <= hi
@@ -148,52 +159,79 @@ class PrefixIndex:
     ) -> None:
         """Remember that endpoint `name` now holds `hashes`; evict its least-recent blocks.
 
-        Stamps grow towards the chain's first block, so along any chain an endpoint's stamps
-        never increase with depth and eviction (least stamp first) removes a chain's deepest
-        blocks first. Hence each endpoint's blocks stay prefix-closed: holding block k means
-        holding blocks 0..k-1, which `match` relies on. `held`, when the caller knows it (from
-        `match`), is how many leading blocks the endpoint already holds.
+        The chain is made most recent back to front, so along any chain an endpoint's
+        recency never increases with depth and eviction (least recent first) removes a
+        chain's deepest blocks first. Hence each endpoint's blocks stay prefix-closed:
+        holding block k means holding blocks 0..k-1, which `match` relies on. `held`, when
+        the caller knows it (from `match`), is how many leading blocks the endpoint holds.
         """
         if not hashes:
             return
         lru = self._lru.get(name)
         if lru is None:
-            lru = self._lru[name] = {}
+            lru = self._lru[name] = OrderedDict()
         if held is None:
-            new = [h for h in hashes if h not in lru]
-        else:
-            new = hashes[held:]
-        tick = self._tick
-        lru.update(zip(reversed(hashes), range(tick, tick + len(hashes))))
-        self._tick = tick + len(hashes)
-        owners = self._owners
-        for h in new:
-            o = owners.get(h)
-            if o is None:
-                owners[h] = name
-            elif o.__class__ is str:
-                if o != name:
-                    owners[h] = {o, name}
-            else:
-                o.add(name)  # type: ignore[union-attr]
+            held = 0
+            for h in hashes:
+                if h not in lru:
+                    break
+                held += 1
+        new = hashes[held:]
+        if new:
+            before = len(lru)
+            lru.update(zip(reversed(new), repeat(None)))
+            self._size += len(lru) - before
+            owners = self._owners
+            # Blocks nobody holds yet (a prompt's unique tail) go in with one C-level update.
+            shared = [h for h in new if h in owners]
+            if not shared:
+                owners.update(zip(new, repeat(name)))
+            elif len(shared) < len(new):
+                owners.update([(h, name) for h in new if h not in owners])
+            for h in shared:
+                o = owners[h]
+                if o.__class__ is str:
+                    if o != name:
+                        owners[h] = {o, name}
+                else:
+                    o.add(name)  # type: ignore[union-attr]
+        move = lru.move_to_end
+        for k in range(held - 1, -1, -1):
+            move(hashes[k])
         capacity = max(1, capacity)
         if len(lru) > capacity:
-            self._evict(name, lru, capacity - capacity // 10)
+            self._evict(name, lru, capacity)
+        if self._size > self.max_total:
+            # Over the global bound: trim every endpoint to a bit under an equal share
+            # (rare: at most once per ~10% of the bound in new blocks).
+            share = self.max_total // len(self._lru)
+            target = max(1, share - share // 10)
+            for n, other in list(self._lru.items()):
+                if len(other) > target:
+                    self._evict(n, other, target)
 
-    def _evict(self, name: str, lru: dict[int, int], target: int) -> None:
-        drop = len(lru) - target
-        stamps = np.fromiter(lru.values(), np.int64, len(lru))
-        cut = int(np.partition(stamps, drop - 1)[drop - 1])  # stamps are unique
-        victims = [h for h, st in lru.items() if st <= cut]
-        for h in victims:
-            del lru[h]
-            self._drop_owner(h, name)
+    def _evict(self, name: str, lru: OrderedDict[int, None], target: int) -> None:
+        owners = self._owners
+        pop = lru.popitem
+        dropped = len(lru) - target
+        for _ in range(dropped):
+            h, _v = pop(last=False)
+            o = owners.get(h)
+            if o is None:
+                continue
+            if o.__class__ is str:
+                if o == name:
+                    del owners[h]
+            else:
+                self._drop_owner(h, name)
+        self._size -= dropped
 
     def forget(self, name: str) -> None:
         """Drop everything known about an endpoint (it left the pool or was replaced)."""
         lru = self._lru.pop(name, None)
         if lru is None:
             return
+        self._size -= len(lru)
         for h in lru:
             self._drop_owner(h, name)
 
@@ -213,6 +251,6 @@ class PrefixIndex:
             return
         o.discard(name)  # type: ignore[union-attr]
         if len(o) == 1:
-            self._owners[h] = next(iter(o))  # type: ignore[arg-type]
+            self._owners[h] = next(iter(o))
         elif not o:
             del self._owners[h]

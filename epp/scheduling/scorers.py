@@ -10,6 +10,8 @@ and return arrays they may share (the profile copies before adding).
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import contains as _contains
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,7 @@ from epp.datastore import Snapshot
 from epp.plugins import register
 from epp.scheduling import prefix as _prefix
 from epp.scheduling.framework import (
+    _MISSING,
     CycleState,
     check_params,
     param_bool,
@@ -104,8 +107,8 @@ class RunningRequestsSizeScorer:
 
 
 def _kv_score(s: Snapshot) -> np.ndarray:
-    kv = s.kv_usage
-    return np.where(np.isnan(kv), 0.0, np.clip(1.0 - kv, 0.0, 1.0))
+    # fmax/fmin ignore NaN, so an unreported usage becomes the worst score, 0.
+    return np.fmin(np.fmax(1.0 - s.kv_usage, 0.0), 1.0)
 
 
 def _zero_stale(state: CycleState, scores: np.ndarray, cand: np.ndarray) -> np.ndarray:
@@ -132,20 +135,59 @@ class KVCacheUtilizationScorer:
         return _zero_stale(state, state.take(base, candidates), candidates)
 
 
-def lora_scores(s: Snapshot, model: str) -> np.ndarray:
-    """Per endpoint: 1.0 adapter active, 0.8 room to load it, 0.6 waiting there, else 0."""
+def _adapter_counts(s: Snapshot) -> tuple[np.ndarray, bool]:
+    """Adapters loaded or loading per endpoint, and whether any endpoint has one at all."""
     n = len(s)
-    active = np.fromiter((model in a for a in s.active_adapters), np.bool_, n)
-    waiting = np.fromiter((model in w for w in s.waiting_adapters), np.bool_, n)
-    loaded = np.fromiter(
-        (len(a) + len(w) for a, w in zip(s.active_adapters, s.waiting_adapters)), np.int64, n
-    )
-    room = loaded < s.max_lora
+    if not any(s.active_adapters) and not any(s.waiting_adapters):
+        return np.zeros(n, np.int64), False
+    loaded = np.fromiter(map(len, s.active_adapters), np.int64, n)
+    loaded += np.fromiter(map(len, s.waiting_adapters), np.int64, n)
+    return loaded, True
+
+
+def lora_scores(s: Snapshot, model: str, counts: tuple[np.ndarray, bool] | None = None) -> np.ndarray:
+    """Per endpoint: 1.0 adapter active, 0.8 room to load it, 0.6 waiting there, else 0.
+
+    Built once per snapshot and model with C-level iteration (map/operator.contains), and
+    without any per-endpoint work when no endpoint reports an adapter (the common case).
+    """
+    loaded, any_adapter = counts if counts is not None else _adapter_counts(s)
+    n = len(s)
     out = np.zeros(n)
-    out[waiting] = 0.6
-    out[room] = 0.8
-    out[active] = 1.0
+    out[loaded < s.max_lora] = 0.8
+    if any_adapter:
+        active = np.fromiter(map(_contains, s.active_adapters, repeat(model, n)), np.bool_, n)
+        waiting = np.fromiter(map(_contains, s.waiting_adapters, repeat(model, n)), np.bool_, n)
+        out[waiting & ~(loaded < s.max_lora)] = 0.6
+        out[active] = 1.0
     return out
+
+
+def _same_block_sizes(old: Snapshot, new: Snapshot) -> bool:
+    return old.block_size.tobytes() == new.block_size.tobytes()
+
+
+def _same_adapters(old: Snapshot, new: Snapshot) -> bool:
+    # Tuple compares run in C; equal frozensets compare by hash. Much cheaper than a rebuild.
+    return (
+        old.active_adapters == new.active_adapters
+        and old.waiting_adapters == new.waiting_adapters
+        and old.max_lora.tobytes() == new.max_lora.tobytes()
+    )
+
+
+def _lora(state: CycleState) -> np.ndarray:
+    model = state.request.target_model
+    d = state.derived
+    key = ("lora", model)
+
+    def build(s: Snapshot) -> np.ndarray:
+        v = d.carried(key, _same_adapters)
+        if v is not _MISSING:
+            return v
+        return lora_scores(s, model, d.get("adapters", _adapter_counts))
+
+    return d.get(key, build)
 
 
 @register("lora-affinity-scorer")
@@ -162,9 +204,7 @@ class LoraAffinityScorer:
         return _no_params(cls, name, params)
 
     def score(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
-        model = state.request.target_model
-        base = state.derived.get(("lora", model), lambda s: lora_scores(s, model))
-        return _zero_stale(state, state.take(base, candidates), candidates)
+        return _zero_stale(state, state.take(_lora(state), candidates), candidates)
 
 
 @register("prefix-cache-scorer")
@@ -175,11 +215,19 @@ class PrefixCacheScorer:
     prompt's blocks on the chosen endpoint (`post_pick`), and it forgets endpoints that leave
     the pool. Parameters (upstream names): `blockSizeTokens` (16) or `blockSize` in
     characters (64), `autoTune` (true: use the endpoint's scraped block size and GPU block
-    count), `maxPrefixBlocksToMatch` (256), `lruCapacityPerServer` (31,250).
+    count), `maxPrefixBlocksToMatch` (256), `lruCapacityPerServer` (31,250), and ours,
+    `maxIndexedBlocks` (2,000,000 entries over all endpoints, bounding memory).
     """
 
     bounded = True
-    PARAMS = ("blockSize", "blockSizeTokens", "autoTune", "maxPrefixBlocksToMatch", "lruCapacityPerServer")
+    PARAMS = (
+        "blockSize",
+        "blockSizeTokens",
+        "autoTune",
+        "maxPrefixBlocksToMatch",
+        "lruCapacityPerServer",
+        "maxIndexedBlocks",
+    )
 
     def __init__(
         self,
@@ -190,13 +238,14 @@ class PrefixCacheScorer:
         auto_tune: bool = True,
         max_blocks: int = _prefix.DEFAULT_MAX_BLOCKS,
         lru_capacity: int = _prefix.DEFAULT_LRU_CAPACITY,
+        max_indexed_blocks: int = _prefix.DEFAULT_MAX_INDEXED_BLOCKS,
     ) -> None:
         self.name = name
         self.default_chars = block_chars if block_chars else block_tokens * _prefix.CHARS_PER_TOKEN
         self.auto_tune = auto_tune
         self.max_blocks = max_blocks
         self.lru_capacity = lru_capacity
-        self.index = _prefix.PrefixIndex()
+        self.index = _prefix.PrefixIndex(max_indexed_blocks)
 
     @classmethod
     def from_params(cls, name: str, params: dict[str, Any]) -> "PrefixCacheScorer":
@@ -213,6 +262,9 @@ class PrefixCacheScorer:
             lru_capacity=param_int(
                 params, "lruCapacityPerServer", _prefix.DEFAULT_LRU_CAPACITY, minimum=1
             ),
+            max_indexed_blocks=param_int(
+                params, "maxIndexedBlocks", _prefix.DEFAULT_MAX_INDEXED_BLOCKS, minimum=1
+            ),
         )
 
     # -- per snapshot ----------------------------------------------------------------
@@ -220,16 +272,24 @@ class PrefixCacheScorer:
     def _chars(self, state: CycleState) -> tuple[np.ndarray, list[int]]:
         """Block size in characters per endpoint, and the distinct sizes."""
 
+        d = state.derived
+        key = ("prefix-chars", self.default_chars, self.auto_tune)
+
         def build(s: Snapshot) -> tuple[np.ndarray, list[int]]:
+            v = d.carried(key, _same_block_sizes)
+            if v is not _MISSING:
+                return v  # type: ignore[no-any-return]
             if self.auto_tune:
                 chars = np.where(
                     s.block_size > 0, s.block_size * _prefix.CHARS_PER_TOKEN, self.default_chars
                 ).astype(np.int64)
             else:
                 chars = np.full(len(s), self.default_chars, np.int64)
+            if len(chars) == 0 or chars.min() == chars.max():
+                return chars, chars[:1].tolist()
             return chars, np.unique(chars).tolist()
 
-        return state.derived.get(("prefix-chars", self.default_chars, self.auto_tune), build)
+        return d.get(key, build)  # type: ignore[no-any-return]
 
     # -- per cycle -------------------------------------------------------------------
 

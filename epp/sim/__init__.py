@@ -20,11 +20,11 @@ from epp.sim.fleet import Fleet, start_fleet
 from epp.sim.server import REPLICA_HEADER, Replica
 
 __all__ = [
+    "REPLICA_HEADER",
     "ConfigError",
     "Engine",
     "Fleet",
     "QueueFull",
-    "REPLICA_HEADER",
     "Replica",
     "Sequence",
     "SimConfig",

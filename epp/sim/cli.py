@@ -14,8 +14,8 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 from epp.sim.config import ConfigError, SimConfig, fleet_configs, parse_lora_modules
 from epp.sim.fleet import start_fleet

@@ -12,9 +12,10 @@ simulator reports (response timing, metric histograms) is in simulated seconds.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -66,7 +67,7 @@ class SimConfig:
     """Emit vllm:gpu_cache_usage_perc (older vLLM) instead of vllm:kv_cache_usage_perc."""
     engine_label: str = "0"
 
-    def validate(self) -> "SimConfig":
+    def validate(self) -> SimConfig:
         """Raise ConfigError on settings that cannot describe a server; return self."""
         positive = ("max_loras", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                     "num_gpu_blocks", "block_size", "default_max_tokens")

@@ -31,8 +31,8 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from epp.sim.config import SimConfig
 from epp.sim.kvcache import KVCache
@@ -60,6 +60,8 @@ class Sequence:
     computed: int = 0
     """Tokens whose KV is in the cache (prefill progress, cached tokens included)."""
     generated: int = 0
+    committed: bool = False
+    """Whether the prompt's full blocks have been offered to the prefix cache."""
     cached_tokens: int = 0
     """Prompt tokens served from the prefix cache at (first) admission."""
     blocks: list[int] = field(default_factory=list)
@@ -215,7 +217,7 @@ class Engine:
                 raise
             except Exception:  # a model bug must not kill the server; log and go on
                 log.exception("sim engine %s: step failed", self.cfg.name)
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.5)  # do not flood the log if it keeps failing
 
     def _schedule(self, now: float) -> tuple[list[tuple[Sequence, int]], float] | None:
         """Pick this step's work: [(seq, tokens to compute)] and the step's duration."""
@@ -231,15 +233,16 @@ class Engine:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.computed >= seq.context_len:  # decoding: needs a slot for 1 token
-                if not self._grow(seq, seq.context_len + 1):
+            remaining = seq.context_len - seq.computed
+            if seq.generated > 0 and remaining <= 1:  # decoding: the last token's KV
+                if not self._grow(seq, seq.context_len):
                     continue  # preempted itself; the next one moved up to index i
                 work.append((seq, 1))
                 budget -= 1
                 decode_seqs += 1
                 decode_ctx += seq.context_len
-            else:  # still prefilling (a long prompt in chunks)
-                n = min(seq.context_len - seq.computed, budget)
+            else:  # still prefilling (a long prompt in chunks, or a recompute)
+                n = min(remaining, budget)
                 work.append((seq, n))
                 budget -= n
                 prefill_tokens += n
@@ -249,10 +252,10 @@ class Engine:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
             seq = self.waiting[0]
-            if seq.adapter is not None and seq.adapter not in self.lora_slots:
-                if not self._lora_slot_available():
-                    skipped.append(self.waiting.popleft())
-                    continue
+            if (seq.adapter is not None and seq.adapter not in self.lora_slots
+                    and not self._lora_slot_available()):
+                skipped.append(self.waiting.popleft())  # let later requests go first
+                continue
             hits = self.kv.cached_prefix(seq.prompt.block_hashes)
             hit_tokens = len(hits) * cfg.block_size
             if hit_tokens >= seq.context_len:  # always compute at least the last token
@@ -313,6 +316,7 @@ class Engine:
         self.kv.free(seq.blocks)
         seq.blocks = []
         seq.computed = 0
+        seq.committed = False
         seq.preemptions += 1
         self.stats.preemptions += 1
         self.waiting.appendleft(seq)
@@ -348,12 +352,12 @@ class Engine:
             if seq.finished or seq not in self.running:
                 continue  # aborted during the step
             tokens_in_step += n
-            was_prefill = seq.computed < seq.context_len
             seq.computed += n
-            if was_prefill:
-                if seq.computed < seq.context_len:
-                    continue  # more chunks to go
+            if seq.computed < seq.context_len:
+                continue  # more prefill chunks to go
+            if not seq.committed:  # the prompt's KV is now complete: cache its blocks
                 self.kv.commit(seq.blocks, seq.prompt.block_hashes)
+                seq.committed = True
             # a token is produced: the first one after prefill, or the next decode token
             gap = end - seq.last_token_at if seq.last_token_at is not None else -1.0
             if seq.first_token_at is None:

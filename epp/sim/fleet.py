@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Self
 
 from epp.sim.config import ConfigError, SimConfig
 from epp.sim.server import Replica
@@ -50,7 +51,7 @@ class Fleet:
         """Stop every replica (open streams end with finish_reason `abort`)."""
         await asyncio.gather(*(r.stop() for r in self.replicas), return_exceptions=True)
 
-    async def __aenter__(self) -> "Fleet":
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

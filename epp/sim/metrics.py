@@ -14,7 +14,13 @@ pages. Gauges are read from the engine when the page is rendered.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from epp.sim.config import SimConfig
 from epp.sim.engine import Engine, Sequence, wall_clock

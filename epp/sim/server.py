@@ -15,7 +15,7 @@ import logging
 import random
 import time
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import web
 
@@ -33,7 +33,7 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 class ApiError(Exception):
     """An error answer in vLLM's format."""
 
-    TYPES = {400: "BadRequestError", 404: "NotFoundError", 429: "RateLimitError",
+    TYPES: ClassVar[dict[int, str]] = {400: "BadRequestError", 404: "NotFoundError", 429: "RateLimitError",
              500: "InternalServerError", 503: "ServiceUnavailableError"}
 
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
@@ -85,7 +85,10 @@ class Replica:
     async def start(self) -> None:
         """Start the engine loop and listen; `port` is the bound port afterwards."""
         self.engine.start()
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # handler_cancellation: a client that hangs up cancels its handler, which aborts
+        # the request in the engine, as vLLM aborts requests of closed connections.
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                               handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, self.cfg.host, self.cfg.port, reuse_address=True)
         try:
@@ -224,10 +227,12 @@ class Replica:
         bs = self.cfg.block_size
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
             p = p[0]  # a batch of one
+        if p == "" or p == []:
+            raise _bad("The prompt cannot be empty.", "prompt")
         if isinstance(p, str):
             return text_prompt(p, bs, salt)
         if isinstance(p, list) and p and all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in p):
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in p):
             return ids_prompt(p, bs, salt)
         if p is None:
             raise _bad("'prompt' is required", "prompt")

@@ -6,12 +6,16 @@ from typing import Iterator
 import pytest
 import yaml
 
-from tests.support import EnvoyProcess, EppProcess, UpstreamFleet, start_envoy, start_epp
+from tests.support import EnvoyProcess, EppProcess, UpstreamFleet, start_envoy, start_epp, vllm_page
 
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[UpstreamFleet]:
+    """u0 is busy, u1 idle, u2 serves no metrics at all."""
     with UpstreamFleet(3) as f:
+        f.upstreams[0].metrics_page = vllm_page(waiting=8, running=20, kv=0.9)
+        f.upstreams[1].metrics_page = vllm_page(waiting=0, running=1, kv=0.1)
+        f.upstreams[2].metrics_page = "<html>not metrics</html>"
         yield f
 
 

@@ -1,6 +1,6 @@
 // Builds a real kube-apiserver and etcd for tests/k8s. Not part of the EPP:
 // tests/k8s/build_apiserver.sh compiles these into a cache outside the repo.
-module github.com/epp-project/epp/tests/k8s/apiserver
+module epp.invalid/tests/k8s/apiserver
 
 go 1.26.0
 
