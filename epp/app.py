@@ -91,7 +91,7 @@ class EppApp:
         self.server = grpc.aio.server(options=_GRPC_OPTIONS)
         ep_grpc.add_ExternalProcessorServicer_to_server(
             ExtProcServicer(self.director, max_body_bytes=s.max_body_bytes), self.server)
-        add_pick_api(self.server, self.director.route)
+        add_pick_api(self.server, self._pick_route)
         names = [ep.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name,
                  PICK_SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.server)
@@ -119,6 +119,12 @@ class EppApp:
         log.info("EPP serving: ext_proc %s on %s, health on %d, metrics on %d, %d endpoints",
                  "TLS" if s.secure_serving else "plaintext", self.grpc_port,
                  self.health_port, self.metrics_port, len(self.datastore.endpoints()))
+
+    async def _pick_route(self, req: Any, explain: bool) -> Any:
+        """Pick API: `Pick` is a real, detached decision; `Explain` a side-effect-free dry run."""
+        if explain:
+            return self.director.explain(req)
+        return await self.director.route_detached(req)
 
     async def _start_sources(self) -> None:
         s = self.settings

@@ -45,7 +45,7 @@ class Admission(Protocol):
 
 class SchedulerLike(Protocol):
     def schedule(self, req: Any, snapshot: Snapshot, candidates: np.ndarray | None = None,
-                 *, explain: bool = False) -> Any: ...
+                 *, explain: bool = False, learn: bool = True) -> Any: ...
 
 
 @dataclass(slots=True)
@@ -79,14 +79,15 @@ class LeastRecentlyPicked:
         self._tick = 0.0
 
     def schedule(self, req: Any, snapshot: Snapshot, candidates: np.ndarray | None = None,
-                 *, explain: bool = False) -> Any:
+                 *, explain: bool = False, learn: bool = True) -> Any:
         idx = range(len(snapshot)) if candidates is None else candidates.tolist()
         best = min(idx, key=lambda i: self._last.get(snapshot.endpoints[i].name, -1.0),
                    default=None)
         if best is None:
             raise unavailable("no endpoints available")
-        self._tick += 1
-        self._last[snapshot.endpoints[best].name] = self._tick
+        if learn:
+            self._tick += 1
+            self._last[snapshot.endpoints[best].name] = self._tick
         return _PlainResult(snapshot.endpoints[best], best)
 
 
@@ -184,6 +185,35 @@ class Director:
         if req.parsed is not None:
             obs.REQUEST_SIZES.labels(model, res.target_model).observe(len(req.body))
         return decision
+
+    async def route_detached(self, req: InferenceRequest) -> RoutingDecision:
+        """A pick for a gateway that never reports back (the Pick API).
+
+        Nothing stays held: the admission lease and the running-requests gauge are given
+        back at once. The in-flight record stays until the endpoint's next scrape covers
+        it, so a burst of picks still spreads out.
+        """
+        decision = await self.route(req)
+        _release(decision.admission_ticket)
+        obs.RUNNING_REQUESTS.labels(decision.model).dec()
+        return decision
+
+    def explain(self, req: InferenceRequest) -> RoutingDecision:
+        """A dry run with the explanation: what would be picked now, and why.
+
+        No admission, no in-flight record, no learning: asking does not change the answer.
+        """
+        res = self.resolve(req)
+        snapshot = self.datastore.snapshot()
+        if len(snapshot) == 0:
+            raise unavailable("no endpoints in the pool")
+        result = self.scheduler.schedule(
+            self._make_req(req, res), snapshot, self.candidates(req, snapshot),
+            explain=True, learn=False,
+        )
+        return RoutingDecision(endpoint=result.endpoint, model=req.model,
+                               target_model=res.target_model, priority=res.priority,
+                               explanation=getattr(result, "explanation", None))
 
     def finished(self, req: InferenceRequest, decision: RoutingDecision,
                  usage: Usage | None, error_code: ErrorCode | None = None) -> None:

@@ -595,9 +595,11 @@ class Scheduler:
         *,
         explain: bool = False,
         now: float | None = None,
+        learn: bool = True,
     ) -> SchedulingResult:
         """Choose an endpoint for `req` among `candidates` (snapshot indices; None = all).
 
+        `learn=False` is a dry run: the pick updates no prefix index and no in-flight count.
         Raises `EppError(ServiceUnavailable)` when no candidate remains.
         """
         t_start = time.perf_counter()
@@ -636,9 +638,10 @@ class Scheduler:
         index = res.indices[0]
         endpoint = snapshot.endpoints[index]
 
-        for p in self._post_pick.get(primary, ()):
-            p.post_pick(state, index)
-        if self.track_inflight:
+        if learn:
+            for p in self._post_pick.get(primary, ()):
+                p.post_pick(state, index)
+        if learn and self.track_inflight:
             self.inflight.started(req.request_id, endpoint.name, now)
 
         explanation = None

@@ -1,8 +1,9 @@
 """The Pick API (`epp.v1.Picker`): endpoint picking for gateways that cannot speak ext_proc.
 
-`Pick` answers with the endpoint a request should go to; `Explain` runs the same decision
-and also returns how it was made. Both go through the same routing callable as ext_proc
-(the director's `route`), so a pick here is a real routing decision. Protobuf stops in this
+`Pick` answers with the endpoint a request should go to: a real routing decision, as
+through ext_proc. `Explain` returns what would be picked now and how it was decided, as a
+dry run that changes nothing (the EPP wires `route(req, explain)` to the director's
+`route_detached` and `explain`). Protobuf stops in this
 module: the request becomes an `InferenceRequest`, the answer comes back as any object with
 `endpoint`, `target_model` and `explanation` (`RoutingDecisionLike`).
 """

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model", default=_D.model, help="base model name (default %(default)s)")
     a("--lora-modules", nargs="*", default=[], metavar="NAME=PATH",
       help="LoRA adapters known at start")
+    a("--enable-lora", action=argparse.BooleanOptionalAction, default=None,
+      help="serve LoRA adapters (default: on when --lora-modules is given)")
     a("--max-loras", type=int, default=_D.max_loras, help="GPU slots for adapters")
     a("--lora-load-time", type=float, default=_D.lora_load_time,
       help="seconds to swap an adapter into a slot (default %(default)s)")
@@ -76,7 +78,8 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
     """The replica configs the parsed flags describe (raises ConfigError)."""
     base = replace(
         _D, host=args.host, port=args.port, model=args.model,
-        lora_modules=parse_lora_modules(args.lora_modules), max_loras=args.max_loras,
+        lora_modules=parse_lora_modules(args.lora_modules), enable_lora=args.enable_lora,
+        max_loras=args.max_loras,
         lora_load_time=args.lora_load_time, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
         max_model_len=args.max_model_len, num_gpu_blocks=args.num_gpu_blocks,

@@ -37,6 +37,10 @@ class SimConfig:
     model: str = DEFAULT_MODEL
     lora_modules: Mapping[str, str] = field(default_factory=dict)
     """Adapters this server knows at start: name -> path (the path is only echoed)."""
+    enable_lora: bool | None = None
+    """Serve LoRA adapters (vLLM's --enable-lora). None: on when `lora_modules` is set.
+    Without it the page has no vllm:lora_requests_info, as on a real server, and
+    adapters cannot be loaded at runtime."""
     max_loras: int = 1
     """GPU slots for adapters; at most this many distinct adapters run in one batch."""
     lora_load_time: float = 0.1
@@ -67,6 +71,10 @@ class SimConfig:
     """Emit vllm:gpu_cache_usage_perc (older vLLM) instead of vllm:kv_cache_usage_perc."""
     engine_label: str = "0"
 
+    @property
+    def lora_enabled(self) -> bool:
+        return bool(self.lora_modules) if self.enable_lora is None else self.enable_lora
+
     def validate(self) -> SimConfig:
         """Raise ConfigError on settings that cannot describe a server; return self."""
         positive = ("max_loras", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
@@ -91,6 +99,8 @@ class SimConfig:
             raise ConfigError(f"{self.name}: step_time and prefill_time_per_token are both 0")
         if not self.model:
             raise ConfigError(f"{self.name}: model must be non-empty")
+        if self.lora_modules and self.enable_lora is False:
+            raise ConfigError(f"{self.name}: lora_modules given but enable_lora is false")
         if self.model in self.lora_modules:
             raise ConfigError(f"{self.name}: adapter name {self.model!r} equals the base model")
         return self
@@ -148,8 +158,8 @@ def apply_overrides(base: SimConfig, overrides: Mapping[str, Any], where: str) -
                 if isinstance(value, bool):
                     raise TypeError
                 changes[key] = float(value)
-            elif want == "bool":
-                if not isinstance(value, bool):
+            elif want in ("bool", "bool | None"):
+                if not isinstance(value, bool) and not (want != "bool" and value is None):
                     raise TypeError
                 changes[key] = value
             else:

@@ -132,9 +132,11 @@ class SimMetrics:
         }
         Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
               list(cache_labels), registry=r).labels(**cache_labels).set(1.0)
-        self.lora_info = Gauge(
-            "vllm:lora_requests_info", "Running stats on lora requests.",
-            ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=r)
+        self.lora_info: Gauge | None = None
+        if cfg.lora_enabled:  # vLLM registers this family only with --enable-lora
+            self.lora_info = Gauge(
+                "vllm:lora_requests_info", "Running stats on lora requests.",
+                ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=r)
         # Create every labelled child now, so the page lists all families from the start.
         for fam in (self.running, self.waiting, self.kv_usage, self.prefix_queries,
                     self.prefix_hits, self.preemptions, self.prompt_tokens,
@@ -152,6 +154,8 @@ class SimMetrics:
 
     def lora_changed(self) -> None:
         """Start a new lora_requests_info series when the adapter sets change."""
+        if self.lora_info is None:
+            return
         key = (str(self.cfg.max_loras), ",".join(self.engine.waiting_adapters()),
                ",".join(self.engine.running_adapters()))
         if key == self._lora_current:
@@ -209,7 +213,8 @@ class SimMetrics:
         self._sync(self.prompt_tokens, s.prompt_tokens)
         self._sync(self.generation_tokens, s.generation_tokens)
         self.lora_changed()
-        if self._lora_current is not None:  # vLLM refreshes the current set's time
+        if self.lora_info is not None and self._lora_current is not None:
+            # vLLM refreshes the current label set's time at every stats update
             self.lora_info.labels(*self._lora_current).set(wall_clock())
         return generate_latest(self.registry)
 

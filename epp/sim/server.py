@@ -98,9 +98,8 @@ class Replica:
             await self.engine.stop()
             raise
         self._runner = runner
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            self.port = server.sockets[0].getsockname()[1]
+        if runner.addresses:  # the bound port, which matters when port 0 was asked for
+            self.port = int(runner.addresses[0][1])
         log.info("sim %s listening on %s (model %s, adapters %s)", self.name, self.url,
                  self.cfg.model, sorted(self.adapters) or "none")
 
@@ -166,6 +165,8 @@ class Replica:
 
     async def _load_lora(self, request: web.Request) -> web.Response:
         body = await _json_object(request)
+        if not self.cfg.lora_enabled:
+            raise _bad("LoRA is not enabled on this server (start it with --enable-lora).")
         name, path = body.get("lora_name"), body.get("lora_path")
         if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
             raise _bad("Both 'lora_name' and 'lora_path' must be provided.")

@@ -25,6 +25,7 @@ def test_the_demo_fleet_has_two_adapter_pods_and_two_base_pods():
     with_adapters = [c for c in configs if c.lora_modules]
     assert len(with_adapters) == 2
     assert all(set(c.lora_modules) == {"food-review", "cad-fabricator"} for c in with_adapters)
+    assert [c.lora_enabled for c in configs] == [True, True, False, False]
     assert len({c.seed for c in configs}) == 4  # independent replicas
 
 

@@ -10,7 +10,11 @@ Known differences of llm-d-inference-sim v0.10.2 from real vLLM (we follow vLLM)
 - `vllm:lora_requests_info` values are printed with 9 significant digits
   (e.g. `1.79560646e+09`), i.e. 10-second resolution, so the old and the current
   adapter series often tie and "take the largest value" cannot tell them apart.
-  The assertions on its adapters below therefore only use what is unambiguous.
+  The assertions on its adapters below therefore only use what is unambiguous;
+- counters and histograms appear only after the first request (Go client vectors);
+- `vllm:request_success_total` is labelled `finish_reason` (vLLM: `finished_reason`), and
+  its max-tokens histogram is `vllm:max_num_generation_tokens` (vLLM:
+  `vllm:request_max_num_generation_tokens`).
 """
 
 from __future__ import annotations

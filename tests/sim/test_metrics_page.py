@@ -111,3 +111,16 @@ async def test_the_epps_own_parser_reads_the_page(start_sim: StartSim, http):
     assert (got.waiting, got.running, got.kv_usage) == (0.0, 0.0, 0.0)
     assert (got.block_size, got.num_gpu_blocks, got.max_lora) == (16, 512, 2)
     assert got.active_adapters == frozenset()
+
+
+async def test_without_lora_there_is_no_lora_info_and_no_runtime_loading(
+        start_sim: StartSim, http):
+    base_only = await start_sim()
+    fams = families(await page(http, base_only.urls[0]))
+    assert "vllm:lora_requests_info" not in fams  # as on vLLM started without --enable-lora
+    async with http.post(base_only.urls[0] + "/v1/load_lora_adapter",
+                         json={"lora_name": "food-review", "lora_path": "/f"}) as r:
+        assert r.status == 400
+    empty_slots = await start_sim(enable_lora=True, max_loras=4)
+    (s,) = families(await page(http, empty_slots.urls[0]))["vllm:lora_requests_info"].samples
+    assert s.labels["max_lora"] == "4"

@@ -1,0 +1,7 @@
+"""`python -m epp.sim` is `epp-sim`."""
+
+import sys
+
+from epp.sim.cli import main
+
+sys.exit(main())
