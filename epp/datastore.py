@@ -50,6 +50,9 @@ class EndpointMetrics:
     num_gpu_blocks: int = 0
     scraped_at: float = NAN  # time.monotonic() of the last good scrape
     last_error: str | None = None
+    models: frozenset[str] = frozenset()
+    """Base model names the server reports (vLLM's `model_name` label): requests for
+    these need no adapter there."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -75,6 +78,7 @@ class Snapshot:
     waiting_adapters: tuple[frozenset[str], ...]
     last_error: tuple[str | None, ...]
     staleness_threshold: float
+    models: tuple[frozenset[str], ...] = ()
 
     def __len__(self) -> int:
         return len(self.endpoints)
@@ -99,6 +103,7 @@ class Snapshot:
             num_gpu_blocks=int(self.num_gpu_blocks[i]),
             scraped_at=float(self.scraped_at[i]),
             last_error=self.last_error[i],
+            models=self.models[i] if self.models else frozenset(),
         )
 
 
@@ -207,4 +212,5 @@ class Datastore:
             waiting_adapters=tuple(m.waiting_adapters for m in ms),
             last_error=tuple(m.last_error for m in ms),
             staleness_threshold=self.staleness_threshold,
+            models=tuple(m.models for m in ms),
         )

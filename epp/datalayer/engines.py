@@ -148,6 +148,7 @@ class EngineConfig:
 
         missing = []
         values: list[float] = []
+        models: frozenset[str] = frozenset()
         for what, specs, agg in (
             ("queued", self.queued, math.fsum),
             ("running", self.running, math.fsum),
@@ -161,6 +162,8 @@ class EngineConfig:
                 missing.append(str(specs[0]))
                 values.append(math.nan)
                 continue
+            if what == "queued":
+                models = frozenset(m for m in (x.labels.get("model_name") for x in got) if m)
             vals = [s.value for s in got]
             if any(math.isnan(v) for v in vals):
                 raise MetricsError("invalid_value", f"{what} is NaN")
@@ -212,6 +215,7 @@ class EngineConfig:
             num_gpu_blocks=num_blocks,
             scraped_at=scraped_at,
             last_error=None,
+            models=models,
         )
 
 

@@ -148,6 +148,9 @@ def _adapter_counts(s: Snapshot) -> tuple[np.ndarray, bool]:
 def lora_scores(s: Snapshot, model: str, counts: tuple[np.ndarray, bool] | None = None) -> np.ndarray:
     """Per endpoint: 1.0 adapter active, 0.8 room to load it, 0.6 waiting there, else 0.
 
+    An endpoint whose server reports `model` as its base model scores 1.0: it needs no
+    adapter for it. (So base-model requests are not confined to LoRA-enabled endpoints.)
+
     Built once per snapshot and model with C-level iteration (map/operator.contains), and
     without any per-endpoint work when no endpoint reports an adapter (the common case).
     """
@@ -160,6 +163,8 @@ def lora_scores(s: Snapshot, model: str, counts: tuple[np.ndarray, bool] | None 
         waiting = np.fromiter(map(_contains, s.waiting_adapters, repeat(model, n)), np.bool_, n)
         out[waiting & ~(loaded < s.max_lora)] = 0.6
         out[active] = 1.0
+    if s.models and any(s.models):
+        out[np.fromiter(map(_contains, s.models, repeat(model, n)), np.bool_, n)] = 1.0
     return out
 
 
@@ -173,6 +178,7 @@ def _same_adapters(old: Snapshot, new: Snapshot) -> bool:
         old.active_adapters == new.active_adapters
         and old.waiting_adapters == new.waiting_adapters
         and old.max_lora.tobytes() == new.max_lora.tobytes()
+        and old.models == new.models
     )
 
 
