@@ -3,29 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import re
 from dataclasses import dataclass, field
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
+from epp import units
 
 def parse_duration(text: str) -> float:
     """Go-style durations (`50ms`, `2s`, `1m30s`) or plain seconds, as seconds."""
-    t = text.strip()
     try:
-        return float(t)
+        return units.parse_duration(float(text) if _is_number(text) else text, "duration")
     except ValueError:
-        pass
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(t):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNIT[m.group(2)]
-        pos = m.end()
-    if pos != len(t) or not t:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 50ms, 2s, 1m)")
-    return total
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (examples: 50ms, 2s, 1m)") from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_bool(text: str | bool) -> bool:
