@@ -1,0 +1,23 @@
+"""The README's examples work as written."""
+
+from __future__ import annotations
+
+import re
+
+from epp.config import load_config
+from epp.settings import build_parser
+from tests.support import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_config_example_loads() -> None:
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", README, re.S) if "EndpointPickerConfig" in b]
+    cfg = load_config(block)
+    assert "flowControl" in cfg.feature_gates
+
+
+def test_every_flag_in_the_table_exists() -> None:
+    known = {o for a in build_parser()._actions for o in a.option_strings}
+    for row in re.findall(r"^\| `(--[a-z-]+)`", README, re.M):
+        assert row in known, row
