@@ -19,23 +19,23 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from epp import observability as obs
+from epp.config import load_config, load_config_file
 from epp.datalayer.engines import EngineRegistry
 from epp.datalayer.poolmetrics import PoolMetricsRefresher
 from epp.datalayer.scraper import Scraper
-from epp.config import load_config, load_config_file
 from epp.datastore import Datastore
+from epp.director import Director
 from epp.flowcontrol.admission import DirectorAdmission, admission_from_config
 from epp.flowcontrol.saturation import detector_from_config
-from epp.manifests import ObjectivesFileWatcher
-from epp.scheduling import Scheduler, SchedulingRequest
-from epp.server.pick_api import SERVICE_NAME as PICK_SERVICE_NAME
-from epp.server.pick_api import add_to_server as add_pick_api
-from epp.director import Director
 from epp.k8s import KubernetesSource, kubernetes_settings
+from epp.manifests import ObjectivesFileWatcher
 from epp.objectives import ObjectiveStore
+from epp.scheduling import Scheduler, SchedulingRequest
 from epp.server import tls
 from epp.server.extproc import ExtProcServicer
 from epp.server.health import HealthService
+from epp.server.pick_api import SERVICE_NAME as PICK_SERVICE_NAME
+from epp.server.pick_api import add_to_server as add_pick_api
 from epp.settings import Settings
 from epp.sources import EndpointsFileSource, parse_endpoint_list
 
@@ -111,8 +111,14 @@ class EppApp:
         if self.k8s is not None:
             # Ready only after the first full sync and, with HA, only on the leader.
             loop = asyncio.get_running_loop()
-            self.k8s.add_readiness_listener(
-                lambda ok: loop.create_task(self.health.set_ready(ok)))
+            pending: set[asyncio.Task[None]] = set()
+
+            def on_readiness(ok: bool) -> None:
+                t = loop.create_task(self.health.set_ready(ok))
+                pending.add(t)
+                t.add_done_callback(pending.discard)
+
+            self.k8s.add_readiness_listener(on_readiness)
             await self.health.set_ready(self.k8s.serving)
         else:
             await self.health.set_ready(True)
