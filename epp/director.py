@@ -19,6 +19,7 @@ from epp import observability as obs
 from epp.datastore import Datastore, Endpoint, Snapshot
 from epp.errors import EppError, ErrorCode, unavailable
 from epp.request import InferenceRequest, Usage, with_model
+from epp.scheduling.framework import SchedulingRequest
 
 log = logging.getLogger(__name__)
 
@@ -68,34 +69,30 @@ class RoutingDecision:
         return self.endpoint.hostport
 
 
-class LeastRecentlyPicked:
-    """Stand-in scheduler: rotate through candidates, least recently picked first.
-
-    Used only when no load-aware scheduler is configured; it ignores metrics.
-    """
-
-    def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-        self._tick = 0.0
-
-    def schedule(self, req: Any, snapshot: Snapshot, candidates: np.ndarray | None = None,
-                 *, explain: bool = False, learn: bool = True) -> Any:
-        idx = range(len(snapshot)) if candidates is None else candidates.tolist()
-        best = min(idx, key=lambda i: self._last.get(snapshot.endpoints[i].name, -1.0),
-                   default=None)
-        if best is None:
-            raise unavailable("no endpoints available")
-        if learn:
-            self._tick += 1
-            self._last[snapshot.endpoints[best].name] = self._tick
-        return _PlainResult(snapshot.endpoints[best], best)
-
-
 @dataclass(slots=True)
-class _PlainResult:
-    endpoint: Endpoint
-    index: int
-    explanation: Any = None
+class _ObjectiveMetrics:
+    """Label children of one (model, target model, priority), looked up once."""
+
+    total: Any
+    size: Any
+    running: Any
+    duration: Any
+    input_tokens: Any
+    output_tokens: Any
+
+    @classmethod
+    def of(cls, model: str, target: str, priority: int) -> "_ObjectiveMetrics":
+        return cls(
+            obs.REQUEST_TOTAL.labels(model, target, str(priority)),
+            obs.REQUEST_SIZES.labels(model, target),
+            obs.RUNNING_REQUESTS.labels(model),
+            obs.REQUEST_DURATION.labels(model, target),
+            obs.INPUT_TOKENS.labels(model, target),
+            obs.OUTPUT_TOKENS.labels(model, target),
+        )
+
+
+_METRICS_CACHE_LIMIT = 4096
 
 
 class Director:
@@ -104,21 +101,29 @@ class Director:
     def __init__(
         self,
         datastore: Datastore,
-        scheduler: SchedulerLike | None = None,
+        scheduler: SchedulerLike,
         *,
         resolver: Resolver | None = None,
         admission: Admission | None = None,
         inflight: Any = None,
-        make_scheduling_request: Any = None,
         rng: random.Random | None = None,
     ) -> None:
         self.datastore = datastore
-        self.scheduler = scheduler or LeastRecentlyPicked()
+        self.scheduler = scheduler
         self.resolver = resolver
         self.admission = admission
         self.inflight = inflight
-        self._make_req = make_scheduling_request or (lambda req, res: req)
         self._rng = rng or random.Random()
+        self._metrics: dict[tuple[str, str, int], _ObjectiveMetrics] = {}
+
+    def _metrics_for(self, model: str, target: str, priority: int) -> _ObjectiveMetrics:
+        key = (model, target, priority)
+        m = self._metrics.get(key)
+        if m is None:
+            if len(self._metrics) >= _METRICS_CACHE_LIMIT:
+                self._metrics.clear()  # many distinct model names: stay bounded
+            m = self._metrics[key] = _ObjectiveMetrics.of(model, target, priority)
+        return m
 
     def resolve(self, req: InferenceRequest) -> Resolution:
         model = req.model
@@ -141,7 +146,8 @@ class Director:
         """Choose an endpoint for `req`, or raise `EppError`."""
         res = self.resolve(req)
         model = req.model
-        obs.REQUEST_TOTAL.labels(model, res.target_model, str(res.priority)).inc()
+        metrics = self._metrics_for(model, res.target_model, res.priority)
+        metrics.total.inc()
         try:
             snapshot = self.datastore.snapshot()
             if len(snapshot) == 0:
@@ -156,7 +162,7 @@ class Director:
                     cands = self.candidates(req, snapshot)
                 t0 = time.perf_counter()
                 result = self.scheduler.schedule(
-                    self._make_req(req, res), snapshot, cands, explain=explain
+                    SchedulingRequest.from_inference(req, res.target_model, res.priority), snapshot, cands, explain=explain
                 )
                 obs.SCHEDULER_E2E_DURATION.observe(time.perf_counter() - t0)
             except BaseException:
@@ -181,9 +187,9 @@ class Director:
         )
         if self.inflight is not None:
             self.inflight.started(req.request_id, result.endpoint.name, time.monotonic())
-        obs.RUNNING_REQUESTS.labels(model).inc()
+        metrics.running.inc()
         if req.parsed is not None:
-            obs.REQUEST_SIZES.labels(model, res.target_model).observe(len(req.body))
+            metrics.size.observe(len(req.body))
         return decision
 
     async def route_detached(self, req: InferenceRequest) -> RoutingDecision:
@@ -195,7 +201,7 @@ class Director:
         """
         decision = await self.route(req)
         _release(decision.admission_ticket)
-        obs.RUNNING_REQUESTS.labels(decision.model).dec()
+        self._metrics_for(decision.model, decision.target_model, decision.priority).running.dec()
         return decision
 
     def explain(self, req: InferenceRequest) -> RoutingDecision:
@@ -208,7 +214,7 @@ class Director:
         if len(snapshot) == 0:
             raise unavailable("no endpoints in the pool")
         result = self.scheduler.schedule(
-            self._make_req(req, res), snapshot, self.candidates(req, snapshot),
+            SchedulingRequest.from_inference(req, res.target_model, res.priority), snapshot, self.candidates(req, snapshot),
             explain=True, learn=False,
         )
         return RoutingDecision(endpoint=result.endpoint, model=req.model,
@@ -222,11 +228,12 @@ class Director:
             self.inflight.finished(req.request_id)
         _release(decision.admission_ticket)
         m, t = decision.model, decision.target_model
-        obs.RUNNING_REQUESTS.labels(m).dec()
-        obs.REQUEST_DURATION.labels(m, t).observe(time.monotonic() - decision.started_at)
+        metrics = self._metrics_for(m, t, decision.priority)
+        metrics.running.dec()
+        metrics.duration.observe(time.monotonic() - decision.started_at)
         if usage is not None:
-            obs.INPUT_TOKENS.labels(m, t).observe(usage.prompt_tokens)
-            obs.OUTPUT_TOKENS.labels(m, t).observe(usage.completion_tokens)
+            metrics.input_tokens.observe(usage.prompt_tokens)
+            metrics.output_tokens.observe(usage.completion_tokens)
         if error_code is not None:
             obs.REQUEST_ERROR_TOTAL.labels(m, t, error_code.name).inc()
 

@@ -49,3 +49,14 @@ def test_reflection_lists_the_services(epp: EppProcess) -> None:
     (resp,) = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
     names = {s.name for s in resp.list_services_response.service}
     assert {"envoy.service.ext_proc.v3.ExternalProcessor", "epp.v1.Picker"} <= names
+
+
+@pytest.mark.parametrize("symbol", ["envoy.service.ext_proc.v3.ExternalProcessor.Process",
+                                    "epp.v1.Picker.Pick", "epp.v1.Picker"])
+def test_reflection_resolves_methods_as_ghz_asks_for_them(epp: EppProcess, symbol: str) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    db = ProtoReflectionDescriptorDatabase(grpc.insecure_channel(f"127.0.0.1:{epp.grpc_port}"))
+    assert db.FindFileContainingSymbol(symbol).name.endswith(".proto")

@@ -14,10 +14,12 @@ from typing import Any, AsyncIterator, Callable
 
 import pytest
 
+from epp.config import load_config
 from epp.datastore import Datastore
 from epp.k8s import KubernetesSettings, KubernetesSource
 from epp.k8s.settings import GROUP_X
 from epp.objectives import ObjectiveStore
+from epp.scheduling import Scheduler
 from tests.k8s import cluster as k
 from tests.k8s.conftest import POOL, CuttableProxy, Kubelet, eventually, sa_token
 
@@ -285,7 +287,7 @@ async def test_readiness_waits_for_the_pool_and_priority_reaches_the_next_reques
 
         kubelet.start("d-0", "10.0.6.1")
         await eventually(lambda: len(ds.endpoints()) == 1, what="one endpoint")
-        director = Director(ds, resolver=store)
+        director = Director(ds, Scheduler.from_config(load_config(None)), resolver=store)
         body = b'{"model": "llama3", "prompt": "hi"}'
 
         def request(i: int) -> InferenceRequest:

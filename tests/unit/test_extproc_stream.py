@@ -13,8 +13,10 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
+from epp.config import load_config
 from epp.datastore import Datastore, Endpoint
 from epp.director import Director, Resolution
+from epp.scheduling import Scheduler
 from epp.server.extproc import ExtProcServicer
 
 Mode = pm.ProcessingMode
@@ -66,7 +68,7 @@ class Rewriter:
 async def stub() -> AsyncIterator[tuple[ep_grpc.ExternalProcessorStub, Recorder, grpc.aio.Channel]]:
     ds = Datastore()
     ds.set_endpoints([Endpoint("a", "10.0.0.1", 8000), Endpoint("b", "10.0.0.2", 8000)])
-    director = Recorder(ds, resolver=Rewriter())
+    director = Recorder(ds, Scheduler.from_config(load_config(None)), resolver=Rewriter())
     server = grpc.aio.server()
     ep_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(director, max_body_bytes=1000), server)
     port = server.add_insecure_port("127.0.0.1:0")

@@ -269,19 +269,15 @@ schedulingProfiles:
 
 
 async def test_wired_into_the_director() -> None:
-    # The wiring the lead's director expects (epp/director.py is another engineer's): the
-    # director reports started/finished itself, so the scheduler does not track in-flight.
+    # As the EPP wires it: the director reports started/finished itself, so the scheduler
+    # does not track in-flight.
 
     t = time.monotonic()  # the director schedules at the real time
     ds = pool({"a": dict(waiting=3, kv_usage=0.5, scraped_at=t),
                "b": dict(waiting=0, kv_usage=0.1, scraped_at=t)})
     s = default_scheduler(track_inflight=False, e2e_metric=False)
     s.attach(ds)
-    director = Director(
-        ds, s, inflight=s.inflight,
-        make_scheduling_request=lambda req, res: SchedulingRequest.from_inference(
-            req, res.target_model, res.priority),
-    )
+    director = Director(ds, s, inflight=s.inflight)
     body = b'{"model": "m", "prompt": "hello"}'
     req = InferenceRequest("d1", "/v1/completions", body=body,
                            parsed=parse_body("/v1/completions", body))
