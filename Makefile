@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-k8s demo bench bench-full protos lint clean
+TOOLS := $(HOME)/.cache/epp-tools/bin
+GHZ_VERSION := v0.120.0
+
+.PHONY: venv test test-k8s demo bench bench-full bench-tools protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +26,16 @@ test-k8s: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m epp.demo
 
-bench: $(STAMP)
+# Load generators: ghz from the Go module proxy, wrk and h2load from Debian's packages.
+bench-tools:
+	@command -v wrk >/dev/null && command -v h2load >/dev/null || \
+		(apt-get update -q && apt-get install -y -q wrk nghttp2-client)
+	@test -x $(TOOLS)/ghz || GOBIN=$(TOOLS) go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
+
+bench: $(STAMP) bench-tools
 	$(PY) -m benchmarks.run --quick
 
-bench-full: $(STAMP)
+bench-full: $(STAMP) bench-tools
 	$(PY) -m benchmarks.run --full
 
 protos: $(STAMP)
