@@ -1,0 +1,240 @@
+"""Routing quality: the EPP's profiles against round-robin and random, on a simulated fleet.
+
+For each strategy and offered load, a fresh stack is started (8 simulated vLLM pods, the
+EPP when the strategy uses it, Envoy in front), a Poisson schedule of requests is
+replayed through Envoy with streaming responses, and TTFT / latency / throughput are
+measured by the client; prefix-cache hit rate comes from the pods' /metrics, adapter
+swaps from the simulator's engine counters. Times are in *simulated* seconds: the
+simulator runs `--time-scale` x faster than the wall clock and the client's wall
+timings are multiplied back.
+
+    .venv/bin/python benchmarks/bench_routing.py --quick          # CI: ~1 min
+    .venv/bin/python benchmarks/bench_routing.py                  # the report's sweep
+
+Results: JSON in benchmarks/results/routing-<time>.json, PNG plots next to it, markdown
+tables on stdout (copy them into benchmarks/RESULTS.md, "## Routing quality").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.routing.client import replay
+from benchmarks.routing.report import markdown_table, median_of, plot, summarize
+from benchmarks.routing.stack import STRATEGIES, Stack, machine_busy
+from benchmarks.routing.workload import (
+    LoraShape,
+    Request,
+    SharedPrefixShape,
+    lora_schedule,
+    shared_prefix_schedule,
+)
+from epp.sim.config import SimConfig
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+# One 8B model on a 24 GB-class GPU (L4 / A10G): ~6 GB left for KV = 2,048 blocks of 16
+# tokens (32k tokens), prefill ~5k tokens/s, a decode step of ~25 ms plus per-sequence
+# and per-context-token costs. Small enough that a fleet-wide prefix working set does
+# not fit one pod but does fit when split across the 8.
+GPU = SimConfig(
+    model=MODEL, port=0, num_gpu_blocks=2048, block_size=16, max_num_seqs=128,
+    max_num_batched_tokens=2048, max_model_len=8192, step_time=0.025,
+    prefill_time_per_token=0.0002, decode_time_per_seq=0.0003,
+    decode_time_per_kv_token=2e-7, max_waiting=100_000)
+
+
+def fleet(time_scale: float, replicas: int = 8, lora: LoraShape | None = None,
+          max_loras: int = 2) -> list[SimConfig]:
+    base = replace(GPU, time_scale=time_scale)
+    if lora is not None:
+        base = replace(base, lora_modules={a: f"/adapters/{a}" for a in lora.adapters},
+                       max_loras=max_loras, lora_load_time=0.1)
+    return [replace(base, name=f"sim-{i}", seed=i).validate() for i in range(replicas)]
+
+
+def scaled(schedule: list[Request], time_scale: float) -> list[Request]:
+    return [replace(r, at=r.at / time_scale) for r in schedule]
+
+
+def run_point(strategy: str, sims: list[SimConfig], schedule: list[Request],
+              time_scale: float, refresh: float = 0.05) -> dict[str, Any]:
+    """One replay against a fresh stack; all times in simulated seconds."""
+    stack = Stack(STRATEGIES[strategy], sims, refresh_interval=refresh)
+    try:
+        time.sleep(0.5)  # a few scrapes before traffic
+        q0, h0 = stack.fleet.prefix_counters()
+        s0 = stack.fleet.stats()
+        cpu0, busy0, wall0 = stack.cpu(), machine_busy(), time.perf_counter()
+        results, _ = asyncio.run(replay(stack.url, scaled(schedule, time_scale),
+                                           timeout=600 / time_scale))
+        cpu1, busy1, wall1 = stack.cpu(), machine_busy(), time.perf_counter()
+        q1, h1 = stack.fleet.prefix_counters()
+        s1 = stack.fleet.stats()
+    finally:
+        stack.stop()
+    out = summarize(results, time_scale)
+    out["prefix_hit_rate"] = (h1 - h0) / (q1 - q0) if q1 > q0 else None
+    out["adapter_swaps"] = sum(b["lora_loads"] - a["lora_loads"] for a, b in zip(s0, s1))
+    out["preemptions"] = sum(b["preemptions"] - a["preemptions"] for a, b in zip(s0, s1))
+    dt = wall1 - wall0
+    out["wall_s"] = dt
+    out["cpu_cores"] = {k: round((cpu1[k] - cpu0[k]) / dt, 3) for k in cpu0}
+    out["machine_busy"] = round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]), 3)
+    return out
+
+
+def run_sweep(shape_name: str, strategies: list[str], qps_list: list[float], count: int,
+              repeat: int, time_scale: float, seed: int, log: Any,
+              min_count: int = 80, refresh: float = 0.05) -> list[dict[str, Any]]:
+    """Every strategy at every load; `count` requests per run, fewer at light loads
+    (about 10 simulated seconds of arrivals, at least `min_count`)."""
+    points = []
+    lora = LoraShape() if shape_name == "lora" else None
+    sims = fleet(time_scale, lora=lora)
+    for qps in qps_list:
+        n = min(count, max(min_count, int(qps * 10)))
+        for name in strategies:
+            runs = []
+            for rep in range(repeat):
+                if lora is not None:
+                    sched = lora_schedule(lora, qps, n, seed=seed + rep)
+                else:
+                    sched = shared_prefix_schedule(SharedPrefixShape(), qps, n, seed=seed + rep,
+                                                   model=MODEL)
+                r = run_point(name, sims, sched, time_scale, refresh)
+                runs.append(r)
+                log(f"{shape_name} {name:>20} qps={qps:<5g} rep={rep} "
+                    f"ttft p50/p90={_s(r['ttft_p50'])}/{_s(r['ttft_p90'])} "
+                    f"tok/s={_s(r['output_tok_s'])} hit={_s(r['prefix_hit_rate'])} "
+                    f"swaps={r['adapter_swaps']} err={r['errors']} wall={r['wall_s']:.1f}s "
+                    f"cpu={r['cpu_cores']} busy={r['machine_busy']} "
+                    f"lag99={r['client_lag_p99_ms']:.0f}ms")
+            point: dict[str, Any] = {"shape": shape_name, "strategy": name, "qps": qps,
+                                     "requests": n, "runs": runs}
+            for key in ("ttft_p50", "ttft_p90", "ttft_p99", "e2e_p50", "e2e_p90",
+                        "output_tok_s", "prefix_hit_rate", "adapter_swaps", "errors",
+                        "machine_busy"):
+                point[key] = median_of(runs, key)
+            points.append(point)
+    return points
+
+
+def _s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def verdict(points: list[dict[str, Any]]) -> list[str]:
+    """The issue's target, evaluated on the shared-prefix sweep."""
+    rr = sorted((p for p in points if p["strategy"] == "round-robin"), key=lambda p: p["qps"])
+    if len(rr) < 2 or rr[0]["ttft_p90"] is None:
+        return ["target: needs round-robin at two or more loads"]
+    light = rr[0]["ttft_p90"]
+    heavy = [p for p in rr if p["ttft_p90"] is not None and p["ttft_p90"] > 10 * light]
+    if not heavy:
+        return [(f"target: round-robin p90 TTFT never exceeded 10x its light-load value "
+                 f"({light:.3f} s); raise the QPS range")]
+    at = max(heavy, key=lambda p: p["qps"])
+    lines = [(f"target evaluated at QPS {at['qps']:g}: round-robin p90 TTFT "
+              f"{at['ttft_p90']:.3f} s (light load {light:.3f} s, "
+              f"x{at['ttft_p90'] / light:.0f}), {at['output_tok_s']:.0f} output tok/s")]
+    for p in points:
+        if p["qps"] != at["qps"] or p["strategy"] in ("round-robin", "random"):
+            continue
+        if p["ttft_p90"] is None or p["output_tok_s"] is None:
+            continue
+        t_ratio = at["ttft_p90"] / p["ttft_p90"]
+        x_ratio = p["output_tok_s"] / at["output_tok_s"]
+        ok = t_ratio >= 5 and x_ratio >= 1.5
+        lines.append(f"  {p['strategy']}: p90 TTFT {p['ttft_p90']:.3f} s ({t_ratio:.1f}x lower; "
+                     f"want >= 5), throughput {x_ratio:.2f}x (want >= 1.5): "
+                     f"{'MET' if ok else 'not met'}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="CI size: shared prefix only, round-robin vs default, 2 loads")
+    ap.add_argument("--shapes", nargs="+", default=["shared-prefix", "lora"],
+                    choices=["shared-prefix", "lora"])
+    ap.add_argument("--strategies", nargs="+", choices=sorted(STRATEGIES))
+    ap.add_argument("--qps", type=float, nargs="+", help="offered loads, simulated req/s")
+    ap.add_argument("--lora-qps", type=float, nargs="+")
+    ap.add_argument("--requests", type=int,
+                    help="requests per run at high load (default 400, LoRA 300; quick 100)")
+    ap.add_argument("--repeat", type=int, help="runs per point, medians (default 3; quick 1)")
+    ap.add_argument("--time-scale", type=float, default=1.0,
+                    help="simulated seconds per wall second (default %(default)s)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--refresh-interval", type=float, default=0.05,
+                    help="EPP metrics scrape interval, wall seconds (default %(default)s)")
+    ap.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/)")
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+
+    quick = args.quick
+    sp_strategies = args.strategies or (
+        ["round-robin", "default"] if quick else
+        ["round-robin", "random", "queue+kv", "default", "prefix-heavy", "default-no-inflight"])
+    # Prefix weight and the in-flight ablation are shared-prefix questions.
+    lora_strategies = args.strategies or (
+        ["round-robin", "default"] if quick else ["round-robin", "random", "queue+kv", "default"])
+    shapes = ["shared-prefix"] if quick and args.shapes == ["shared-prefix", "lora"] else args.shapes
+    qps = args.qps or ([4, 40] if quick else [4, 16, 32, 48, 64])
+    lora_qps = args.lora_qps or ([8, 24] if quick else [8, 16, 24])
+    sp_count = args.requests or (100 if quick else 400)
+    lora_count = args.requests or (100 if quick else 300)
+    min_count = 40 if quick else 80
+    repeat = args.repeat or (1 if quick else 3)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out = args.out or ROOT / "benchmarks" / "results" / f"routing-{stamp}.json"
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    doc: dict[str, Any] = {
+        "command": "benchmarks/bench_routing.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "time_scale": args.time_scale, "refresh_interval": args.refresh_interval,
+        "sim": asdict(GPU) | {"lora_modules": {}},
+        "shared_prefix_shape": asdict(SharedPrefixShape()), "lora_shape": asdict(LoraShape()),
+        "strategies": {s: STRATEGIES[s].note for s in dict.fromkeys(sp_strategies + lora_strategies)},
+        "sweeps": {}}
+    t0 = time.perf_counter()
+    for shape in shapes:
+        sp = shape == "shared-prefix"
+        count = sp_count if sp else lora_count
+        points = run_sweep(shape, sp_strategies if sp else lora_strategies,
+                           qps if sp else lora_qps, count, repeat, args.time_scale, args.seed,
+                           log, min_count, args.refresh_interval)
+        doc["sweeps"][shape] = points
+        print(f"\n### {shape}\n")
+        print(markdown_table(points))
+        if shape == "shared-prefix":
+            doc["verdict"] = verdict(points)
+            print("\n" + "\n".join(doc["verdict"]))
+        if not args.no_plot:
+            png = out.with_name(out.stem + f"-{shape}.png")
+            plot(points, png, f"{shape}: 8 simulated pods through Envoy "
+                              f"({count}+ requests per point, median of {repeat})")
+            print(f"\nplot: {png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}")
+    doc["wall_s"] = time.perf_counter() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1, default=str))
+    print(f"results: {out}  ({doc['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
