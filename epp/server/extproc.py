@@ -248,8 +248,8 @@ class _Stream:
         metadata = _lb_metadata(decision.hostport)
         common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
 
-        if not body:
-            # No body: the headers reply carries everything.
+        if self.body_msgs == 0:
+            # Routed on the headers alone: the headers reply carries everything.
             return [ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common),
                                           dynamic_metadata=metadata)]
         if self.modes.request_body == Mode.FULL_DUPLEX_STREAMED:

@@ -134,3 +134,16 @@ def test_request_id_is_generated_when_missing(envoy: EnvoyProcess, fleet: Upstre
     r = post_json(envoy.url + "/v1/completions", COMPLETION)
     upstream = fleet.by_name(served_by(fleet, r))
     assert upstream.requests[-1]["headers"].get("x-request-id")
+
+
+def test_chunked_request_with_an_empty_body(envoy: EnvoyProcess, fleet: UpstreamFleet) -> None:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", envoy.port, timeout=15)
+    conn.putrequest("GET", "/v1/models")
+    conn.putheader("transfer-encoding", "chunked")
+    conn.endheaders()
+    conn.send(b"0\r\n\r\n")
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert json.loads(resp.read())["served_by"] == "u1"

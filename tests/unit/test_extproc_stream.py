@@ -140,6 +140,18 @@ async def test_streamed_mode_answers_every_chunk(stub) -> None:
     assert out[2].request_body.response.body_mutation.clear_body
 
 
+async def test_empty_chunked_body_is_answered_in_the_body_phase(stub) -> None:
+    # `transfer-encoding: chunked` with no data: headers without end_of_stream, then an
+    # empty body with it. Envoy expects the answer where it asked the question.
+    s, _, _ = stub
+    h, b = await exchange(s, [with_mode(headers("/v1/models"), Mode.FULL_DUPLEX_STREAMED), chunk(b"", True)], 2)
+    assert set_headers(h.request_headers.response.header_mutation)["x-gateway-destination-endpoint"]
+    assert b.request_body.response.body_mutation.streamed_response.end_of_stream
+    h, b = await exchange(s, [with_mode(headers("/v1/models"), Mode.BUFFERED), chunk(b"", True)], 2)
+    assert h.HasField("request_headers") and b.HasField("request_body")
+    assert set_headers(b.request_body.response.header_mutation)["x-gateway-destination-endpoint"]
+
+
 async def test_bad_json_is_an_immediate_400(stub) -> None:
     s, _, _ = stub
     (r,) = await exchange(s, [with_mode(headers(), Mode.FULL_DUPLEX_STREAMED), chunk(b"{nope", True)], 1)
