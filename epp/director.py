@@ -222,9 +222,14 @@ class Director:
                                explanation=getattr(result, "explanation", None))
 
     def finished(self, req: InferenceRequest, decision: RoutingDecision,
-                 usage: Usage | None, error_code: ErrorCode | None = None) -> None:
-        """Called once per routed request when its response ended or its stream closed."""
-        if self.inflight is not None:
+                 usage: Usage | None, error_code: ErrorCode | None = None,
+                 detached: bool = False) -> None:
+        """Called once per routed request when its response ended or its stream closed.
+
+        `detached`: the end of the request was not seen (no response came through the
+        EPP); its in-flight record then stays until the endpoint's next scrape covers it.
+        """
+        if self.inflight is not None and not detached:
             self.inflight.finished(req.request_id)
         _release(decision.admission_ticket)
         m, t = decision.model, decision.target_model

@@ -117,7 +117,7 @@ class _Stream:
     __slots__ = (
         "director", "max_body", "modes", "req", "request_id", "generated_id", "chunks",
         "body_len", "decision", "done", "finished", "resp_tail", "resp_len", "carry",
-        "restore", "saw_headers", "body_msgs",
+        "restore", "saw_headers", "body_msgs", "saw_response",
     )
 
     def __init__(self, director: Director, max_body: int) -> None:
@@ -138,6 +138,7 @@ class _Stream:
         self.restore: tuple[bytes, bytes] | None = None
         self.saw_headers = False
         self.body_msgs = 0
+        self.saw_response = False
 
     async def handle(self, msg: ep.ProcessingRequest) -> list[ep.ProcessingResponse]:
         kind = msg.WhichOneof("request")
@@ -289,6 +290,7 @@ class _Stream:
     def _on_response_headers(self, msg: ep.HttpHeaders) -> list[ep.ProcessingResponse]:
         # A response before a routing decision is Envoy's own local reply (for example its
         # 413 for a body over its buffer limit): pass it through untouched.
+        self.saw_response = True
         common = ep.CommonResponse()
         if self.restore is not None and self.modes.response_body != Mode.NONE:
             # The body may change length when the model name is restored.
@@ -333,17 +335,22 @@ class _Stream:
 
     # -- end -----------------------------------------------------------------------
 
-    def _finish(self, usage: Usage | None) -> None:
+    def _finish(self, usage: Usage | None, detached: bool = False) -> None:
         if self.decision is not None and not self.finished and self.req is not None:
             self.finished = True
             try:
-                self.director.finished(self.req, self.decision, usage)
+                self.director.finished(self.req, self.decision, usage, detached=detached)
             except Exception:
                 log.exception("request %s: finishing bookkeeping failed", self.request_id)
 
     def close(self) -> None:
-        """The stream ended (normally, by error or by cancellation)."""
-        self._finish(None)
+        """The stream ended (normally, by error or by cancellation).
+
+        Closed before any response came through: Envoy does not send responses here
+        (`--process-response=false`) or the request was abandoned. Either way the model
+        server may still be working on it, so it stays counted in flight until the
+        endpoint's next scrape."""
+        self._finish(None, detached=not self.saw_response)
 
 
 # -- message builders --------------------------------------------------------------

@@ -53,10 +53,12 @@ class Recorder(Director):
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self.usages: list[Any] = []
+        self.detached: list[bool] = []
 
-    def finished(self, req, decision, usage, error_code=None) -> None:  # type: ignore[override]
+    def finished(self, req, decision, usage, error_code=None, detached=False) -> None:  # type: ignore[override]
         self.usages.append(usage)
-        super().finished(req, decision, usage, error_code)
+        self.detached.append(detached)
+        super().finished(req, decision, usage, error_code, detached)
 
 
 class Rewriter:
@@ -181,6 +183,7 @@ async def test_response_usage_is_read_and_the_model_name_restored(stub) -> None:
     assert echoed == sse.replace(b"food-review-v2", b"food-review")
     await asyncio.sleep(0.05)
     assert director.usages[-1].completion_tokens == 2
+    assert director.detached[-1] is False
 
 
 @pytest.mark.parametrize("msgs", [
@@ -229,3 +232,5 @@ async def test_cancelled_stream_finishes_its_request(stub) -> None:
             break
         await asyncio.sleep(0.02)
     assert director.usages == [None]
+    # No response came through: the model server may still be working on it.
+    assert director.detached == [True]
