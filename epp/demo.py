@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
     py = sys.executable
     stack = Stack(logdir)
+    clean = False
     try:
         print(f"demo: logs in {logdir}")
         print(f"demo: starting {n} simulated vLLM pods ({BASE_MODEL}; pods 0-1 serve LoRA "
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    -> {status} served by {pod}: {text!r}")
             print(f"    why (EPP Explain, just before sending):\n{why}\n")
         if args.once:
+            clean = not failures
             return 1 if failures else 0
         print("demo: running. Try it yourself:")
         print(f"  curl {url}/v1/completions -H 'content-type: application/json' \\")
@@ -241,9 +243,14 @@ def main(argv: list[str] | None = None) -> int:
             stack.check()
     except KeyboardInterrupt:
         print("\ndemo: stopping")
+        clean = True
         return 0
     finally:
         stack.stop()
+        if clean:
+            shutil.rmtree(logdir, ignore_errors=True)
+        else:
+            print(f"demo: logs kept in {logdir}")
 
 
 if __name__ == "__main__":

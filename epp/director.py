@@ -63,6 +63,8 @@ class RoutingDecision:
     explanation: Any = None
     started_at: float = field(default_factory=time.monotonic)
     admission_ticket: Any = None
+    inflight_key: str = ""
+    """The request's key in in-flight accounting: unique even when clients reuse ids."""
 
     @property
     def hostport(self) -> str:
@@ -115,6 +117,7 @@ class Director:
         self.inflight = inflight
         self._rng = rng or random.Random()
         self._metrics: dict[tuple[str, str, int], _ObjectiveMetrics] = {}
+        self._seq = 0
 
     def _metrics_for(self, model: str, target: str, priority: int) -> _ObjectiveMetrics:
         key = (model, target, priority)
@@ -143,39 +146,41 @@ class Director:
         return np.asarray(sorted(set(idx)), dtype=np.intp)
 
     async def route(self, req: InferenceRequest, explain: bool = False) -> RoutingDecision:
-        """Choose an endpoint for `req`, or raise `EppError`."""
+        """Choose an endpoint for `req`, or raise `EppError`.
+
+        Whatever ends this early (an error, or the stream being cancelled while queued)
+        gives the admission lease back; after a successful return the lease travels with
+        the decision until `finished`.
+        """
         res = self.resolve(req)
         model = req.model
         metrics = self._metrics_for(model, res.target_model, res.priority)
         metrics.total.inc()
+        ticket = None
         try:
             snapshot = self.datastore.snapshot()
             if len(snapshot) == 0:
                 raise unavailable("no endpoints in the pool")
             cands = self.candidates(req, snapshot)
-            ticket = None
             if self.admission is not None:
                 ticket = await self.admission.admit(req, res.priority, snapshot, cands)
-            try:
-                if ticket is not None:
-                    snapshot = self.datastore.snapshot()  # may have waited in a queue
-                    cands = self.candidates(req, snapshot)
-                t0 = time.perf_counter()
-                result = self.scheduler.schedule(
-                    SchedulingRequest.from_inference(req, res.target_model, res.priority), snapshot, cands, explain=explain
-                )
-                obs.SCHEDULER_E2E_DURATION.observe(time.perf_counter() - t0)
-            except BaseException:
-                _release(ticket)  # scheduling failed or the stream went away
-                raise
+                snapshot = self.datastore.snapshot()  # may have waited in a queue
+                cands = self.candidates(req, snapshot)
+            t0 = time.perf_counter()
+            result = self.scheduler.schedule(
+                SchedulingRequest.from_inference(req, res.target_model, res.priority),
+                snapshot, cands, explain=explain)
+            obs.SCHEDULER_E2E_DURATION.observe(time.perf_counter() - t0)
+            body = None
+            if req.parsed is not None and res.target_model != model:
+                body = with_model(req.parsed, res.target_model)
             if ticket is not None and hasattr(ticket, "started"):
-                ticket.started(result.endpoint.name, 0)
-        except EppError as e:
-            obs.REQUEST_ERROR_TOTAL.labels(model, res.target_model, e.code.name).inc()
+                ticket.started(result.endpoint.name, _token_estimate(req))
+        except BaseException as e:
+            _release(ticket)
+            if isinstance(e, EppError):
+                obs.REQUEST_ERROR_TOTAL.labels(model, res.target_model, e.code.name).inc()
             raise
-        body = None
-        if req.parsed is not None and res.target_model != model:
-            body = with_model(req.parsed, res.target_model)
         decision = RoutingDecision(
             endpoint=result.endpoint,
             model=model,
@@ -186,7 +191,9 @@ class Director:
             admission_ticket=ticket,
         )
         if self.inflight is not None:
-            self.inflight.started(req.request_id, result.endpoint.name, time.monotonic())
+            self._seq += 1
+            decision.inflight_key = f"{req.request_id}#{self._seq}"
+            self.inflight.started(decision.inflight_key, result.endpoint.name, time.monotonic())
         metrics.running.inc()
         if req.parsed is not None:
             metrics.size.observe(len(req.body))
@@ -230,7 +237,7 @@ class Director:
         EPP); its in-flight record then stays until the endpoint's next scrape covers it.
         """
         if self.inflight is not None and not detached:
-            self.inflight.finished(req.request_id)
+            self.inflight.finished(decision.inflight_key)
         _release(decision.admission_ticket)
         m, t = decision.model, decision.target_model
         metrics = self._metrics_for(m, t, decision.priority)
@@ -241,6 +248,16 @@ class Director:
             metrics.output_tokens.observe(usage.completion_tokens)
         if error_code is not None:
             obs.REQUEST_ERROR_TOTAL.labels(m, t, error_code.name).inc()
+
+
+def _token_estimate(req: InferenceRequest) -> int:
+    """Prompt tokens plus the requested output, at ~4 characters a token: what the
+    concurrency detector's token mode counts (no tokenizer on the request path)."""
+    if req.parsed is None:
+        return 0
+    max_tokens = req.parsed.data.get("max_tokens") or req.parsed.data.get("max_completion_tokens")
+    out = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 0
+    return len(req.parsed.prompt_text) // 4 + out
 
 
 def _release(ticket: Any) -> None:

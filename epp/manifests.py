@@ -180,7 +180,7 @@ def object_from_manifest(doc: Any, kind: str | None = None) -> InferenceObject |
     if kind == KIND_MODEL:
         model_name = _str(spec.get("modelName"), "spec.modelName")
         crit = spec.get("criticality")
-        if crit is not None and crit not in CRITICALITY_PRIORITY:
+        if crit is not None and (not isinstance(crit, str) or crit not in CRITICALITY_PRIORITY):
             raise _Bad(f"spec.criticality must be one of {', '.join(CRITICALITY_PRIORITY)}, got {crit!r}")
         targets = _targets(_list(spec.get("targetModels"), "spec.targetModels"),
                            "spec.targetModels", "name")
@@ -230,6 +230,9 @@ def parse_manifests(text: str, source: str = "manifests") -> list[InferenceObjec
     except yaml.YAMLError as e:
         at = index + 1 if objs or problems else index
         problems.append(DocumentProblem(at, None, f"invalid YAML: {e}".replace("\n", " ")))
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        at = index + 1 if objs or problems else index
+        problems.append(DocumentProblem(at, None, "invalid YAML: nested too deeply"))
     if problems:
         raise ManifestError(problems, source)
     return objs
@@ -325,7 +328,14 @@ class ObjectivesFileWatcher:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            await self.reload()
+            try:
+                await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the watcher must never die; keep the last good set
+                if str(e) != str(self.last_error):
+                    log.exception("objectives file %s: unexpected error while reloading", self.path)
+                self.last_error = e
 
     def start(self) -> asyncio.Task[None]:
         if self._task is None or self._task.done():

@@ -103,6 +103,8 @@ def parse_body(path: str, body: bytes) -> ParsedBody:
         data = json.loads(body)
     except (UnicodeDecodeError, ValueError) as e:
         raise bad_request(f"invalid JSON body: {e}") from None
+    except RecursionError:  # the C decoder's answer to very deep nesting
+        raise bad_request("invalid JSON body: nested too deeply") from None
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object")
     model = data.get("model")
@@ -114,7 +116,11 @@ def parse_body(path: str, body: bytes) -> ParsedBody:
     if not isinstance(stream, bool):
         raise bad_request("stream must be a boolean")
     kind = api_kind(path)
-    return ParsedBody(kind, model, stream, _prompt_text(kind, data), data)
+    try:
+        prompt = _prompt_text(kind, data)
+    except RecursionError:  # decodable, but too deep to re-encode canonically
+        raise bad_request("invalid JSON body: nested too deeply") from None
+    return ParsedBody(kind, model, stream, prompt, data)
 
 
 def _prompt_text(kind: ApiKind, data: dict[str, Any]) -> str:
@@ -171,7 +177,12 @@ def with_model(parsed: ParsedBody, model: str) -> bytes:
     """The body re-serialised with another `model` (a rewrite); other fields unchanged."""
     data = dict(parsed.data)
     data["model"] = model
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # Lone surrogates ("\ud800" is legal JSON) cannot be UTF-8: keep them as escapes.
+        return json.dumps(data, separators=(",", ":")).encode()
 
 
 # -- responses ---------------------------------------------------------------------
@@ -193,7 +204,7 @@ def parse_usage(body: bytes) -> Usage | None:
     if text.startswith(b"{"):
         try:
             return _usage_of(json.loads(text))
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     found: Usage | None = None
     for line in body.splitlines():
@@ -205,7 +216,7 @@ def parse_usage(body: bytes) -> Usage | None:
             continue
         try:
             usage = _usage_of(json.loads(payload))
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if usage is not None:
             found = usage

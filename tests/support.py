@@ -6,6 +6,7 @@ Everything binds 127.0.0.1 on free ports and is stopped by the fixture that star
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
 import shutil
@@ -28,6 +29,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 UPSTREAM = web.AppKey("upstream", object)
+
+_scratch: Path | None = None
+
+
+def scratch_dir() -> Path:
+    """One temporary directory per test process for child logs and Envoy configs, removed
+    when the process exits (`EPP_TEST_KEEP=1` keeps it), so runs do not pile files up in
+    /tmp. Failure messages quote the logs themselves, so nothing is lost."""
+    global _scratch
+    if _scratch is None:
+        _scratch = Path(tempfile.mkdtemp(prefix="epp-tests-"))
+        if os.environ.get("EPP_TEST_KEEP") != "1":
+            atexit.register(shutil.rmtree, _scratch, True)
+    return _scratch
 
 
 def free_port() -> int:
@@ -192,7 +207,8 @@ class Proc:
     """A child process with its log in a temp file, stopped on exit."""
 
     def __init__(self, args: list[str], name: str, env: dict[str, str] | None = None) -> None:
-        self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False,
+                                               dir=scratch_dir())
         self.args = args
         self.name = name
         self.p = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
@@ -281,7 +297,8 @@ def start_envoy(epp_port: int, *, epp_tls: bool = False, body_mode: str = "full-
     if patch is not None:
         patch(cfg)
     text = yaml.safe_dump(cfg)
-    cfg = tempfile.NamedTemporaryFile("w", prefix="envoy-", suffix=".yaml", delete=False)
+    cfg = tempfile.NamedTemporaryFile("w", prefix="envoy-", suffix=".yaml", delete=False,
+                                      dir=scratch_dir())
     cfg.write(text)
     cfg.close()
     proc = Proc([envoy_binary(), "-c", cfg.name, "--log-level", "warn",

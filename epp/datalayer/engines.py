@@ -167,7 +167,10 @@ class EngineConfig:
             vals = [s.value for s in got]
             if any(math.isnan(v) for v in vals):
                 raise MetricsError("invalid_value", f"{what} is NaN")
-            values.append(agg(vals))
+            try:
+                values.append(agg(vals))
+            except (ValueError, OverflowError):  # fsum of +Inf and -Inf, or of huge values
+                raise MetricsError("invalid_value", f"{what} = {vals!r}"[:200]) from None
         if missing:
             raise MetricsError("missing_metrics", "not on the page: " + ", ".join(missing))
         waiting, running, kv = values

@@ -108,6 +108,7 @@ class FlowController:
         self._closed = False
         self.last_saturation = math.nan
         self._saturation_error: str | None = None
+        self._cycle_error: str | None = None
         for prio in config.bands:
             self._band(prio)
 
@@ -229,7 +230,16 @@ class FlowController:
         poll = self.config.poll_interval
         while True:
             wake.clear()
-            released = self.dispatch_cycle()
+            try:
+                released = self.dispatch_cycle()
+            except Exception as e:  # the dispatcher must never die: queued requests
+                # (and their TTL expiry) depend on it. Log once per distinct failure.
+                if repr(e) != self._cycle_error:
+                    log.exception("flow-control dispatch cycle failed; retrying")
+                    self._cycle_error = repr(e)
+                await asyncio.sleep(poll)
+                continue
+            self._cycle_error = None
             if released >= self.config.max_dispatch_per_cycle:
                 await asyncio.sleep(0)  # let released requests run, then go on
                 continue

@@ -229,6 +229,8 @@ def detector_from_config(section: Mapping[str, Any] | None,
     s = dict(section or {})
     if "pluginRef" in s:
         ref = s["pluginRef"]
+        if not isinstance(ref, str):  # a YAML list here would be unhashable (TypeError)
+            raise ValueError(f"saturationDetector.pluginRef: expected a plugin name, got {ref!r}")
         inst = (plugins or {}).get(ref)
         if inst is None:
             raise ValueError(f"saturationDetector.pluginRef: no plugin named {ref!r}")

@@ -5,7 +5,7 @@ the `flowControl` dict into checked dataclasses and raises `ValueError` naming t
 Field names follow the upstream EndpointPickerConfig; the ones marked (ext) are ours.
 
 ```yaml
-featureGates: [flowControl]          # a list of names (or a map name -> bool)
+featureGates: [flowControl]          # a list of names (epp.config rejects other shapes)
 flowControl:
   maxRequests: 0                     # all bands together; 0 = unlimited (default 0)
   maxBytes: 0                        # all bands together; int or quantity "1Gi" (default 0)

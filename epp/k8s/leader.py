@@ -100,7 +100,7 @@ class LeaderElector:
         try:
             resp = self._api.read_namespaced_lease(self.name, self.namespace,
                                                    _preload_content=False,
-                                                   _request_timeout=(3, self.retry_period + 3))
+                                                   _request_timeout=self._timeout())
             lease = json.loads(resp.data)
         except ApiException as e:
             if e.status != 404:
@@ -134,6 +134,19 @@ class LeaderElector:
         if self._write(create=False, body=lease):
             self._won(now_mono)
 
+    def _timeout(self) -> float | tuple[float, float]:
+        """Request timeout: while leading, no call may outlast the renew deadline.
+
+        Otherwise a leader whose API server stopped answering would sit in a read for
+        seconds past its deadline and keep reporting ready while a follower, seeing the
+        lease unrenewed for `lease_duration`, takes over: two ready replicas. A total
+        (connect + read) budget of what is left makes the step-down happen on time.
+        """
+        if not self.is_leader:
+            return (3.0, self.retry_period + 3.0)
+        left = self.renew_deadline - (time.monotonic() - self._last_renew)
+        return max(0.1, min(self.retry_period + 3.0, left))
+
     def _spec(self, transitions: int, acquire: bool) -> dict[str, Any]:
         now = _now_micro()
         spec: dict[str, Any] = {
@@ -152,10 +165,10 @@ class LeaderElector:
         try:
             if create:
                 self._api.create_namespaced_lease(self.namespace, body,
-                                                  _request_timeout=(3, self.retry_period + 3))
+                                                  _request_timeout=self._timeout())
             else:
                 self._api.replace_namespaced_lease(self.name, self.namespace, body,
-                                                   _request_timeout=(3, self.retry_period + 3))
+                                                   _request_timeout=self._timeout())
             return True
         except ApiException as e:
             if e.status in (409, 422):

@@ -155,8 +155,9 @@ class Reflector:
                 self.stats.gone += 1
                 log.info("k8s %s: %s; listing again", self.name, e)
                 rv = None
-                # A successful list resets the backoff, so this is short unless the
-                # server keeps failing right after each relist.
+                # Only a healthy watch resets the backoff (not the relist), so a server
+                # that fails every watch right after each relist is not sent a full
+                # LIST twice a second: the pauses grow as for any other failure.
                 pause = self._backoff.next()
             except Exception as e:  # noqa: BLE001 - the thread must survive anything
                 if self._stop.is_set():
@@ -202,7 +203,6 @@ class Reflector:
         self.stats.lists += 1
         self.resource_version = rv
         self._deliver(self._on_replace, items)
-        self._backoff.reset()
         return rv
 
     def _watch(self, rv: str) -> str:

@@ -130,13 +130,18 @@ def load_api_client(kubeconfig: str | None = None, *, pool_maxsize: int = 16) ->
     from kubernetes import client, config
 
     cfg = client.Configuration()
-    if kubeconfig:
-        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-    else:
-        try:
-            config.load_incluster_config(client_configuration=cfg)
-        except config.ConfigException:
-            config.load_kube_config(client_configuration=cfg)
+    try:
+        if kubeconfig:
+            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+        else:
+            try:
+                config.load_incluster_config(client_configuration=cfg)
+            except config.ConfigException:
+                config.load_kube_config(client_configuration=cfg)
+    except Exception as e:  # noqa: BLE001 - ConfigException, OSError, or the client choking on a malformed file
+        # A missing or broken kubeconfig is a usage error (exit 2 naming it), not a crash.
+        where = kubeconfig or "in-cluster config or ~/.kube/config"
+        raise SettingsError(f"cannot load Kubernetes credentials from {where}: {e}") from None
     cfg.connection_pool_maxsize = pool_maxsize
     return client.ApiClient(configuration=cfg)
 
@@ -151,6 +156,11 @@ def kubernetes_settings(s: Any) -> KubernetesSettings | None:
     """
     selector_text = getattr(s, "endpoint_selector", None)
     pool = getattr(s, "pool_name", "") or None
+    if selector_text and (pool or getattr(s, "endpoints", None)
+                          or getattr(s, "endpoints_file", None)):
+        # Two sources would overwrite each other's endpoint sets in the datastore.
+        raise SettingsError("--endpoint-selector cannot be combined with --pool-name, "
+                            "--endpoints or --endpoints-file")
     if not selector_text and (not pool or getattr(s, "endpoints", None)
                               or getattr(s, "endpoints_file", None)):
         return None

@@ -144,6 +144,8 @@ class Derived:
 
     __slots__ = ("snapshot", "prev", "n", "all", "all_true", "fresh_until", "_cache")
 
+    MAX_ENTRIES = 256
+
     def __init__(self, snapshot: Snapshot, prev: "Derived | None" = None) -> None:
         self.snapshot = snapshot
         self.prev = prev
@@ -179,10 +181,17 @@ class Derived:
         return v if same else _MISSING
 
     def get(self, key: Any, build: Callable[[Snapshot], Any]) -> Any:
-        """The value for `key`, built from the snapshot on first use."""
+        """The value for `key`, built from the snapshot on first use.
+
+        Some keys come from requests (LoRA scores per target model), and a snapshot can
+        live for long (a pool whose scrapes all fail changes nothing): past
+        `MAX_ENTRIES` values are built per call and not kept, so memory stays bounded.
+        """
         v = self._cache.get(key, _MISSING)
         if v is _MISSING:
-            v = self._cache[key] = build(self.snapshot)
+            v = build(self.snapshot)
+            if len(self._cache) < self.MAX_ENTRIES:
+                self._cache[key] = v
         return v
 
 

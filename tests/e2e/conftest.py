@@ -6,7 +6,15 @@ from typing import Iterator
 import pytest
 import yaml
 
-from tests.support import EnvoyProcess, EppProcess, UpstreamFleet, start_envoy, start_epp, vllm_page
+from tests.support import (
+    EnvoyProcess,
+    EppProcess,
+    UpstreamFleet,
+    scratch_dir,
+    start_envoy,
+    start_epp,
+    vllm_page,
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +29,7 @@ def fleet() -> Iterator[UpstreamFleet]:
 
 @pytest.fixture(scope="module")
 def endpoints_file(fleet: UpstreamFleet) -> str:
-    f = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+    f = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False, dir=scratch_dir())
     yaml.safe_dump([{"name": u.name, "address": "127.0.0.1", "port": u.port} for u in fleet.upstreams], f)
     f.close()
     return f.name

@@ -41,3 +41,9 @@ def test_bad_flag_value() -> None:
     r = run_epp("--refresh-metrics-interval", "fast")
     assert r.returncode == 2
     assert "invalid duration 'fast'" in r.stderr
+
+
+def test_missing_kubeconfig(tmp_path) -> None:
+    r = run_epp("--pool-name", "pool", "--kubeconfig", str(tmp_path / "absent-kubeconfig"))
+    assert r.returncode == 2, r.stderr
+    assert "absent-kubeconfig" in r.stderr and "Traceback" not in r.stderr

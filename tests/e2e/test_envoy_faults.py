@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from typing import Any, Callable
 
 import pytest
@@ -17,6 +16,7 @@ from tests.support import (
     post_json,
     start_envoy,
     start_epp,
+    wait_until,
 )
 
 pytestmark = pytest.mark.e2e
@@ -85,10 +85,14 @@ def test_sigterm_drains_streams_in_flight(fleet: UpstreamFleet, endpoints_file: 
                           {**COMPLETION, "stream": True, "test_delay": 0.5})
             results.append((r.status, r.body))
 
+        before = sum(len(u.requests) for u in fleet.upstreams)
         threads = [threading.Thread(target=client) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.3)
+        # SIGTERM only once all four were routed (their streams are open), however slow
+        # the machine: a fixed sleep could signal before a request reached the EPP.
+        wait_until(lambda: sum(len(u.requests) for u in fleet.upstreams) - before >= 4,
+                   15, "four streams in flight")
         epp.proc.p.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(20)

@@ -5,7 +5,6 @@ ready until it is killed, when the other one takes over."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import signal
 import subprocess
@@ -25,17 +24,9 @@ pytestmark = pytest.mark.k8s
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-def _wired() -> bool:
-    import epp.app
-
-    return "kubernetes_settings" in inspect.getsource(epp.app)
-
-
 @pytest.fixture
 async def epp_process(cluster: k.Cluster, admin: Any, namespace: str,
                       tmp_path: Any) -> AsyncIterator[Callable[..., Any]]:
-    if not _wired():
-        pytest.skip("epp.app does not start epp.k8s.KubernetesSource yet")
     procs: list[subprocess.Popen] = []
 
     def start(name: str, *extra: str) -> tuple[subprocess.Popen, int]:

@@ -128,9 +128,9 @@ async def test_both_simulators_expose_pages_prometheus_can_parse(go_sim: str, st
 
 async def test_the_epp_scrapes_both_and_routes_across_a_mixed_pool(
         go_sim: str, start_sim: StartSim, http: aiohttp.ClientSession):
-    datalayer = pytest.importorskip("epp.datalayer.scraper")
-    scheduling = pytest.importorskip("epp.scheduling")
-    scorers = pytest.importorskip("epp.scheduling.scorers")
+    import epp.datalayer.scraper as datalayer
+    import epp.scheduling as scheduling
+    import epp.scheduling.scorers as scorers
     from epp.datastore import Datastore, Endpoint
 
     fleet: Fleet = await start_sim(replicas=2, name="py", time_scale=1.0, max_loras=2,

@@ -101,9 +101,8 @@ async def test_token_counters_follow_the_requests(start_sim: StartSim, http):
 
 async def test_the_epps_own_parser_reads_the_page(start_sim: StartSim, http):
     """epp.datalayer's targeted parser agrees with prometheus_client on our page."""
-    import pytest
+    import epp.datalayer.engines as engines
 
-    engines = pytest.importorskip("epp.datalayer.engines")
     fleet = await start_sim(lora_modules={"food-review": "/f"}, max_loras=2, num_gpu_blocks=512,
                             max_model_len=4096)
     text = await page(http, fleet.urls[0])

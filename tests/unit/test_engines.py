@@ -230,3 +230,16 @@ def test_disabled_metrics_are_not_required():
 def test_bad_config_is_a_clear_value_error(cfg, message):
     with pytest.raises(ValueError, match=message):
         EngineRegistry.from_config(cfg)
+
+
+@pytest.mark.parametrize("a, b", [("+Inf", "-Inf"), ("1e308", "1e308")])
+def test_absurd_values_across_engine_series_are_invalid_values(a, b):
+    # Per-engine series are summed; math.fsum raises on inf - inf and on overflow.
+    text = (
+        f'vllm:num_requests_waiting{{engine="0"}} {a}\n'
+        f'vllm:num_requests_waiting{{engine="1"}} {b}\n'
+        "vllm:num_requests_running 1\nvllm:kv_cache_usage_perc 0.1\n"
+    )
+    with pytest.raises(MetricsError) as e:
+        VLLM.parse(text, 1.0)
+    assert e.value.reason == "invalid_value"

@@ -327,3 +327,29 @@ async def test_stop_fails_waiters_with_503_and_refuses_new_ones() -> None:
     with pytest.raises(EppError, match="shutting down"):
         await fc.enqueue_and_wait(AdmissionTicket("late"))
     assert fc.residue()["queued"] == 0
+
+
+async def test_dispatcher_task_survives_a_failing_cycle(monkeypatch) -> None:
+    pool = Pool(saturation=2.0)
+    fc = FlowController(FlowControlConfig.from_config({"dispatchPollInterval": "5ms"}), pool.read)
+    task = fc.start()
+    try:
+        order: list[str] = []
+        t = asyncio.create_task(waiter(fc, order, "a"))
+        await settle()
+        assert fc.queued() == 1
+        real, calls = fc.expire, []
+
+        def flaky(now: float) -> int:
+            calls.append(now)
+            if len(calls) == 1:
+                raise RuntimeError("bug in a cycle")
+            return real(now)
+
+        monkeypatch.setattr(fc, "expire", flaky)
+        pool.saturation = 0.0
+        fc.notify()
+        await asyncio.wait_for(t, 2.0)
+        assert order == ["a"] and len(calls) >= 2 and not task.done()
+    finally:
+        await fc.stop()

@@ -229,3 +229,46 @@ def test_bare_watch_object_with_kind_from_the_caller() -> None:
     obj = object_from_manifest(bare, kind="InferenceObjective")
     assert isinstance(obj, InferenceObjective) and obj.priority == 4
     assert obj.meta.key == ObjectKey("InferenceObjective", "ns", "o")
+
+
+def test_odd_yaml_values_are_reported_as_manifest_errors() -> None:
+    # A list where a string belongs is unhashable; deep nesting exhausts PyYAML's recursion.
+    crit_list = f"""apiVersion: inference.networking.x-k8s.io/v1alpha2
+kind: InferenceModel
+metadata: {{name: legacy}}
+spec: {{modelName: chat, criticality: [x], poolRef: {{name: {POOL}}}}}
+"""
+    with pytest.raises(ManifestError, match="criticality"):
+        parse_manifests(crit_list)
+    with pytest.raises(ManifestError, match="nested too deeply"):
+        parse_manifests("a: " + "[" * 5000 + "]" * 5000)
+
+
+async def test_watcher_task_survives_an_unexpected_error(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "objectives.yaml"
+    write(path, objective("fast", 1))
+    store = ObjectiveStore(POOL)
+    watcher = ObjectivesFileWatcher(str(path), store, interval=0.01)
+    watcher.load()
+    real = watcher.reload
+    calls = 0
+
+    async def flaky() -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        return await real()
+
+    monkeypatch.setattr(watcher, "reload", flaky)
+    task = watcher.start()
+    try:
+        write(path, objective("fast", 2) + "# changed\n")
+        for _ in range(300):  # bounded: at most ~3 s
+            if store.resolve("m", "fast", None, 0.0).priority == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert calls >= 2 and not task.done()
+        assert store.resolve("m", "fast", None, 0.0).priority == 2
+    finally:
+        await watcher.stop()

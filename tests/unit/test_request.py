@@ -94,3 +94,34 @@ def test_usage_from_json_and_from_sse() -> None:
     assert parse_usage(b"data: [DONE]\n\n") is None
     assert parse_usage(b"<html>oops</html>") is None
     assert parse_usage(b'{"usage": "lots"}') is None
+
+
+def test_deeply_nested_body_is_400_not_a_crash() -> None:
+    # The C JSON decoder raises RecursionError (not ValueError) on deep nesting.
+    deep = b'{"model":"m","prompt":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(EppError) as e:
+        parse_body("/v1/completions", deep)
+    assert e.value.code is ErrorCode.BadRequest
+    assert parse_usage(b'{"usage":' + b"[" * 100_000 + b"]" * 100_000 + b"}") is None
+    # Near the recursion limit some depths decode but are too deep for the canonical
+    # re-encoding of chat messages: each depth is either parsed or a 400, never a crash.
+    outcomes = set()
+    for depth in range(600, 1100, 2):
+        chat = b'{"model":"m","messages":[{"content":' + b"[" * depth + b"]" * depth + b"}]}"
+        try:
+            parse_body("/v1/chat/completions", chat)
+            outcomes.add("parsed")
+        except EppError as e:
+            assert e.code is ErrorCode.BadRequest
+            outcomes.add("400")
+    assert outcomes == {"parsed", "400"}
+
+
+def test_with_model_keeps_lone_surrogates_as_json_escapes() -> None:
+    # "\ud800" is legal JSON; re-serialising it must not raise UnicodeEncodeError.
+    p = parse_body("/v1/completions", b'{"model":"m","prompt":"a\\ud800 \xc3\xa9"}')
+    out = with_model(p, "m2")
+    assert json.loads(out) == {"model": "m2", "prompt": "a\ud800 \u00e9"}
+    # Bodies without surrogates keep their non-ASCII text unescaped (smaller bodies).
+    p2 = parse_body("/v1/completions", body(model="m", prompt="\u00e9t\u00e9"))
+    assert "\u00e9t\u00e9".encode() in with_model(p2, "m2")

@@ -113,6 +113,8 @@ def test_detector_from_config_shapes() -> None:
         detector_from_config({"pluginRef": "x"}, {})
     with pytest.raises(ValueError, match="not a saturation detector"):
         detector_from_config({"pluginRef": "s"}, {"s": object()})
+    with pytest.raises(ValueError, match="expected a plugin name"):
+        detector_from_config({"pluginRef": ["c"]}, {"c": mine})  # a start-up error, not a crash
 
 
 def test_concurrency_detector_counts_in_flight_requests() -> None:

@@ -107,6 +107,22 @@ def test_lora_affinity_scorer_levels() -> None:
     assert scores(LoraAffinityScorer(), snap, model="sql") == [1.0, 0.8, 0.6, 0.0, 0.0]
 
 
+def test_per_model_values_of_a_long_lived_snapshot_stay_bounded() -> None:
+    # The target model comes from the client. While the snapshot does not change (every
+    # scrape failing, say), a flood of distinct model names must not grow memory.
+    snap = snapshot(a=dict(active_adapters=frozenset({"sql"}), max_lora=2, kv_usage=0.5),
+                    b=dict(max_lora=1, active_adapters=frozenset({"x"}), kv_usage=0.1))
+    d = Derived(snap)
+    scorer = LoraAffinityScorer()
+    for k in range(3 * Derived.MAX_ENTRIES):
+        st = CycleState(d, SchedulingRequest(f"r{k}", f"model-{k}"), NOW, None)
+        assert scorer.score(st, d.all).tolist() == [0.8, 0.0]
+    assert len(d._cache) <= Derived.MAX_ENTRIES
+    # Past the bound, values are still computed correctly, just not kept.
+    st = CycleState(d, SchedulingRequest("r", "sql"), NOW, None)
+    assert scorer.score(st, d.all).tolist() == [1.0, 0.0]
+
+
 def test_prefix_cache_scorer_learns_from_picks() -> None:
     snap = snapshot(a=dict(waiting=0), b=dict(waiting=0))
     scorer = PrefixCacheScorer()

@@ -284,6 +284,6 @@ async def test_wired_into_the_director() -> None:
     decision = await director.route(req, explain=True)
     assert decision.endpoint.name == "b"
     assert decision.explanation.picked == "b"
-    assert s.inflight.endpoint_of("d1") == "b"
+    assert s.inflight.endpoint_of(decision.inflight_key) == "b"
     director.finished(req, decision, None)
-    assert s.inflight.endpoint_of("d1") is None
+    assert s.inflight.endpoint_of(decision.inflight_key) is None
