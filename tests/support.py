@@ -237,9 +237,10 @@ class EppProcess:
 
 
 def start_epp(*extra: str, secure: bool = False, endpoints_file: str | None = None,
-              endpoints: str | None = None) -> EppProcess:
+              endpoints: str | None = None, module: str = "epp") -> EppProcess:
+    """The EPP as a process (`module` may name another launcher taking the same flags)."""
     g, h, m = free_port(), free_port(), free_port()
-    args = [sys.executable, "-m", "epp", "--bind-address", "127.0.0.1",
+    args = [sys.executable, "-m", module, "--bind-address", "127.0.0.1",
             "--grpc-port", str(g), "--grpc-health-port", str(h), "--metrics-port", str(m),
             f"--secure-serving={'true' if secure else 'false'}"]
     if endpoints_file:

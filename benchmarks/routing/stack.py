@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from epp.sim.config import SimConfig
-from tests.support import EnvoyProcess, EppProcess, Proc, start_envoy, start_epp
+from tests.support import EnvoyProcess, EppProcess, start_envoy, start_epp
 
 ROOT = Path(__file__).resolve().parents[2]
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -212,20 +212,7 @@ class Stack:
 def _start_epp(args: list[str], endpoints: str, inflight: bool) -> EppProcess:
     if inflight:
         return start_epp(*args, endpoints=endpoints)
-    # Same flags as tests.support.start_epp, through the ablation launcher.
-    from tests.support import _health_ok, free_port, wait_until
-
-    g, h, m = free_port(), free_port(), free_port()
-    proc = Proc([sys.executable, "-m", "benchmarks.routing.epp_proc", "--bind-address",
-                 "127.0.0.1", "--grpc-port", str(g), "--grpc-health-port", str(h),
-                 "--metrics-port", str(m), "--secure-serving=false",
-                 "--endpoints", endpoints, *args], "epp-noinflight")
-    try:
-        wait_until(lambda: _health_ok(h) or proc.p.poll() is not None, 30, "EPP readiness")
-    except TimeoutError:
-        proc.stop()
-        raise RuntimeError("EPP did not become ready:\n" + proc.output()) from None
-    if proc.p.poll() is not None:
-        raise RuntimeError("EPP exited:\n" + proc.output())
+    # The same EPP with in-flight accounting off, through the ablation launcher.
+    epp = start_epp(*args, endpoints=endpoints, module="benchmarks.routing.epp_proc")
     time.sleep(0.3)
-    return EppProcess(proc, g, h, m)
+    return epp
