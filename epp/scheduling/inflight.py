@@ -34,6 +34,8 @@ class InFlightTracker:
         self.timeout = float(timeout)
         cap = max(16, int(capacity))
         self._slot_of: dict[str, int] = {}
+        self._free_slots: list[int] = []  # of endpoints forgotten; reused so pod churn stays bounded
+        self._nslots = 0
         self._ep_slot = np.zeros(cap, np.int64)
         self._start = np.full(cap, -math.inf)  # -inf: finished (or unused)
         self._rids: list[str | None] = []
@@ -55,7 +57,7 @@ class InFlightTracker:
             self.finished(request_id)
         slot = self._slot_of.get(endpoint_name)
         if slot is None:
-            slot = self._slot_of[endpoint_name] = len(self._slot_of)
+            slot = self._new_slot(endpoint_name)
         if self._n == len(self._start):
             self._compact(now)
         i = self._n
@@ -98,8 +100,8 @@ class InFlightTracker:
         return counts[self._snap_slots]
 
     def _sync_snapshot(self, snapshot: Snapshot) -> None:
-        if snapshot.version == self._snap_version and len(self._scraped_by_slot) == len(
-            self._slot_of
+        if snapshot.version == self._snap_version and len(self._scraped_by_slot) == (
+            self._nslots
         ):
             return
         slot_of = self._slot_of
@@ -110,12 +112,12 @@ class InFlightTracker:
         else:
             for e in snapshot.endpoints:
                 if e.name not in slot_of:
-                    slot_of[e.name] = len(slot_of)
+                    self._new_slot(e.name)
             snap_slots = np.fromiter(
                 (slot_of[e.name] for e in snapshot.endpoints), np.int64, len(snapshot)
             )
             self._snap_endpoints = snapshot.endpoints
-        scraped = np.full(len(slot_of), math.inf)  # endpoints not in the snapshot: never count
+        scraped = np.full(self._nslots, math.inf)  # endpoints not in the snapshot: never count
         # Never scraped (NaN): everything routed there counts.
         scraped[snap_slots] = np.fmax(snapshot.scraped_at, -math.inf)  # fmax drops NaN
         self._snap_slots = snap_slots
@@ -151,6 +153,15 @@ class InFlightTracker:
         self._ep_slot, self._start = ep_slot, start
         self._rids, self._pos, self._n = rids, pos, m
 
+    def _new_slot(self, name: str) -> int:
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        else:
+            slot = self._nslots
+            self._nslots += 1
+        self._slot_of[name] = slot
+        return slot
+
     def forget_endpoint(self, name: str) -> None:
         """Stop counting requests routed to an endpoint that left the pool."""
         slot = self._slot_of.get(name)
@@ -164,3 +175,8 @@ class InFlightTracker:
                 self._pos.pop(rid, None)
                 self._rids[i] = None
         self._start[hit] = -math.inf
+        # Its records can never count again, so the slot can serve a new endpoint.
+        del self._slot_of[name]
+        self._free_slots.append(slot)
+        self._snap_version = -1
+        self._snap_endpoints = ()

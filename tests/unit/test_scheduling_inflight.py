@@ -83,3 +83,19 @@ def test_forget_endpoint() -> None:
     t.forget_endpoint("a")
     assert t.extra_waiting(ds.snapshot(), 2.0).tolist() == [0.0, 1.0]
     assert len(t) == 1
+
+
+def test_pod_churn_does_not_grow_the_tracker() -> None:
+    t = InFlightTracker()
+    ds = Datastore()
+    now = 1000.0
+    for gen in range(200):  # 200 generations of 4 pods, each replaced by new names
+        names = [f"pod-{gen}-{i}" for i in range(4)]
+        ds.set_endpoints([Endpoint(n, f"10.0.{gen % 250}.{i}", 8000) for i, n in enumerate(names)])
+        for n in names:
+            ds.update_metrics(n, EndpointMetrics(waiting=0, running=0, kv_usage=0, scraped_at=now - 1))
+        t.started(f"r{gen}", names[0], now)
+        assert t.extra_waiting(ds.snapshot(), now).tolist() == [1, 0, 0, 0]
+        for n in names:
+            t.forget_endpoint(n)
+    assert t._nslots <= 8
