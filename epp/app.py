@@ -8,14 +8,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import threading
 from typing import Any
 
 import grpc
 import numpy as np
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
-from prometheus_client import start_http_server
 
 from epp import observability as obs
 from epp.config import load_config, load_config_file
@@ -33,6 +31,7 @@ from epp.scheduling import Scheduler
 from epp.server import reflection, tls
 from epp.server.extproc import ExtProcServicer
 from epp.server.health import HealthService
+from epp.server.metrics_http import MetricsAuth, MetricsServer, kubernetes_auth
 from epp.server.pick_api import SERVICE_NAME as PICK_SERVICE_NAME
 from epp.server.pick_api import add_to_server as add_pick_api
 from epp.settings import Settings
@@ -81,7 +80,7 @@ class EppApp:
         self.grpc_port = 0
         self.health_port = 0
         self.metrics_port = 0
-        self._metrics_server: Any = None
+        self._metrics_server: MetricsServer | None = None
         self._tasks: list[Any] = []  # objects with async stop()
 
     async def start(self) -> None:
@@ -103,9 +102,14 @@ class EppApp:
         await self.server.start()
         self.health_port = await self.health.start(s.bind_address, s.grpc_health_port)
         if s.metrics_port >= 0:
-            self._metrics_server, thread = start_http_server(
-                s.metrics_port, addr=s.bind_address, registry=obs.REGISTRY)
-            self.metrics_port = self._metrics_server.server_port
+            auth: MetricsAuth | None = None
+            if s.metrics_endpoint_auth and self.k8s is not None:
+                auth = await asyncio.to_thread(kubernetes_auth, s.kubeconfig)
+            elif s.metrics_endpoint_auth:
+                log.info("metrics endpoint auth is off: no Kubernetes API server to ask "
+                         "(standalone endpoints)")
+            self._metrics_server = MetricsServer(obs.REGISTRY, auth=auth)
+            self.metrics_port = self._metrics_server.start(s.bind_address, s.metrics_port)
         if self.k8s is not None:
             # Ready only after the first full sync and, with HA, only on the leader.
             loop = asyncio.get_running_loop()
@@ -191,7 +195,7 @@ class EppApp:
             await t.stop()
         await self.health.stop(0)
         if self._metrics_server is not None:
-            threading.Thread(target=self._metrics_server.shutdown, daemon=True).start()
+            self._metrics_server.stop()
 
 
 async def serve(settings: Settings) -> int:

@@ -46,6 +46,7 @@ class Settings:
     grpc_port: int = 9002
     grpc_health_port: int = 9003
     metrics_port: int = 9090
+    metrics_endpoint_auth: bool = True
     bind_address: str = "0.0.0.0"
     secure_serving: bool = True
     cert_path: str | None = None
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--grpc-port", type=int, default=d.grpc_port, help="ext_proc and Pick API port")
     a("--grpc-health-port", type=int, default=d.grpc_health_port, help="gRPC health port")
     a("--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics port")
+    a("--metrics-endpoint-auth", default=d.metrics_endpoint_auth, **b,
+      help="require a bearer token allowed to get /metrics (TokenReview + SubjectAccessReview); "
+           "only with a Kubernetes source")
     a("--bind-address", default=d.bind_address, help="address the servers listen on")
     a("--secure-serving", default=d.secure_serving, **b,
       help="serve gRPC over TLS (self-signed unless --cert-path); --secure-serving=false for plaintext")

@@ -95,6 +95,25 @@ def test_rbac_is_read_only_and_leases_are_optional():
                    "verbs": ["get", "create", "update"]}]
 
 
+REVIEWER_RULES = [
+    {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+    {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"],
+     "verbs": ["create"]},
+]
+
+
+def test_epp_may_review_tokens_for_metrics_auth_and_nothing_more_cluster_wide():
+    """--metrics-endpoint-auth asks the API server about scrapers' tokens: the EPP's only
+    cluster-wide rights are creating TokenReviews and SubjectAccessReviews."""
+    ds = docs(K8S / "rbac.yaml")
+    (role,) = [d for d in ds if d["kind"] == "ClusterRole"]
+    assert role["rules"] == REVIEWER_RULES
+    (binding,) = [d for d in ds if d["kind"] == "ClusterRoleBinding"]
+    sa = next(d for d in ds if d["kind"] == "ServiceAccount")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert [s["name"] for s in binding["subjects"]] == [sa["metadata"]["name"]]
+
+
 def test_sim_pods_are_selected_by_the_pool():
     pool = docs(K8S / "inferencepool.yaml")[0]
     sim = docs(K8S / "sim.yaml")[0]
@@ -138,12 +157,20 @@ def test_chart_default_render():
     kinds = sorted(d["kind"] for d in out)
     assert kinds == sorted(["Deployment", "Service", "ServiceAccount", "Role", "RoleBinding",
                             "ClusterRole", "ServiceAccount", "ClusterRoleBinding", "Secret",
-                            "InferencePool"])
+                            "ClusterRole", "ClusterRoleBinding", "InferencePool"])
     pool = next(d for d in out if d["kind"] == "InferencePool")
     svc = next(d for d in out if d["kind"] == "Service")
     assert pool["spec"]["endpointPickerRef"]["name"] == svc["metadata"]["name"]
     role = next(d for d in out if d["kind"] == "Role")
     assert not any("leases" in r["resources"] for r in role["rules"])
+    reviewer = next(d for d in out if d["kind"] == "ClusterRole"
+                    and d["metadata"]["name"].endswith("-auth-reviewer"))
+    assert reviewer["metadata"]["name"] == "vllm-llama3-8b-instruct-epp-ns-auth-reviewer"
+    assert reviewer["rules"] == REVIEWER_RULES
+    binding = next(d for d in out if d["kind"] == "ClusterRoleBinding"
+                   and d["roleRef"]["name"] == reviewer["metadata"]["name"])
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "namespace": "ns",
+                                    "name": "vllm-llama3-8b-instruct-epp"}]
 
 
 @needs_helm
