@@ -29,8 +29,6 @@ is `queue-scorer` 2, `kv-cache-utilization-scorer` 2, `prefix-cache-scorer` 3,
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import math
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from typing import Any, Mapping
 import yaml
 
 from epp import plugins as _registry
+from epp.flowcontrol import saturation as _saturation  # noqa: F401 - registers detector types
 from epp.scheduling import filters as _filters  # noqa: F401 - registers plugin types
 from epp.scheduling import pickers as _pickers  # noqa: F401
 from epp.scheduling import scorers as _scorers
@@ -69,8 +68,6 @@ _KNOWN_KEYS = frozenset(
     }
 )
 # Modules of other parts of the EPP that register plugin types (imported when present).
-_PLUGIN_MODULES = ("epp.flowcontrol.saturation",)
-
 DEFAULT_CONFIG_TEXT = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -142,7 +139,6 @@ def load_config(text: str | None) -> EppConfig:
     """Parse and validate a config; None or blank text gives the default profile."""
     if text is None or not text.strip():
         text = DEFAULT_CONFIG_TEXT
-    _import_plugin_modules()
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -152,16 +148,6 @@ def load_config(text: str | None) -> EppConfig:
     if not isinstance(doc, dict):
         raise ConfigError(f"config must be a YAML mapping, got {type(doc).__name__}")
     return _build(doc)
-
-
-def _import_plugin_modules() -> None:
-    for mod in _PLUGIN_MODULES:
-        try:
-            found = importlib.util.find_spec(mod) is not None
-        except ModuleNotFoundError:
-            found = False
-        if found:
-            importlib.import_module(mod)
 
 
 def _build(doc: dict[str, Any]) -> EppConfig:

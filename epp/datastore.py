@@ -91,22 +91,6 @@ class Snapshot:
         # NaN (never scraped) compares False, so invert a "fresh" test.
         return ~(age <= self.staleness_threshold)
 
-    def metrics_of(self, i: int) -> EndpointMetrics:
-        return EndpointMetrics(
-            waiting=float(self.waiting[i]),
-            running=float(self.running[i]),
-            kv_usage=float(self.kv_usage[i]),
-            active_adapters=self.active_adapters[i],
-            waiting_adapters=self.waiting_adapters[i],
-            max_lora=int(self.max_lora[i]),
-            block_size=int(self.block_size[i]),
-            num_gpu_blocks=int(self.num_gpu_blocks[i]),
-            scraped_at=float(self.scraped_at[i]),
-            last_error=self.last_error[i],
-            models=self.models[i] if self.models else frozenset(),
-        )
-
-
 EndpointListener = Callable[[list[Endpoint], list[Endpoint]], None]
 """Called with (added, removed) after the endpoint set changes."""
 

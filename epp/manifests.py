@@ -42,6 +42,7 @@ from epp.objectives import (
     RewriteRule,
     WeightedTarget,
 )
+from epp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -245,12 +246,6 @@ def _doc_name(doc: Any) -> str | None:
     return None
 
 
-def load_file(path: str) -> list[InferenceObject]:
-    """Read and parse one file (blocking: call it off the event loop, or at startup)."""
-    with open(path, encoding="utf-8") as f:
-        return parse_manifests(f.read(), source=path)
-
-
 class ObjectivesFileWatcher:
     """Keeps an `ObjectiveStore` equal to the contents of one manifest file.
 
@@ -344,9 +339,4 @@ class ObjectivesFileWatcher:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)

@@ -8,12 +8,7 @@ raises `ValueError` with a readable message for a bad parameter.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, TypeVar
-
-
-class PluginFactory(Protocol):
-    @classmethod
-    def from_params(cls, name: str, params: dict[str, Any]) -> Any: ...
+from typing import Any, Callable, TypeVar
 
 
 _TYPES: dict[str, type] = {}

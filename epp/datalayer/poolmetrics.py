@@ -25,6 +25,7 @@ from epp.observability import (
     POOL_PER_POD_QUEUE,
     POOL_READY_PODS,
 )
+from epp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,7 @@ class PoolMetricsRefresher:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

@@ -39,6 +39,7 @@ from epp.datastore import Datastore, Endpoint, EndpointMetrics
 from epp.datalayer.engines import EngineConfig, EngineRegistry, MetricsError
 from epp.datalayer.fasthttp import FetchError, RawHttpClient
 from epp.observability import SCRAPE_ERRORS
+from epp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +156,7 @@ class Scraper:
         self._flush()
         tasks = list(self._tasks.values())
         self._tasks.clear()
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*tasks)
         if self._session is not None:
             await self._session.close()
             self._session = None

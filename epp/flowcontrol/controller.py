@@ -59,6 +59,7 @@ from epp.observability import (
     FLOW_QUEUE_DURATION,
     FLOW_QUEUE_SIZE,
 )
+from epp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -263,12 +264,7 @@ class FlowController:
         """Stop the dispatcher and fail every queued request with 503."""
         self._closed = True
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
         self._wake = None
         now = self.clock()
         for state in self._order:

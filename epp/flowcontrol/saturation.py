@@ -36,8 +36,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from epp.datastore import Snapshot
-from epp.flowcontrol.settings import parse_duration
 from epp.plugins import create, register
+from epp.units import parse_duration
 
 Candidates = Sequence[int] | np.ndarray | None
 """Indices into the snapshot; None means every endpoint of the pool."""

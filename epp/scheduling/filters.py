@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from epp.plugins import register
-from epp.scheduling.framework import CycleState, check_params, param_float, param_int
+from epp.scheduling.framework import CycleState, check_params, param_float
 from epp.scheduling.scorers import PrefixCacheScorer, _lora
 
 
@@ -134,7 +134,6 @@ class PrefixCacheAffinityFilter:
         self.threshold = threshold
         self.producer_name: str | None = None
         self.producer = PrefixCacheScorer(f"{name}/index")
-        self._owns_producer = True
 
     @classmethod
     def from_params(cls, name: str, params: dict[str, Any]) -> "PrefixCacheAffinityFilter":
@@ -149,7 +148,6 @@ class PrefixCacheAffinityFilter:
     def link(self, producer: PrefixCacheScorer) -> None:
         """Share a scorer's prefix index (and let it do the recording)."""
         self.producer = producer
-        self._owns_producer = False
 
     def filter(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
         s = self.producer.score(state, candidates)

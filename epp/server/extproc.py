@@ -68,7 +68,6 @@ class _Modes:
     request_body: int = Mode.BUFFERED
     response_body: int = Mode.NONE
     body_without_waiting: bool = False
-    announced: bool = False
 
     @property
     def defer_headers(self) -> bool:
@@ -116,7 +115,7 @@ class _Stream:
 
     __slots__ = (
         "director", "max_body", "modes", "req", "request_id", "generated_id", "chunks",
-        "body_len", "decision", "done", "finished", "resp_tail", "resp_len", "carry",
+        "body_len", "decision", "done", "finished", "resp_tail", "carry",
         "restore", "saw_headers", "body_msgs", "saw_response",
     )
 
@@ -133,7 +132,6 @@ class _Stream:
         self.done = False
         self.finished = False
         self.resp_tail = bytearray()
-        self.resp_len = 0
         self.carry = b""
         self.restore: tuple[bytes, bytes] | None = None
         self.saw_headers = False
@@ -145,7 +143,7 @@ class _Stream:
         if msg.HasField("protocol_config"):
             pc = msg.protocol_config
             self.modes = _Modes(pc.request_body_mode, pc.response_body_mode,
-                                pc.send_body_without_waiting_for_header_response, True)
+                                pc.send_body_without_waiting_for_header_response)
         if kind == "request_headers":
             return await self._on_request_headers(msg)
         if kind == "request_body":
@@ -301,7 +299,6 @@ class _Stream:
 
     def _on_response_body(self, body: ep.HttpBody) -> list[ep.ProcessingResponse]:
         chunk = body.body
-        self.resp_len += len(chunk)
         self.resp_tail += chunk
         if len(self.resp_tail) > 2 * _USAGE_TAIL:
             del self.resp_tail[: len(self.resp_tail) - _USAGE_TAIL]

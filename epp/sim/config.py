@@ -11,7 +11,6 @@ simulator reports (response timing, metric histograms) is in simulated seconds.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -253,10 +252,3 @@ def fleet_from_dict(
     if len(set(ports)) != len(ports):
         raise ConfigError(f"{where}: two replicas share a port: {ports}")
     return out
-
-
-def as_dict(cfg: SimConfig) -> dict[str, Any]:
-    """A plain dict of the config (for logs and `--print-config`)."""
-    d = dataclasses.asdict(cfg)
-    d["lora_modules"] = dict(cfg.lora_modules)
-    return d

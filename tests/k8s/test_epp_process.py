@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.k8s import cluster as k
-from tests.k8s.conftest import POOL, eventually, sa_token
+from tests.k8s.conftest import POOL, sa_token
+from tests.support import stop_processes
 
 pytestmark = pytest.mark.k8s
 
@@ -43,15 +43,7 @@ async def epp_process(cluster: k.Cluster, admin: Any, namespace: str,
         return proc, health
 
     yield start
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+    stop_processes(procs)
 
 
 async def status(port: int, service: str) -> int | None:

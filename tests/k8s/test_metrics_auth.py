@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 
 from tests.k8s import cluster as k
 from tests.k8s.conftest import POOL, sa_token
+from tests.support import stop_processes
 
 pytestmark = pytest.mark.k8s
 
@@ -71,15 +71,7 @@ async def epp_metrics(cluster: k.Cluster, admin: Any, namespace: str,
                 await asyncio.sleep(0.1)
 
     yield start
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
+    stop_processes(procs)
 
 
 async def get(url: str, token: str | None = None) -> tuple[int, str]:
