@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from epp.config import load_config  # noqa: E402
 from epp.datastore import Datastore, Endpoint, EndpointMetrics, Snapshot  # noqa: E402
-from epp.scheduling import Scheduler, SchedulingRequest  # noqa: E402
+from epp.scheduling import InFlightTracker, Scheduler, SchedulingRequest  # noqa: E402
 from epp.scheduling.prefix import block_hashes, prompt_bytes  # noqa: E402
 
 OPEN_REQUESTS = 64
@@ -89,8 +89,9 @@ def bench_scheduler(n: int, iters: int, *, churn: bool, metrics: bool, seed: int
     rng = random.Random(seed)
     now = time.monotonic()
     ds = make_pool(n, rng, now)
-    kw = {} if metrics else {"plugin_metrics_every": 10**9, "e2e_metric": False}
-    sched = Scheduler.from_config(load_config(None), **kw)
+    kw = {} if metrics else {"plugin_metrics_every": 10**9}
+    inflight = InFlightTracker()
+    sched = Scheduler.from_config(load_config(None), inflight=inflight, **kw)
     prompts = make_prompts(rng, iters + 200)
     # A few distinct snapshot objects to rotate through (each a cache miss), built up front
     # so that the datastore's own rebuild is not measured here.
@@ -109,12 +110,13 @@ def bench_scheduler(n: int, iters: int, *, churn: bool, metrics: bool, seed: int
         snap = snaps[k % len(snaps)] if churn else snaps[0]
         req = SchedulingRequest(f"r{k}", "chat", prompts[k])
         t0 = time.perf_counter()
-        sched.schedule(req, snap, now=now + 0.001 * k)
+        picked = sched.schedule(req, snap, now=now + 0.001 * k).endpoint.name
+        inflight.started(req.request_id, picked, now + 0.001 * k)  # as the director does
         dt = time.perf_counter() - t0
         if k >= 200:
             ts.append(dt)
         if k >= OPEN_REQUESTS:
-            sched.inflight.finished(f"r{k - OPEN_REQUESTS}")
+            inflight.finished(f"r{k - OPEN_REQUESTS}")
     return percentiles(ts)
 
 
@@ -237,13 +239,16 @@ def burst_spread(track: bool, shared_prefix: bool, endpoints: int = 16, burst: i
     for i in range(endpoints):
         ds.update_metrics(f"pod-{i}", EndpointMetrics(waiting=0, running=2, kv_usage=0.3,
                                                       scraped_at=now - 0.01))
-    sched = Scheduler.from_config(load_config(None), track_inflight=track)
+    inflight = InFlightTracker() if track else None
+    sched = Scheduler.from_config(load_config(None), inflight=inflight)
     systems = [text(rng, 2048) for _ in range(8)]
     snap = ds.snapshot()
     counts: dict[str, int] = {}
     for k in range(burst):
         prompt = (systems[k % 8] if shared_prefix else "") + text(rng, 512)
         name = sched.schedule(SchedulingRequest(f"b{k}", "chat", prompt), snap, now=now).endpoint.name
+        if inflight is not None:
+            inflight.started(f"b{k}", name, now)
         counts[name] = counts.get(name, 0) + 1
     per = [counts.get(f"pod-{i}", 0) for i in range(endpoints)]
     return max(per), statistics.pstdev(per)

@@ -12,8 +12,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from epp import observability as obs
 from epp.config import load_config, load_config_file
@@ -22,14 +20,13 @@ from epp.datalayer.poolmetrics import PoolMetricsRefresher
 from epp.datalayer.scraper import Scraper
 from epp.datastore import Datastore
 from epp.director import Director
-from epp.flowcontrol.admission import DirectorAdmission, admission_from_config
+from epp.flowcontrol.admission import admission_from_config
 from epp.flowcontrol.saturation import detector_from_config
 from epp.k8s import KubernetesSource, kubernetes_settings
 from epp.manifests import ObjectivesFileWatcher
 from epp.objectives import ObjectiveStore
-from epp.scheduling import Scheduler
-from epp.server import reflection, tls
-from epp.server.extproc import ExtProcServicer
+from epp.scheduling import InFlightTracker, Scheduler
+from epp.server import extproc, reflection, tls
 from epp.server.health import HealthService
 from epp.server.metrics_http import MetricsAuth, MetricsServer, kubernetes_auth
 from epp.server.pick_api import SERVICE_NAME as PICK_SERVICE_NAME
@@ -60,18 +57,21 @@ class EppApp:
         self.objectives = ObjectiveStore(
             settings.pool_name or None,
             None if settings.objectives_file else settings.pool_namespace)
+        # The director records in-flight requests; the scheduler reads them as load.
+        self.inflight = InFlightTracker()
+        self.inflight.attach(self.datastore)
         # Per-plugin timings are sampled (1 cycle in 16): timing every cycle cost ~5 µs a pick.
-        self.scheduler = Scheduler.from_config(self.config, track_inflight=False, e2e_metric=False,
+        self.scheduler = Scheduler.from_config(self.config, inflight=self.inflight,
                                                plugin_metrics_every=16)
         self.scheduler.attach(self.datastore)
         detector = detector_from_config(self.config.saturation_detector, self.config.plugins)
-        self.admission = DirectorAdmission(admission_from_config(
-            self.config.feature_gates, self.config.flow_control, detector, self.datastore.snapshot))
+        self.admission = admission_from_config(
+            self.config.feature_gates, self.config.flow_control, detector, self.datastore.snapshot)
         self.director = Director(
             self.datastore, self.scheduler,
             resolver=self.objectives,
             admission=self.admission,
-            inflight=self.scheduler.inflight,
+            inflight=self.inflight,
         )
         self.engines = EngineRegistry.from_config(self.config.data or None)
         self.k8s: KubernetesSource | None = None
@@ -87,11 +87,9 @@ class EppApp:
         s = self.settings
         await self._start_sources()
         self.server = grpc.aio.server(options=_GRPC_OPTIONS)
-        ep_grpc.add_ExternalProcessorServicer_to_server(
-            ExtProcServicer(self.director, max_body_bytes=s.max_body_bytes), self.server)
+        extproc.add_to_server(self.server, self.director, max_body_bytes=s.max_body_bytes)
         add_pick_api(self.server, self._pick_route)
-        reflection.enable(self.server, [
-            ep.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name, PICK_SERVICE_NAME])
+        reflection.enable(self.server, [extproc.SERVICE_NAME, PICK_SERVICE_NAME])
         addr = f"{s.bind_address}:{s.grpc_port}"
         if s.secure_serving:
             cert, key = tls.load_or_create(s.cert_path)

@@ -33,23 +33,18 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
-from epp import plugins as _registry
-from epp.flowcontrol import saturation as _saturation  # noqa: F401 - registers detector types
-from epp.scheduling import filters as _filters  # noqa: F401 - registers plugin types
-from epp.scheduling import pickers as _pickers  # noqa: F401
-from epp.scheduling import scorers as _scorers
-from epp.scheduling.framework import (
-    Filter,
-    Picker,
-    Profile,
-    ProfileHandler,
-    Scorer,
-    SingleProfileHandler,
-)
+from epp import registry
+from epp.scheduling.interface import Filter, Picker, ProfileHandler, Scorer
+from epp.scheduling.pickers import MaxScorePicker
+from epp.scheduling.profile import Profile, checked_handler
+from epp.scheduling.scorers import PrefixCacheScorer
+
+if TYPE_CHECKING:
+    from epp.scheduling.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +62,6 @@ _KNOWN_KEYS = frozenset(
         "data",
     }
 )
-# Modules of other parts of the EPP that register plugin types (imported when present).
 DEFAULT_CONFIG_TEXT = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -120,9 +114,9 @@ class EppConfig:
         """Plugins of one upstream type, in config order (e.g. "utilization-detector")."""
         return [p for n, p in self.plugins.items() if self.plugin_types[n] == type_name]
 
-    def scheduler(self, **kwargs: Any) -> Any:
-        """A `Scheduler` running this config's profiles (see Scheduler.from_config)."""
-        from epp.scheduling.framework import Scheduler
+    def scheduler(self, **kwargs: Any) -> Scheduler:
+        """A `Scheduler` running this config's profiles (kwargs as for `Scheduler`)."""
+        from epp.scheduling.scheduler import Scheduler
 
         return Scheduler.from_config(self, **kwargs)
 
@@ -168,16 +162,12 @@ def _build(doc: dict[str, Any]) -> EppConfig:
     handlers = [n for n, p in plugins.items() if isinstance(p, ProfileHandler)]
     if len(handlers) > 1:
         raise ConfigError(f"plugins: only one profile handler allowed, got {handlers}")
-    if handlers:
-        handler = plugins[handlers[0]]
-    else:
-        handler = SingleProfileHandler("single-profile-handler")
-    check = getattr(handler, "check_profiles", None)
-    if check is not None:
-        try:
-            check(profiles)
-        except ValueError as e:
-            raise ConfigError(f"profile handler {handler.name!r}: {e}") from None
+    handler = plugins[handlers[0]] if handlers else None
+    try:
+        handler = checked_handler(profiles, handler)
+    except ValueError as e:
+        name = handler.name if handler is not None else "single-profile-handler"
+        raise ConfigError(f"profile handler {name!r}: {e}") from None
 
     return EppConfig(
         plugins=plugins,
@@ -221,7 +211,7 @@ def _build_plugins(entries: Any) -> tuple[dict[str, Any], dict[str, str]]:
         if not isinstance(params, dict):
             raise ConfigError(f"{where}: 'parameters' must be a mapping, got {params!r}")
         try:
-            plugins[name] = _registry.create(ptype, name, params)
+            plugins[name] = registry.create(ptype, name, params)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{where}: {e}") from None
         types[name] = ptype
@@ -229,7 +219,7 @@ def _build_plugins(entries: Any) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def _link_prefix_filters(plugins: dict[str, Any], types: dict[str, str]) -> None:
-    scorers = [n for n, p in plugins.items() if isinstance(p, _scorers.PrefixCacheScorer)]
+    scorers = [n for n, p in plugins.items() if isinstance(p, PrefixCacheScorer)]
     for name, p in plugins.items():
         link = getattr(p, "link", None)
         if link is None or not hasattr(p, "producer_name"):
@@ -237,7 +227,7 @@ def _link_prefix_filters(plugins: dict[str, Any], types: dict[str, str]) -> None
         ref = p.producer_name
         if ref is not None:
             target = plugins.get(ref)
-            if not isinstance(target, _scorers.PrefixCacheScorer):
+            if not isinstance(target, PrefixCacheScorer):
                 raise ConfigError(
                     f"plugin {name!r} (type {types[name]!r}): prefixScorerName {ref!r} "
                     "does not name a prefix-cache-scorer plugin"
@@ -326,7 +316,9 @@ def _build_profiles(entries: Any, plugins: dict[str, Any]) -> dict[str, Profile]
             else:
                 raise ConfigError(f"{rwhere}: {pref!r} is not a filter, scorer or picker")
         try:
-            profiles[pname] = Profile(pname, filters, scorers, picker)
+            # A profile that names no picker gets the upstream default.
+            profiles[pname] = Profile(pname, filters, scorers,
+                                      picker=picker or MaxScorePicker("max-score-picker"))
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
     return profiles

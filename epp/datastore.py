@@ -31,9 +31,14 @@ class Endpoint:
     @property
     def hostport(self) -> str:
         """The `ip:port` form used on the wire (IPv6 addresses in brackets)."""
-        if ":" in self.address and not self.address.startswith("["):
-            return f"[{self.address}]:{self.port}"
-        return f"{self.address}:{self.port}"
+        return host_port(self.address, self.port)
+
+
+def host_port(address: str, port: int) -> str:
+    """`address:port`, with an IPv6 address in brackets (as URLs and Envoy want it)."""
+    if ":" in address and not address.startswith("["):
+        return f"[{address}]:{port}"
+    return f"{address}:{port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +96,16 @@ class Snapshot:
         # NaN (never scraped) compares False, so invert a "fresh" test.
         return ~(age <= self.staleness_threshold)
 
+
 EndpointListener = Callable[[list[Endpoint], list[Endpoint]], None]
 """Called with (added, removed) after the endpoint set changes."""
+
+
+def departed(added: list[Endpoint], removed: list[Endpoint]) -> list[str]:
+    """Names of endpoints really gone in a change (not merely relabelled): what holders
+    of per-endpoint state must forget."""
+    kept = {e.name: (e.address, e.port) for e in added}
+    return [e.name for e in removed if kept.get(e.name) != (e.address, e.port)]
 
 
 class Datastore:
@@ -118,9 +131,8 @@ class Datastore:
         added = [e for n, e in new.items() if self._endpoints.get(n) != e]
         if not added and not removed:
             return
-        for e in removed:
-            if e.name not in new or (new[e.name].address, new[e.name].port) != (e.address, e.port):
-                self._metrics.pop(e.name, None)
+        for name in departed(added, removed):
+            self._metrics.pop(name, None)
         self._endpoints = new
         self._changed()
         for listener in self._listeners:
@@ -137,9 +149,6 @@ class Datastore:
 
     def endpoints(self) -> tuple[Endpoint, ...]:
         return tuple(self._endpoints.values())
-
-    def endpoint(self, name: str) -> Endpoint | None:
-        return self._endpoints.get(name)
 
     # -- metrics -------------------------------------------------------------------
 

@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             envoy = envoy_binary()
         except RuntimeError as e:
             raise SystemExit(f"demo: {e}") from None
-        stack.start("envoy", [envoy, "-c", str(logdir / "envoy.yaml"),
+        # A dynamic base id: another Envoy on this machine must not stop the demo's.
+        stack.start("envoy", [envoy, "-c", str(logdir / "envoy.yaml"), "--use-dynamic-base-id",
                               "--log-level", "warn", "--concurrency", "1"])
         _wait(stack, "Envoy readiness", lambda: _http_ok(f"http://127.0.0.1:{admin_port}/ready"))
 

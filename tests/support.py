@@ -96,6 +96,11 @@ class Upstream:
     port: int
     requests: list[dict[str, Any]] = field(default_factory=list)
     metrics_page: str = ""
+    status: int = 200
+    """HTTP status of its answers (a failing model server answers 5xx)."""
+    reports_served: str = ""
+    """When set, answers carry `x-test-served-endpoint: <this>`: an Envoy filter turns
+    it into the protocol's served-endpoint report (a data plane that used a fallback)."""
 
     @property
     def hostport(self) -> str:
@@ -180,9 +185,12 @@ class UpstreamFleet:
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
             return resp
+        headers = {"x-served-by": u.name}
+        if u.reports_served:
+            headers["x-test-served-endpoint"] = u.reports_served
         return web.json_response(
             {"served_by": u.name, "model": model, "body_bytes": len(body), "usage": usage},
-            headers={"x-served-by": u.name},
+            headers=headers, status=u.status,
         )
 
 

@@ -320,12 +320,17 @@ class RawHttpClient:
                 raise FetchError("too_large", f"over {self.max_body} bytes decompressed")
         elif enc not in ("", "identity"):
             raise FetchError("invalid_content", f"content encoding {enc!r}")
-        head = body[:64].lstrip()
-        if head[:1] == b"<":
-            raise FetchError("invalid_content", "body looks like HTML/XML")
-        if b"\x00" in head:
-            raise FetchError("invalid_content", "binary body")
-        return body.decode("utf-8", "replace")
+        return decode_metrics_body(body)
+
+
+def decode_metrics_body(body: bytes) -> str:
+    """Bytes -> text; HTML or binary junk is `invalid_content`, not a parse error."""
+    head = body[:64].lstrip()
+    if head[:1] == b"<":
+        raise FetchError("invalid_content", "body looks like HTML/XML")
+    if b"\x00" in head:
+        raise FetchError("invalid_content", "binary body")
+    return body.decode("utf-8", "replace")
 
 
 def _expire(fut: asyncio.Future[_Response]) -> None:

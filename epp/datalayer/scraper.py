@@ -35,9 +35,9 @@ from typing import Literal
 
 import aiohttp
 
-from epp.datastore import Datastore, Endpoint, EndpointMetrics
+from epp.datastore import Datastore, Endpoint, EndpointMetrics, host_port
 from epp.datalayer.engines import EngineConfig, EngineRegistry, MetricsError
-from epp.datalayer.fasthttp import FetchError, RawHttpClient
+from epp.datalayer.fasthttp import FetchError, RawHttpClient, decode_metrics_body
 from epp.observability import SCRAPE_ERRORS
 from epp.tasks import cancel_and_wait
 
@@ -202,8 +202,7 @@ class Scraper:
     def _state_for(self, ep: Endpoint) -> _EndpointState:
         port = self.port if self.port is not None else ep.port
         host = ep.address
-        hostpart = f"[{host}]" if ":" in host and not host.startswith("[") else host
-        url = f"{self.scheme}://{hostpart}:{port}{self.path}"
+        url = f"{self.scheme}://{host_port(host, port)}{self.path}"
         return _EndpointState(ep, self.engines.for_labels(ep.labels), url, host, port)
 
     async def _run(self, ep: Endpoint) -> None:
@@ -283,7 +282,7 @@ class Scraper:
                         raise FetchError("too_large", f"over {self.max_body_bytes} bytes")
                     chunks.append(chunk)
                 body = b"".join(chunks)
-        return _decode(body)
+        return decode_metrics_body(body)
 
     def _store(self, name: str, metrics: EndpointMetrics) -> None:
         if self.flush_delay <= 0:
@@ -327,16 +326,6 @@ class Scraper:
                 SCRAPE_ERRORS.remove(st.endpoint.name, reason)
             except KeyError:
                 pass
-
-
-def _decode(body: bytes) -> str:
-    """Bytes -> text; HTML or binary junk is `invalid_content`, not a parse error."""
-    head = body[:64].lstrip()
-    if head[:1] == b"<":
-        raise FetchError("invalid_content", "body looks like HTML/XML")
-    if b"\x00" in head:
-        raise FetchError("invalid_content", "binary body")
-    return body.decode("utf-8", "replace")
 
 
 def _classify(e: BaseException) -> tuple[str, str]:

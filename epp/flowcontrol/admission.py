@@ -3,10 +3,11 @@
 The director calls, once per request::
 
     lease = await admission.admit(ticket, candidates)   # may raise EppError 429/503
-    with lease:                     # release() on every exit path, cancellation included
-        ...schedule...; lease.started(endpoint.name, tokens)
-        ...until the response ends, fails, or the stream goes away...
+    ...schedule...; lease.started(endpoint.name, tokens)
+    ...until the response ends, fails, or the stream goes away...
+    lease.release()                 # on every exit path, cancellation included
 
+`ticket` is the request as flow control queues it (id, priority, fairness id, size);
 `candidates()` returns `(snapshot, indices or None)`: the pool and the request's
 candidate endpoints (the subset hint), computed only when admission needs it.
 
@@ -18,19 +19,16 @@ Two implementations, chosen by the `flowControl` feature gate:
 - `FlowControlAdmission`: every request waits in the flow controller's queues until the
   dispatcher releases it (see `controller.py`).
 
-The lease is how a dispatched request signals completion: `release()` (alias `done()`)
-tells the saturation detector (the concurrency detector counts in-flight work) and wakes
+The lease is how a dispatched request signals completion: `release()` tells the saturation detector (the concurrency detector counts in-flight work) and wakes
 the dispatcher so that it sees load drain without waiting for its next poll.
 
-`DirectorAdmission` adapts either implementation to `epp.director.Director`'s call shape
-`admit(request, priority, snapshot, candidates)`; `admission_from_config()` builds the
-right one from the EndpointPickerConfig sections.
+`admission_from_config()` builds the right one from the EndpointPickerConfig sections.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -44,6 +42,19 @@ from epp.flowcontrol.settings import FlowControlConfig, feature_enabled
 SHED_MESSAGE = "system saturated, sheddable request dropped"
 
 CandidatesFn = Callable[[], tuple[Snapshot, Sequence[int] | np.ndarray | None]]
+
+
+@runtime_checkable
+class Lease(Protocol):
+    """An admitted request's hold on the pool, given back exactly once by its owner."""
+
+    def started(self, endpoint: str, tokens: int = 0) -> None:
+        """The request was sent to `endpoint` (its name) with about `tokens` tokens."""
+        ...
+
+    def release(self) -> None:
+        """The request is over (done, failed or abandoned); idempotent."""
+        ...
 
 
 class AdmissionLease:
@@ -77,9 +88,6 @@ class AdmissionLease:
         if self._controller is not None:
             self._controller.notify()
 
-    done = release
-    """Alias: `epp.director.Director.finished()` calls `done()` on what admission returned."""
-
     @property
     def released(self) -> bool:
         return self._released
@@ -92,7 +100,11 @@ class AdmissionLease:
 
 
 class Admission(Protocol):
-    async def admit(self, ticket: AdmissionTicket, candidates: CandidatesFn) -> AdmissionLease: ...
+    """The gate between priority and scheduling (the director's one admission contract)."""
+
+    async def admit(self, ticket: AdmissionTicket, candidates: CandidatesFn) -> Lease:
+        """Wait until `ticket` may be scheduled, or raise `EppError` (429/503)."""
+        ...
 
     def start(self) -> None: ...
 
@@ -145,34 +157,6 @@ class FlowControlAdmission:
         """Stop the dispatcher; waiting requests get 503, later ones too."""
         self._state = "stopped"
         await self.controller.stop()
-
-
-class DirectorAdmission:
-    """Adapts an `Admission` to `epp.director.Admission`'s call shape:
-    `admit(request, priority, snapshot, candidates) -> lease` (the lease has `done()`).
-
-    The ticket is built from the request: its id, fairness id (header
-    `x-gateway-inference-fairness-id`, default "default") and body size. Candidates that
-    cover the whole pool are passed on as None so that the detector's cached whole-pool
-    reading applies. For the concurrency detector the director should also call
-    `lease.started(endpoint.name, tokens)` once it has picked the endpoint.
-    """
-
-    def __init__(self, admission: DefaultAdmission | FlowControlAdmission) -> None:
-        self.admission = admission
-
-    async def admit(self, request: Any, priority: int, snapshot: Snapshot,
-                    candidates: Sequence[int] | np.ndarray | None) -> AdmissionLease:
-        ticket = AdmissionTicket(request.request_id, priority, request.fairness_id,
-                                 len(request.body or b""))
-        cands = None if candidates is None or len(candidates) == len(snapshot) else candidates
-        return await self.admission.admit(ticket, lambda: (snapshot, cands))
-
-    def start(self) -> None:
-        self.admission.start()
-
-    async def stop(self) -> None:
-        await self.admission.stop()
 
 
 def admission_from_config(

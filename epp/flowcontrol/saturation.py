@@ -36,7 +36,6 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from epp.datastore import Snapshot
-from epp.plugins import create, register
 from epp.units import parse_duration
 
 Candidates = Sequence[int] | np.ndarray | None
@@ -68,10 +67,11 @@ def _reject_unknown(params: Mapping[str, Any], known: set[str], where: str) -> N
         raise ValueError(f"{where}: unknown parameter(s) {', '.join(unknown)}")
 
 
-@register("utilization-detector")
 class UtilizationDetector:
     """Per endpoint max(waiting / queueDepthThreshold, kv / kvCacheUtilThreshold), capped
     at 1; endpoints whose metrics are stale count as 1; the pool is the mean."""
+
+    plugin_type = "utilization-detector"
 
     def __init__(
         self,
@@ -159,7 +159,6 @@ class UtilizationDetector:
         pass
 
 
-@register("concurrency-detector")
 class ConcurrencyDetector:
     """Work the EPP itself has in flight per endpoint against a fixed capacity.
 
@@ -167,6 +166,8 @@ class ConcurrencyDetector:
     `requests` (count requests) or `tokens` (sum the token estimate passed to
     `request_started`); `maxConcurrency` is the per-endpoint capacity in that unit.
     """
+
+    plugin_type = "concurrency-detector"
 
     def __init__(self, max_concurrency: float = 64, mode: str = "requests",
                  name: str = "concurrency-detector") -> None:
@@ -219,6 +220,10 @@ class ConcurrencyDetector:
         return self.saturation(snapshot, candidates, now) >= 1.0
 
 
+DETECTORS: dict[str, Any] = {c.plugin_type: c for c in (UtilizationDetector, ConcurrencyDetector)}
+"""The detector types, for the inline `saturationDetector.type` form."""
+
+
 def detector_from_config(section: Mapping[str, Any] | None,
                          plugins: Mapping[str, Any] | None = None) -> SaturationDetector:
     """The detector an EndpointPickerConfig asks for (see the module docstring).
@@ -241,10 +246,11 @@ def detector_from_config(section: Mapping[str, Any] | None,
         params = s.get("parameters") or {}
         if not isinstance(params, Mapping):
             raise ValueError("saturationDetector.parameters: expected a mapping")
-        inst = create(str(s["type"]), str(s.get("name") or s["type"]), dict(params))
-        if not callable(getattr(inst, "saturation", None)):
-            raise ValueError(f"saturationDetector.type: {s['type']!r} is not a saturation detector")
-        return inst  # type: ignore[no-any-return]
+        cls = DETECTORS.get(s["type"]) if isinstance(s["type"], str) else None
+        if cls is None:
+            raise ValueError(f"saturationDetector.type: {s['type']!r} is not a saturation detector "
+                             f"(known: {', '.join(sorted(DETECTORS))})")
+        return cls.from_params(str(s.get("name") or s["type"]), dict(params))
     if not s:
         # No section: a detector declared under `plugins:` is meant to be used.
         declared = [p for p in (plugins or {}).values()

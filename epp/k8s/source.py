@@ -324,7 +324,3 @@ class KubernetesSource:
             self.objectives.delete(kind, key[0], key[1])
         except Exception as e:  # noqa: BLE001
             log.error("k8s: deleting %s %s/%s failed: %s", kind, key[0], key[1], e)
-
-    def objects(self, kind: str) -> dict[tuple[str, str], Obj]:
-        """The raw objects of `kind` that reference the pool (for debugging and tests)."""
-        return dict(self._objs.get(kind, {}))

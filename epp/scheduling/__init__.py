@@ -1,23 +1,24 @@
 """The scheduler: filters -> weighted scorers -> picker over datastore snapshots.
 
-Importing this package registers the built-in plugin types (filters, scorers, pickers and
-the single-profile handler) under their upstream names.
+Read `interface.py` first (the plugin contracts and the data a cycle takes and gives),
+then `cycle.py` (what plugins read), `profile.py` and `scheduler.py`. The plugins
+themselves are in `filters.py`, `scorers.py`, `pickers.py`; `epp.registry` lists them.
 """
 
-from epp.scheduling.framework import (
-    CycleState,
+from epp.scheduling.cycle import CycleState, Derived
+from epp.scheduling.inflight import InFlightTracker
+from epp.scheduling.interface import (
     Explanation,
-    Profile,
     ProfileExplanation,
-    Scheduler,
     SchedulingRequest,
     SchedulingResult,
 )
-from epp.scheduling.inflight import InFlightTracker
-from epp.scheduling import filters, pickers, scorers  # noqa: F401,E402 - register plugin types
+from epp.scheduling.profile import Profile, SingleProfileHandler
+from epp.scheduling.scheduler import Scheduler
 
 __all__ = [
     "CycleState",
+    "Derived",
     "Explanation",
     "InFlightTracker",
     "Profile",
@@ -25,4 +26,5 @@ __all__ = [
     "Scheduler",
     "SchedulingRequest",
     "SchedulingResult",
+    "SingleProfileHandler",
 ]

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from epp.plugins import register
-from epp.scheduling.framework import CycleState, check_params, param_float
+from epp.plugins import NoParams, check_params, param_float
+from epp.scheduling.cycle import CycleState
 from epp.scheduling.scorers import PrefixCacheScorer, _lora
 
 
@@ -37,44 +37,31 @@ def _least(state: CycleState, field: str, values: np.ndarray, cand: np.ndarray, 
     return c[v <= lo + step]
 
 
-@register("least-queue")
-class LeastQueueFilter:
+class LeastQueueFilter(NoParams):
     """Keep the endpoints whose waiting queue is within [min, min + (max - min) / n]."""
 
-    def __init__(self, name: str = "least-queue") -> None:
-        self.name = name
-
-    @classmethod
-    def from_params(cls, name: str, params: dict[str, Any]) -> "LeastQueueFilter":
-        check_params(params, ())
-        return cls(name)
+    plugin_type = "least-queue"
 
     def filter(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
         return _least(state, "waiting", state.waiting, candidates, integer=True)
 
 
-@register("least-kv-cache")
-class LeastKVCacheFilter:
+class LeastKVCacheFilter(NoParams):
     """Keep the endpoints whose KV usage is within [min, min + (max - min) / n]."""
 
-    def __init__(self, name: str = "least-kv-cache") -> None:
-        self.name = name
-
-    @classmethod
-    def from_params(cls, name: str, params: dict[str, Any]) -> "LeastKVCacheFilter":
-        check_params(params, ())
-        return cls(name)
+    plugin_type = "least-kv-cache"
 
     def filter(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
         return _least(state, "kv_usage", state.snapshot.kv_usage, candidates, integer=False)
 
 
-@register("low-queue")
 class LowQueueFilter:
     """Keep endpoints with at most `threshold` waiting requests (upstream default 128).
 
     May return nothing: then the profile has no candidate left (503), as upstream.
     """
+
+    plugin_type = "low-queue"
 
     def __init__(self, name: str = "low-queue", threshold: float = 128) -> None:
         self.name = name
@@ -93,21 +80,14 @@ class LowQueueFilter:
             return candidates[good & (v <= self.threshold)]
 
 
-@register("lora-affinity")
-class LoraAffinityFilter:
+class LoraAffinityFilter(NoParams):
     """Keep endpoints with the requested adapter active; else those with room to load it.
 
     When neither exists every candidate is kept (one of them will have to swap adapters),
     rather than failing the request. Stale endpoints never count as having the adapter.
     """
 
-    def __init__(self, name: str = "lora-affinity") -> None:
-        self.name = name
-
-    @classmethod
-    def from_params(cls, name: str, params: dict[str, Any]) -> "LoraAffinityFilter":
-        check_params(params, ())
-        return cls(name)
+    plugin_type = "lora-affinity"
 
     def filter(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
         s = state.take(_lora(state), candidates)
@@ -120,7 +100,6 @@ class LoraAffinityFilter:
         return room if len(room) else candidates
 
 
-@register("prefix-cache-affinity-filter")
 class PrefixCacheAffinityFilter:
     """Keep endpoints whose prefix match ratio is at least `affinityThreshold`, if any.
 
@@ -128,6 +107,8 @@ class PrefixCacheAffinityFilter:
     the only one in the config; the config loader links it). Without one, it keeps its own
     index; the scheduler finds any plugin's `producer` and lets it record picks.
     """
+
+    plugin_type = "prefix-cache-affinity-filter"
 
     def __init__(self, name: str = "prefix-cache-affinity-filter", threshold: float = 0.8) -> None:
         self.name = name
@@ -155,12 +136,11 @@ class PrefixCacheAffinityFilter:
         return keep if len(keep) else candidates
 
 
-# Aliases with the "-filter" suffix that some upstream configs use.
-for _alias, _cls in (
-    ("least-queue-filter", LeastQueueFilter),
-    ("least-kv-cache-filter", LeastKVCacheFilter),
-    ("low-queue-filter", LowQueueFilter),
-    ("lora-affinity-filter", LoraAffinityFilter),
-    ("prefix-cache-affinity", PrefixCacheAffinityFilter),
-):
-    register(_alias)(type(_cls.__name__ + "Alias", (_cls,), {"__doc__": _cls.__doc__}))
+ALIASES = {
+    "least-queue-filter": LeastQueueFilter,
+    "least-kv-cache-filter": LeastKVCacheFilter,
+    "low-queue-filter": LowQueueFilter,
+    "lora-affinity-filter": LoraAffinityFilter,
+    "prefix-cache-affinity": PrefixCacheAffinityFilter,
+}
+"""Type names with (or without) the "-filter" suffix that some upstream configs use."""

@@ -1,8 +1,11 @@
 """In-flight accounting: requests routed since an endpoint's last scrape.
 
+The director owns the tracker (it records `started`/`finished`); the scheduler only reads
+`extra_waiting` through `CycleState.waiting`.
+
 Scraped queue lengths lag reality by up to one scrape interval. A burst that arrives between
 two scrapes would otherwise see the same "idle" numbers for every request and pile onto one
-endpoint. So the scheduler remembers what it has routed and not yet seen finish, and the
+endpoint. So the director records what it has routed and not yet seen finish, and the
 queue scorer adds, per endpoint, the requests routed *after* that endpoint's last scrape
 (earlier ones are already in the scraped numbers) to the scraped waiting count.
 
@@ -19,7 +22,7 @@ import math
 
 import numpy as np
 
-from epp.datastore import Endpoint, Snapshot
+from epp.datastore import Datastore, Endpoint, Snapshot, departed
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds after which an unfinished request stops counting (a lost `finished` call)."""
@@ -161,6 +164,14 @@ class InFlightTracker:
             self._nslots += 1
         self._slot_of[name] = slot
         return slot
+
+    def attach(self, datastore: Datastore) -> None:
+        """Forget the records of endpoints that leave `datastore`'s pool."""
+        datastore.add_listener(self._on_endpoints_changed)
+
+    def _on_endpoints_changed(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
+        for name in departed(added, removed):
+            self.forget_endpoint(name)
 
     def forget_endpoint(self, name: str) -> None:
         """Stop counting requests routed to an endpoint that left the pool."""

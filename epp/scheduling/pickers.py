@@ -11,14 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from epp.plugins import register
-from epp.scheduling.framework import CycleState, check_params, param_int, param_seed, seeded_rng
+from epp.plugins import check_params, param_int, param_seed, seeded_rng
+from epp.scheduling.cycle import CycleState
 
 _PARAMS = ("maxNumOfEndpoints", "seed")
 _TIE_EPS = 1e-9
 
 
 class _BasePicker:
+    plugin_type = ""
+
     def __init__(self, name: str, max_endpoints: int = 1, seed: int | None = None) -> None:
         self.name = name
         self.max_endpoints = max_endpoints
@@ -31,9 +33,10 @@ class _BasePicker:
         return cls(name, param_int(params, "maxNumOfEndpoints", 1, minimum=1), param_seed(params))
 
 
-@register("max-score-picker")
 class MaxScorePicker(_BasePicker):
     """The highest total wins; equal totals are broken at random so that ties spread load."""
+
+    plugin_type = "max-score-picker"
 
     def pick(self, state: CycleState, candidates: np.ndarray, totals: np.ndarray) -> np.ndarray:
         n = len(totals)
@@ -49,9 +52,10 @@ class MaxScorePicker(_BasePicker):
         return order[: self.max_endpoints]
 
 
-@register("random-picker")
 class RandomPicker(_BasePicker):
     """Uniformly random, ignoring scores (a baseline, or after strict filters)."""
+
+    plugin_type = "random-picker"
 
     def pick(self, state: CycleState, candidates: np.ndarray, totals: np.ndarray) -> np.ndarray:
         n = len(totals)
@@ -60,12 +64,13 @@ class RandomPicker(_BasePicker):
         return self._np_rng.permutation(n)[: self.max_endpoints]
 
 
-@register("weighted-random-picker")
 class WeightedRandomPicker(_BasePicker):
     """Random with probability proportional to the total score (uniform when all are 0).
 
     Several endpoints are drawn without replacement by weighted reservoir keys u^(1/w).
     """
+
+    plugin_type = "weighted-random-picker"
 
     def pick(self, state: CycleState, candidates: np.ndarray, totals: np.ndarray) -> np.ndarray:
         n = len(totals)

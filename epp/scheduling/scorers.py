@@ -17,15 +17,9 @@ from typing import Any
 import numpy as np
 
 from epp.datastore import Snapshot
-from epp.plugins import register
+from epp.plugins import NoParams, check_params, param_bool, param_int
 from epp.scheduling import prefix as _prefix
-from epp.scheduling.framework import (
-    _MISSING,
-    CycleState,
-    check_params,
-    param_bool,
-    param_int,
-)
+from epp.scheduling.cycle import MISSING, CycleState
 
 
 def _notnan(field: str) -> Any:
@@ -67,40 +61,21 @@ def spread_score(state: CycleState, field: str, values: np.ndarray, cand: np.nda
     return s
 
 
-def _no_params(cls: Any, name: str, params: dict[str, Any]) -> Any:
-    check_params(params, ())
-    return cls(name)
-
-
-@register("queue-scorer")
-class QueueScorer:
+class QueueScorer(NoParams):
     """Shorter queue is better: waiting requests (scraped + routed since the scrape)."""
 
+    plugin_type = "queue-scorer"
     bounded = True
-
-    def __init__(self, name: str = "queue-scorer") -> None:
-        self.name = name
-
-    @classmethod
-    def from_params(cls, name: str, params: dict[str, Any]) -> "QueueScorer":
-        return _no_params(cls, name, params)
 
     def score(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
         return spread_score(state, "waiting", state.waiting, candidates)
 
 
-@register("running-requests-size-scorer")
-class RunningRequestsSizeScorer:
+class RunningRequestsSizeScorer(NoParams):
     """Fewer running requests is better, scaled like the queue scorer."""
 
+    plugin_type = "running-requests-size-scorer"
     bounded = True
-
-    def __init__(self, name: str = "running-requests-size-scorer") -> None:
-        self.name = name
-
-    @classmethod
-    def from_params(cls, name: str, params: dict[str, Any]) -> "RunningRequestsSizeScorer":
-        return _no_params(cls, name, params)
 
     def score(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
         return spread_score(state, "running", state.snapshot.running, candidates)
@@ -117,18 +92,11 @@ def _zero_stale(state: CycleState, scores: np.ndarray, cand: np.ndarray) -> np.n
     return scores * state.take(state.fresh, cand)
 
 
-@register("kv-cache-utilization-scorer")
-class KVCacheUtilizationScorer:
+class KVCacheUtilizationScorer(NoParams):
     """More free KV cache is better: 1 - usage (usage in [0, 1])."""
 
+    plugin_type = "kv-cache-utilization-scorer"
     bounded = True
-
-    def __init__(self, name: str = "kv-cache-utilization-scorer") -> None:
-        self.name = name
-
-    @classmethod
-    def from_params(cls, name: str, params: dict[str, Any]) -> "KVCacheUtilizationScorer":
-        return _no_params(cls, name, params)
 
     def score(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
         base = state.derived.get("kv_score", _kv_score)
@@ -189,31 +157,23 @@ def _lora(state: CycleState) -> np.ndarray:
 
     def build(s: Snapshot) -> np.ndarray:
         v = d.carried(key, _same_adapters)
-        if v is not _MISSING:
+        if v is not MISSING:
             return v
         return lora_scores(s, model, d.get("adapters", _adapter_counts))
 
     return d.get(key, build)
 
 
-@register("lora-affinity-scorer")
-class LoraAffinityScorer:
+class LoraAffinityScorer(NoParams):
     """Prefer endpoints that already serve the requested adapter, then those that can load it."""
 
+    plugin_type = "lora-affinity-scorer"
     bounded = True
-
-    def __init__(self, name: str = "lora-affinity-scorer") -> None:
-        self.name = name
-
-    @classmethod
-    def from_params(cls, name: str, params: dict[str, Any]) -> "LoraAffinityScorer":
-        return _no_params(cls, name, params)
 
     def score(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
         return _zero_stale(state, state.take(_lora(state), candidates), candidates)
 
 
-@register("prefix-cache-scorer")
 class PrefixCacheScorer:
     """Leading prompt blocks probably cached on the endpoint / blocks in the prompt.
 
@@ -225,6 +185,7 @@ class PrefixCacheScorer:
     `maxIndexedBlocks` (2,000,000 entries over all endpoints, bounding memory).
     """
 
+    plugin_type = "prefix-cache-scorer"
     bounded = True
     PARAMS = (
         "blockSize",
@@ -283,7 +244,7 @@ class PrefixCacheScorer:
 
         def build(s: Snapshot) -> tuple[np.ndarray, list[int]]:
             v = d.carried(key, _same_block_sizes)
-            if v is not _MISSING:
+            if v is not MISSING:
                 return v  # type: ignore[no-any-return]
             if self.auto_tune:
                 chars = np.where(

@@ -3,7 +3,7 @@
 Envoy opens a `Process` stream per HTTP request and sends the request headers, body
 chunks, then the response headers and body. This module turns those messages into an
 `InferenceRequest`, asks the director for an endpoint, and answers with the upstream
-EPP's wire contract (see DESIGN.md): the destination header (always overwritten, so a
+EPP's wire contract (docs/architecture.md): the destination header (always overwritten, so a
 client can never choose its own host) and the same value in `envoy.lb` dynamic metadata.
 
 When the answer must go out depends on the body mode Envoy announces in
@@ -24,34 +24,26 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 import grpc
-from envoy.config.core.v3 import base_pb2 as core
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
-from envoy.type.v3 import http_status_pb2
-from google.protobuf import struct_pb2
 
 from epp import observability as obs
 from epp.director import Director, RoutingDecision
 from epp.errors import EppError, ErrorCode
 from epp.request import (
     DESTINATION_HEADER,
-    LB_NAMESPACE,
     REQUEST_ID_HEADER,
-    SUBSET_KEY,
-    SUBSET_NAMESPACE,
     InferenceRequest,
+    ResponseReader,
     Usage,
     parse_body,
-    parse_usage,
 )
+from epp.server import envoy_messages as msgs
 
 log = logging.getLogger(__name__)
 
 Mode = pm.ProcessingMode
-_OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_STREAM_CHUNK = 64 * 1024
-_USAGE_TAIL = 64 * 1024
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
@@ -75,6 +67,18 @@ class _Modes:
         return self.request_body == Mode.FULL_DUPLEX_STREAMED or (
             self.request_body == Mode.STREAMED and self.body_without_waiting
         )
+
+
+SERVICE_NAME = ep.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
+"""`envoy.service.ext_proc.v3.ExternalProcessor`, for reflection and health."""
+
+
+def add_to_server(server: grpc.aio.Server, director: Director, *,
+                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> "ExtProcServicer":
+    """Serve ext_proc on a grpc.aio server (call before `server.start()`)."""
+    servicer = ExtProcServicer(director, max_body_bytes=max_body_bytes)
+    ep_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+    return servicer
 
 
 class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
@@ -115,8 +119,8 @@ class _Stream:
 
     __slots__ = (
         "director", "max_body", "modes", "req", "request_id", "generated_id", "chunks",
-        "body_len", "decision", "done", "finished", "resp_tail", "carry",
-        "restore", "saw_headers", "body_msgs", "saw_response",
+        "body_len", "decision", "done", "finished", "response", "status",
+        "saw_headers", "body_msgs", "saw_response",
     )
 
     def __init__(self, director: Director, max_body: int) -> None:
@@ -131,9 +135,8 @@ class _Stream:
         self.decision: RoutingDecision | None = None
         self.done = False
         self.finished = False
-        self.resp_tail = bytearray()
-        self.carry = b""
-        self.restore: tuple[bytes, bytes] | None = None
+        self.response = ResponseReader()
+        self.status: int | None = None
         self.saw_headers = False
         self.body_msgs = 0
         self.saw_response = False
@@ -150,12 +153,14 @@ class _Stream:
             return await self._on_request_body(msg.request_body)
         if kind == "request_trailers":
             return await self._on_request_trailers()
+        if kind in ("response_headers", "response_body", "response_trailers"):
+            self._note_served(msg)
         if kind == "response_headers":
             return self._on_response_headers(msg.response_headers)
         if kind == "response_body":
             return self._on_response_body(msg.response_body)
         if kind == "response_trailers":
-            self._finish(None)
+            self._finish(self.response.usage())
             return [ep.ProcessingResponse(response_trailers=ep.TrailersResponse())]
         raise ProtocolError("empty_message", "ProcessingRequest carries no request field")
 
@@ -165,9 +170,7 @@ class _Stream:
         if self.saw_headers:
             raise ProtocolError("out_of_order", "request_headers received twice")
         self.saw_headers = True
-        headers: dict[str, str] = {}
-        for h in msg.request_headers.headers.headers:
-            headers[h.key.lower()] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        headers = msgs.request_headers(msg.request_headers)
         rid = headers.get(REQUEST_ID_HEADER)
         if not rid:
             rid = uuid.uuid4().hex
@@ -178,7 +181,7 @@ class _Stream:
             path=headers.get(":path", "/"),
             method=headers.get(":method", "POST"),
             headers=headers,
-            subset=_subset_hint(msg),
+            subset=msgs.subset_hint(msg),
         )
         if msg.request_headers.end_of_stream or self.modes.request_body == Mode.NONE:
             return await self._route(headers_reply=True)
@@ -237,14 +240,14 @@ class _Stream:
             log.info("request %s rejected: %s", req.request_id, e.body)
             return self._immediate(e)
         self.decision = decision
-        if decision.target_model != decision.model:
-            self.restore = (decision.target_model.encode(), decision.model.encode())
+        self.response = ResponseReader(decision.target_model, decision.model)
         new_body = decision.body
+        destination = decision.destination
         mutation = self._id_mutation()
-        _set(mutation, DESTINATION_HEADER, decision.hostport.encode())
+        msgs.set_header(mutation, DESTINATION_HEADER, destination.encode())
         if new_body is not None:
-            _set(mutation, "content-length", str(len(new_body)).encode())
-        metadata = _lb_metadata(decision.hostport)
+            msgs.set_header(mutation, "content-length", str(len(new_body)).encode())
+        metadata = msgs.lb_metadata(destination)
         common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
 
         if self.body_msgs == 0:
@@ -254,7 +257,7 @@ class _Stream:
         if self.modes.request_body == Mode.FULL_DUPLEX_STREAMED:
             out = [ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common),
                                          dynamic_metadata=metadata)]
-            out.extend(_streamed_body(new_body if new_body is not None else body))
+            out.extend(msgs.streamed_body(new_body if new_body is not None else body))
             return out
         if headers_reply:  # STREAMED, body sent without waiting: one reply per chunk
             out = [ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common),
@@ -263,9 +266,9 @@ class _Stream:
                 if new_body is None:
                     out.append(ep.ProcessingResponse(request_body=ep.BodyResponse()))
                 elif i == 0:
-                    out.append(_body_reply(ep.BodyMutation(body=new_body)))
+                    out.append(msgs.body_reply(ep.BodyMutation(body=new_body)))
                 else:
-                    out.append(_body_reply(ep.BodyMutation(clear_body=True)))
+                    out.append(msgs.body_reply(ep.BodyMutation(clear_body=True)))
             return out
         # BUFFERED: headers were already answered; the body reply may still set headers.
         if new_body is not None:
@@ -276,12 +279,12 @@ class _Stream:
     def _id_mutation(self) -> ep.HeaderMutation:
         m = ep.HeaderMutation()
         if self.generated_id:
-            _set(m, REQUEST_ID_HEADER, self.request_id.encode())
+            msgs.set_header(m, REQUEST_ID_HEADER, self.request_id.encode())
         return m
 
     def _immediate(self, e: EppError) -> list[ep.ProcessingResponse]:
         self.done = True
-        return [immediate_response(e)]
+        return [msgs.immediate_response(e)]
 
     # -- response ------------------------------------------------------------------
 
@@ -289,8 +292,9 @@ class _Stream:
         # A response before a routing decision is Envoy's own local reply (for example its
         # 413 for a body over its buffer limit): pass it through untouched.
         self.saw_response = True
+        self.status = msgs.response_status(msg)
         common = ep.CommonResponse()
-        if self.restore is not None and self.modes.response_body != Mode.NONE:
+        if self.response.rewrites and self.modes.response_body != Mode.NONE:
             # The body may change length when the model name is restored.
             common.header_mutation.remove_headers.append("content-length")
         if msg.end_of_stream:
@@ -299,12 +303,9 @@ class _Stream:
 
     def _on_response_body(self, body: ep.HttpBody) -> list[ep.ProcessingResponse]:
         chunk = body.body
-        self.resp_tail += chunk
-        if len(self.resp_tail) > 2 * _USAGE_TAIL:
-            del self.resp_tail[: len(self.resp_tail) - _USAGE_TAIL]
-        out_chunk = self._restore_model(chunk, body.end_of_stream)
+        out_chunk = self.response.feed(chunk, body.end_of_stream)
         if body.end_of_stream:
-            self._finish(parse_usage(bytes(self.resp_tail)))
+            self._finish(self.response.usage())
         if self.modes.response_body == Mode.FULL_DUPLEX_STREAMED:
             return [ep.ProcessingResponse(response_body=ep.BodyResponse(response=ep.CommonResponse(
                 body_mutation=ep.BodyMutation(streamed_response=ep.StreamedBodyResponse(
@@ -315,28 +316,21 @@ class _Stream:
         return [ep.ProcessingResponse(response_body=ep.BodyResponse(
             response=ep.CommonResponse(body_mutation=mutation)))]
 
-    def _restore_model(self, chunk: bytes, eos: bool) -> bytes:
-        """Put back the model name the client sent, holding back an incomplete line."""
-        if self.restore is None:
-            return chunk
-        data = self.carry + chunk
-        if not eos:
-            cut = data.rfind(b"\n") + 1
-            data, self.carry = data[:cut], data[cut:]
-        else:
-            self.carry = b""
-        target, original = self.restore
-        for sep in (b'":"', b'": "'):
-            data = data.replace(b'"model' + sep + target + b'"', b'"model' + sep + original + b'"')
-        return data
-
     # -- end -----------------------------------------------------------------------
 
+    def _note_served(self, msg: ep.ProcessingRequest) -> None:
+        """The data plane may say which endpoint really served (a fallback, say)."""
+        if self.decision is None or not msg.HasField("metadata_context"):
+            return
+        served = msgs.served_endpoint(msg)
+        if served:
+            self.director.served(self.decision, served)
+
     def _finish(self, usage: Usage | None, detached: bool = False) -> None:
-        if self.decision is not None and not self.finished and self.req is not None:
+        if self.decision is not None and not self.finished:
             self.finished = True
             try:
-                self.director.finished(self.req, self.decision, usage, detached=detached)
+                self.director.finished(self.decision, usage, status=self.status, detached=detached)
             except Exception:
                 log.exception("request %s: finishing bookkeeping failed", self.request_id)
 
@@ -348,60 +342,3 @@ class _Stream:
         server may still be working on it, so it stays counted in flight until the
         endpoint's next scrape."""
         self._finish(None, detached=not self.saw_response)
-
-
-# -- message builders --------------------------------------------------------------
-
-
-def _set(m: ep.HeaderMutation, key: str, value: bytes) -> None:
-    m.set_headers.append(core.HeaderValueOption(
-        header=core.HeaderValue(key=key, raw_value=value), append_action=_OVERWRITE))
-
-
-def _lb_metadata(hostport: str) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.fields[LB_NAMESPACE].struct_value.fields[DESTINATION_HEADER].string_value = hostport
-    return s
-
-
-def _body_reply(mutation: ep.BodyMutation) -> ep.ProcessingResponse:
-    return ep.ProcessingResponse(request_body=ep.BodyResponse(
-        response=ep.CommonResponse(body_mutation=mutation)))
-
-
-def _streamed_body(body: bytes) -> list[ep.ProcessingResponse]:
-    out = []
-    n = len(body)
-    for start in range(0, max(n, 1), _STREAM_CHUNK):
-        piece = body[start:start + _STREAM_CHUNK]
-        out.append(_body_reply(ep.BodyMutation(streamed_response=ep.StreamedBodyResponse(
-            body=piece, end_of_stream=start + _STREAM_CHUNK >= n))))
-    return out
-
-
-def immediate_response(e: EppError) -> ep.ProcessingResponse:
-    """The upstream EPP's error answer: status, and body `inference error: <Code> - <msg>`."""
-    hm = ep.HeaderMutation()
-    _set(hm, "content-type", b"text/plain; charset=utf-8")
-    return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
-        status=http_status_pb2.HttpStatus(code=e.code.http_status),
-        headers=hm,
-        body=e.body.encode(),
-        details=f"epp_{e.code.name}",
-    ))
-
-
-def _subset_hint(msg: ep.ProcessingRequest) -> tuple[str, ...] | None:
-    fm = msg.metadata_context.filter_metadata
-    if SUBSET_NAMESPACE not in fm:
-        return None
-    fields = fm[SUBSET_NAMESPACE].fields
-    if SUBSET_KEY not in fields:
-        return None
-    v = fields[SUBSET_KEY]
-    kind = v.WhichOneof("kind")
-    if kind == "list_value":
-        return tuple(x.string_value for x in v.list_value.values if x.string_value)
-    if kind == "string_value":
-        return tuple(s.strip() for s in v.string_value.split(",") if s.strip())
-    return ()

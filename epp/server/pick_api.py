@@ -20,7 +20,7 @@ import grpc
 from epp.datastore import Endpoint
 from epp.errors import EppError, ErrorCode, bad_request
 from epp.request import REQUEST_ID_HEADER, InferenceRequest, parse_body
-from epp.scheduling.framework import Explanation
+from epp.scheduling.interface import Explanation
 from epp.v1 import pick_pb2, pick_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -131,6 +131,7 @@ async def test_the_epp_scrapes_both_and_routes_across_a_mixed_pool(
     import epp.datalayer.scraper as datalayer
     import epp.scheduling as scheduling
     import epp.scheduling.scorers as scorers
+    from epp.scheduling.pickers import MaxScorePicker
     from epp.datastore import Datastore, Endpoint
 
     fleet: Fleet = await start_sim(replicas=2, name="py", time_scale=1.0, max_loras=2,
@@ -156,11 +157,13 @@ async def test_the_epp_scrapes_both_and_routes_across_a_mixed_pool(
         assert idle["go-sim"].num_gpu_blocks == 1024  # its --kv-cache-size default
 
         # Route 24 adapter requests through the EPP's scheduler, as the director would.
+        inflight = scheduling.InFlightTracker()
         sched = scheduling.Scheduler([scheduling.Profile(
             "default", scorers=[(scorers.QueueScorer(), 1.0),
                                 (scorers.RunningRequestsSizeScorer(), 1.0),
                                 (scorers.KVCacheUtilizationScorer(), 1.0),
-                                (scorers.LoraAffinityScorer(), 1.0)])])
+                                (scorers.LoraAffinityScorer(), 1.0)],
+            picker=MaxScorePicker("max-score-picker"))], inflight=inflight)
         served: dict[str, int] = {}
         seen_running: dict[str, float] = {e.name: 0.0 for e in endpoints}
         seen_adapters: dict[str, set[str]] = {e.name: set() for e in endpoints}
@@ -169,6 +172,7 @@ async def test_the_epp_scrapes_both_and_routes_across_a_mixed_pool(
             req = scheduling.SchedulingRequest(request_id=f"r{i}", target_model=ADAPTER,
                                                prompt_text=f"request {i} " * 20)
             picked = sched.schedule(req, ds.snapshot()).endpoint
+            inflight.started(req.request_id, picked.name, time.monotonic())
             try:
                 async with http.post(f"http://{picked.hostport}/v1/completions",
                                      json={"model": ADAPTER, "prompt": req.prompt_text,
@@ -178,7 +182,7 @@ async def test_the_epp_scrapes_both_and_routes_across_a_mixed_pool(
                     if picked.name != "go-sim":
                         assert r.headers[REPLICA_HEADER] == picked.name
             finally:
-                sched.inflight.finished(req.request_id)
+                inflight.finished(req.request_id)
             served[picked.name] = served.get(picked.name, 0) + 1
 
         async def watch() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from epp import plugins
+from epp import registry
 from epp.config import ConfigError, DEFAULT_CONFIG_TEXT, load_config, load_config_file
 from epp.scheduling.filters import PrefixCacheAffinityFilter
 from epp.scheduling.pickers import MaxScorePicker, WeightedRandomPicker
@@ -164,4 +164,4 @@ def test_config_file(tmp_path) -> None:
 def test_plugins_are_instances_per_config() -> None:
     a, b = load_config(None), load_config(None)
     assert a.plugin("prefix-cache-scorer") is not b.plugin("prefix-cache-scorer")
-    assert "utilization-detector" in plugins.known_types()
+    assert "utilization-detector" in registry.known_types()

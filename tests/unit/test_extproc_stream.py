@@ -15,9 +15,10 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from epp.config import load_config
 from epp.datastore import Datastore, Endpoint
-from epp.director import Director, Resolution
+from epp.director import Director
+from epp.objectives import Resolution
 from epp.scheduling import Scheduler
-from epp.server.extproc import ExtProcServicer
+from epp.server.extproc import ExtProcServicer, add_to_server
 
 Mode = pm.ProcessingMode
 
@@ -54,11 +55,18 @@ class Recorder(Director):
         super().__init__(*a, **kw)
         self.usages: list[Any] = []
         self.detached: list[bool] = []
+        self.statuses: list[int | None] = []
+        self.served_reports: list[str] = []
 
-    def finished(self, req, decision, usage, error_code=None, detached=False) -> None:  # type: ignore[override]
+    def finished(self, decision, usage=None, *, status=None, detached=False) -> None:  # type: ignore[override]
         self.usages.append(usage)
         self.detached.append(detached)
-        super().finished(req, decision, usage, error_code, detached)
+        self.statuses.append(status)
+        super().finished(decision, usage, status=status, detached=detached)
+
+    def served(self, decision, hostport) -> None:  # type: ignore[override]
+        self.served_reports.append(hostport)
+        super().served(decision, hostport)
 
 
 class Rewriter:
@@ -234,3 +242,62 @@ async def test_cancelled_stream_finishes_its_request(stub) -> None:
     assert director.usages == [None]
     # No response came through: the model server may still be working on it.
     assert director.detached == [True]
+
+
+async def test_fallback_endpoints_go_in_the_header_and_the_metadata_primary_first() -> None:
+    ds = Datastore()
+    ds.set_endpoints([Endpoint("a", "10.0.0.1", 8000), Endpoint("b", "10.0.0.2", 8000),
+                      Endpoint("c", "10.0.0.3", 8000)])
+    config = load_config("""
+plugins:
+- {type: kv-cache-utilization-scorer}
+- {type: max-score-picker, parameters: {maxNumOfEndpoints: 2}}
+schedulingProfiles:
+- {name: p, plugins: [{pluginRef: kv-cache-utilization-scorer}, {pluginRef: max-score-picker}]}
+""")
+    server = grpc.aio.server()
+    add_to_server(server, Director(ds, Scheduler.from_config(config)))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            (r,) = await exchange(ep_grpc.ExternalProcessorStub(channel), [headers("/v1/models", eos=True)], 1)
+    finally:
+        await server.stop(0)
+    value = set_headers(r.request_headers.response.header_mutation)["x-gateway-destination-endpoint"]
+    primary, fallback = value.decode().split(",")
+    assert primary != fallback and {primary, fallback} <= {"10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"}
+    lb = r.dynamic_metadata.fields["envoy.lb"].struct_value.fields
+    assert lb["x-gateway-destination-endpoint"].string_value.encode() == value
+
+
+def served_report(hostport: str) -> ep.ProcessingRequest:
+    msg = ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=core.HeaderMap(
+        headers=[core.HeaderValue(key=":status", raw_value=b"200")])))
+    msg.metadata_context.filter_metadata["envoy.lb"].fields[
+        "x-gateway-destination-endpoint-served"].string_value = hostport
+    return msg
+
+
+async def test_the_endpoint_that_served_is_reported_to_the_director(stub) -> None:
+    s, director, _ = stub
+    call = s.Process()
+    await call.write(headers("/v1/models", eos=True))
+    routed = await call.read()
+    picked = set_headers(routed.request_headers.response.header_mutation)[
+        "x-gateway-destination-endpoint"].decode()
+    other = "10.0.0.2:8000" if picked == "10.0.0.1:8000" else "10.0.0.1:8000"
+    await call.write(served_report(other))
+    resp = await call.read()
+    assert resp.HasField("response_headers")
+    await call.done_writing()
+    assert director.served_reports[-1] == other
+
+
+async def test_the_response_status_reaches_request_completion(stub) -> None:
+    s, director, _ = stub
+    failed = ep.ProcessingRequest(response_headers=ep.HttpHeaders(end_of_stream=True, headers=core.HeaderMap(
+        headers=[core.HeaderValue(key=":status", raw_value=b"503")])))
+    await exchange(s, [headers("/v1/models", eos=True), failed], 2)
+    await asyncio.sleep(0.05)
+    assert director.statuses[-1] == 503

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
 
 from epp.datastore import Datastore, Endpoint, EndpointMetrics
@@ -272,32 +271,33 @@ def test_documented_yaml_example_is_valid() -> None:
     assert c.band(-1).saturation_ceiling == 0.8 and c.band(-1).max_bytes == 10**9
 
 
-async def test_director_adapter_builds_the_ticket_from_the_request() -> None:
-    from epp.flowcontrol.admission import DirectorAdmission
+async def test_the_director_queues_a_ticket_built_from_the_request() -> None:
+    from epp.config import load_config
+    from epp.director import Director
     from epp.request import FAIRNESS_ID_HEADER, InferenceRequest
+    from epp.scheduling import Scheduler
 
     ds = pool([9, 9])
-    snap = ds.snapshot()
     pool_fc = admission_from_config(["flowControl"], {}, UtilizationDetector(clock=lambda: NOW),
                                     ds.snapshot, clock=lambda: NOW)
     assert isinstance(pool_fc, FlowControlAdmission)
-    adapter = DirectorAdmission(pool_fc)
+    director = Director(ds, Scheduler.from_config(load_config(None)), admission=pool_fc)
     req = InferenceRequest("req-1", headers={FAIRNESS_ID_HEADER: "tenant-a"}, body=b"x" * 123)
-    t = asyncio.create_task(adapter.admit(req, 7, snap, np.arange(2)))
+    t = asyncio.create_task(director.route(req))
     await asyncio.sleep(0)
     fc = pool_fc.controller
-    assert fc.queued(7) == 1 and fc.queued_bytes(7) == 123
-    (state,) = [s for s in fc._order if s.band.priority == 7]
+    assert fc.queued(0) == 1 and fc.queued_bytes(0) == 123
+    (state,) = [s for s in fc._order if s.band.priority == 0]
     assert list(state.band.policy._queue._items.values())[0].ticket.fairness_id == "tenant-a"
     t.cancel()
     with pytest.raises(asyncio.CancelledError):
         await t
 
-    shedder = DirectorAdmission(DefaultAdmission(UtilizationDetector(), clock=lambda: NOW))
+    shedder = DefaultAdmission(UtilizationDetector(), clock=lambda: NOW)
     with pytest.raises(EppError, match="sheddable"):
-        await shedder.admit(InferenceRequest("req-2"), -1, snap, np.arange(2))
-    lease = await shedder.admit(InferenceRequest("req-3"), 0, snap, None)
-    lease.done()
+        await shedder.admit(AdmissionTicket("req-2", -1), all_of(ds))
+    lease = await shedder.admit(AdmissionTicket("req-3", 0), all_of(ds))
+    lease.release()
     assert lease.released
 
 

@@ -46,7 +46,7 @@ class FakeDirector:
         now = time.monotonic()
         self.ds.update_metrics("pod-a", EndpointMetrics(waiting=5, kv_usage=0.5, scraped_at=now))
         self.ds.update_metrics("pod-b", EndpointMetrics(waiting=0, kv_usage=0.1, scraped_at=now))
-        self.scheduler = Scheduler.from_config(load_config(None), track_inflight=False)
+        self.scheduler = Scheduler.from_config(load_config(None))
         self.seen: list[InferenceRequest] = []
         self.fail: EppError | Exception | None = None
 
@@ -59,7 +59,8 @@ class FakeDirector:
         if req.subset is not None:
             cands = np.array([snap.by_hostport[h] for h in req.subset if h in snap.by_hostport])
         res = self.scheduler.schedule(
-            SchedulingRequest.from_inference(req), snap, cands, explain=explain)
+            SchedulingRequest(req.request_id, req.model, req.prompt_text), snap, cands,
+            explain=explain)
         return Decision(res.endpoint, req.model, res.explanation)
 
 

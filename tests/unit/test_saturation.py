@@ -13,7 +13,7 @@ from epp.flowcontrol.saturation import (
     detector_from_config,
     pool_saturation_fn,
 )
-from epp.plugins import create
+from epp.registry import create
 
 NOW = 1000.0
 

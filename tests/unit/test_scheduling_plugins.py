@@ -7,10 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from epp import plugins
+from epp import registry
 from epp.datastore import Datastore, Endpoint, EndpointMetrics, Snapshot
-from epp.scheduling import Scheduler, SchedulingRequest
-from epp.scheduling.framework import CycleState, Derived, Profile
+from epp.scheduling import CycleState, Derived, Profile, Scheduler, SchedulingRequest
 from epp.scheduling.inflight import InFlightTracker
 from epp.scheduling.filters import (
     LeastKVCacheFilter,
@@ -165,13 +164,13 @@ def test_prefix_cache_scorer_distrusts_stale_endpoints_only_when_others_are_fres
 
 
 def test_prefix_cache_scorer_parameters() -> None:
-    p = plugins.create("prefix-cache-scorer", "p", {"blockSize": 128, "maxPrefixBlocksToMatch": 4,
+    p = registry.create("prefix-cache-scorer", "p", {"blockSize": 128, "maxPrefixBlocksToMatch": 4,
                                                     "lruCapacityPerServer": 10})
     assert (p.default_chars, p.max_blocks, p.lru_capacity) == (128, 4, 10)
     for bad in ({"blockSize": 0}, {"maxPrefixBlocksToMatch": "many"}, {"autoTune": "yes"},
                 {"blockSize": 64, "blockSizeTokens": 16}, {"lruCapacity": 3}):
         with pytest.raises(ValueError):
-            plugins.create("prefix-cache-scorer", "p", bad)
+            registry.create("prefix-cache-scorer", "p", bad)
 
 
 # -- filters -------------------------------------------------------------------------
@@ -194,11 +193,11 @@ def test_least_kv_cache_filter() -> None:
 
 def test_low_queue_filter_threshold() -> None:
     snap = snapshot(a=dict(waiting=3), b=dict(waiting=4), c=None)
-    f = plugins.create("low-queue", "lq", {"threshold": 3})
+    f = registry.create("low-queue", "lq", {"threshold": 3})
     assert survivors(f, snap) == ["a"]
     assert survivors(LowQueueFilter(threshold=2), snap) == []
     with pytest.raises(ValueError):
-        plugins.create("low-queue", "lq", {"threshold": -1})
+        registry.create("low-queue", "lq", {"threshold": -1})
 
 
 def test_lora_affinity_filter_prefers_active_then_room() -> None:
@@ -215,7 +214,7 @@ def test_lora_affinity_filter_prefers_active_then_room() -> None:
 
 def test_prefix_cache_affinity_filter() -> None:
     snap = snapshot(a=dict(waiting=0), b=dict(waiting=0), c=dict(waiting=0))
-    f = plugins.create("prefix-cache-affinity-filter", "f", {"affinityThreshold": 0.5})
+    f = registry.create("prefix-cache-affinity-filter", "f", {"affinityThreshold": 0.5})
     prompt = "r" * 640
     assert survivors(f, snap, prompt=prompt) == ["a", "b", "c"]  # nothing known: keep all
     f.producer.post_pick(state(snap, prompt=prompt), 2)
@@ -258,10 +257,10 @@ def test_weighted_random_picker_follows_the_weights() -> None:
 
 
 def test_picker_parameters() -> None:
-    assert plugins.create("max-score-picker", "m", {"maxNumOfEndpoints": 2}).max_endpoints == 2
+    assert registry.create("max-score-picker", "m", {"maxNumOfEndpoints": 2}).max_endpoints == 2
     for bad in ({"maxNumOfEndpoints": 0}, {"maxNumOfEndpoints": True}, {"other": 1}):
         with pytest.raises(ValueError):
-            plugins.create("max-score-picker", "m", bad)
+            registry.create("max-score-picker", "m", bad)
 
 
 def test_every_plugin_is_registered_under_its_upstream_name() -> None:
@@ -271,8 +270,8 @@ def test_every_plugin_is_registered_under_its_upstream_name() -> None:
         "low-queue", "lora-affinity", "prefix-cache-affinity-filter", "prefix-cache-affinity",
         "max-score-picker", "random-picker", "weighted-random-picker", "single-profile-handler",
     ):
-        assert name in plugins.known_types()
-        plugins.create(name, name, {})
+        assert name in registry.known_types()
+        registry.create(name, name, {})
 
 
 def test_a_third_party_scorer_is_clamped() -> None:
@@ -283,7 +282,7 @@ def test_a_third_party_scorer_is_clamped() -> None:
             return np.array([2.0, -1.0, math.nan])
 
     snap = snapshot(a=dict(waiting=0), b=dict(waiting=0), c=dict(waiting=0))
-    prof = Profile("p", scorers=[(Wild(), 1.0)])
+    prof = Profile("p", scorers=[(Wild(), 1.0)], picker=MaxScorePicker("max"))
     sched = Scheduler([prof])
     res = sched.schedule(SchedulingRequest("r", "m"), snap, explain=True, now=NOW)
     assert res.endpoint.name == "a"

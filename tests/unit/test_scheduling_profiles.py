@@ -13,7 +13,7 @@ from epp.director import Director
 from epp.errors import EppError, ErrorCode
 from epp.observability import PLUGIN_DURATION, REGISTRY, SCHEDULER_E2E_DURATION
 from epp.request import InferenceRequest, parse_body
-from epp.scheduling import Scheduler, SchedulingRequest
+from epp.scheduling import InFlightTracker, Scheduler, SchedulingRequest
 
 NOW = 500.0
 
@@ -27,13 +27,19 @@ def pool(rows: dict[str, dict | None]) -> Datastore:
     return ds
 
 
-def default_scheduler(**kw) -> Scheduler:
-    return Scheduler.from_config(load_config(None), **kw)
+def default_scheduler(track_inflight: bool = True, config: str | None = None) -> Scheduler:
+    """The scheduler as the EPP builds it; with `track_inflight`, `pick` records each
+    pick in flight as the director does."""
+    return Scheduler.from_config(load_config(config),
+                                 inflight=InFlightTracker() if track_inflight else None)
 
 
 def pick(s: Scheduler, ds: Datastore, prompt: str = "hi", model: str = "m", rid: str = "r",
          **kw) -> str:
-    return s.schedule(SchedulingRequest(rid, model, prompt), ds.snapshot(), now=NOW, **kw).endpoint.name
+    name = s.schedule(SchedulingRequest(rid, model, prompt), ds.snapshot(), now=NOW, **kw).endpoint.name
+    if s.inflight is not None:
+        s.inflight.started(rid, name, NOW)  # what the director does after each pick
+    return name
 
 
 def test_lower_queue_and_kv_usage_wins() -> None:
@@ -107,7 +113,7 @@ def test_burst_between_scrapes_spreads_thanks_to_inflight_accounting() -> None:
     ds = pool({f"pod-{i}": dict(waiting=0, kv_usage=0.5) for i in range(4)})
     most = {}
     for track in (True, False):
-        s = Scheduler.from_config(load_config(SEEDED), track_inflight=track)
+        s = default_scheduler(track_inflight=track, config=SEEDED)
         names = [pick(s, ds, prompt=f"short {i}", rid=f"b{i}") for i in range(8)]
         most[track] = max(names.count(n) for n in set(names))
     assert most[True] == 2  # 8 requests over 4 idle pods: two each
@@ -201,19 +207,30 @@ schedulingProfiles:
     assert p.picked == "a" and p.picker == "max-score-picker" and p.error is None
 
 
-def test_from_inference_request() -> None:
-    body = b'{"model": "m", "messages": [{"role": "user", "content": "hello"}]}'
-    req = InferenceRequest("rid", "/v1/chat/completions", headers={"x-a": "1"},
-                           body=body, parsed=parse_body("/v1/chat/completions", body))
-    sr = SchedulingRequest.from_inference(req, "m-rewritten", priority=2)
-    assert (sr.request_id, sr.target_model, sr.priority) == ("rid", "m-rewritten", 2)
-    assert "hello" in sr.prompt_text and sr.headers["x-a"] == "1"
+def test_the_prompt_is_derived_only_when_a_plugin_asks() -> None:
+    calls = []
+
+    def prompt() -> str:
+        calls.append(1)
+        return "hello"
+
+    ds = pool({"a": dict(waiting=0), "b": dict(waiting=1)})
+    queue_only = default_scheduler(config="""
+plugins: [{type: queue-scorer}]
+schedulingProfiles: [{name: p, plugins: [{pluginRef: queue-scorer}]}]
+""")
+    queue_only.schedule(SchedulingRequest("r", "m", prompt_source=prompt), ds.snapshot(), now=NOW)
+    assert calls == []
+    default_scheduler().schedule(SchedulingRequest("r", "m", prompt_source=prompt), ds.snapshot(),
+                                 now=NOW)
+    assert calls == [1]
 
 
 def test_endpoints_leaving_the_pool_are_forgotten() -> None:
     ds = pool({"a": dict(waiting=0), "b": dict(waiting=0)})
     s = default_scheduler()
     s.attach(ds)
+    s.inflight.attach(ds)
     chosen = pick(s, ds, prompt="z" * 1000, rid="k")
     prefix_scorer = load_prefix_scorer(s)
     assert prefix_scorer.index.blocks_of(chosen) == 15
@@ -260,7 +277,7 @@ schedulingProfiles:
 - name: default
   plugins: [{pluginRef: prefix-cache-affinity-filter}, {pluginRef: kv-cache-utilization-scorer}]
 """)
-    s = Scheduler.from_config(cfg, track_inflight=False)
+    s = Scheduler.from_config(cfg)
     ds = pool({"a": dict(kv_usage=0.2), "b": dict(kv_usage=0.1)})
     assert pick(s, ds, prompt="k" * 1024) == "b"
     ds.update_metrics("b", EndpointMetrics(kv_usage=0.6, scraped_at=NOW - 0.5))
@@ -269,13 +286,11 @@ schedulingProfiles:
 
 
 async def test_wired_into_the_director() -> None:
-    # As the EPP wires it: the director reports started/finished itself, so the scheduler
-    # does not track in-flight.
-
+    # As the EPP wires it: the director records started/finished, the scheduler reads.
     t = time.monotonic()  # the director schedules at the real time
     ds = pool({"a": dict(waiting=3, kv_usage=0.5, scraped_at=t),
                "b": dict(waiting=0, kv_usage=0.1, scraped_at=t)})
-    s = default_scheduler(track_inflight=False, e2e_metric=False)
+    s = default_scheduler()
     s.attach(ds)
     director = Director(ds, s, inflight=s.inflight)
     body = b'{"model": "m", "prompt": "hello"}'
@@ -285,5 +300,5 @@ async def test_wired_into_the_director() -> None:
     assert decision.endpoint.name == "b"
     assert decision.explanation.picked == "b"
     assert s.inflight.endpoint_of(decision.inflight_key) == "b"
-    director.finished(req, decision, None)
+    director.finished(decision, None)
     assert s.inflight.endpoint_of(decision.inflight_key) is None
