@@ -3,12 +3,12 @@ servers that fail."""
 
 from __future__ import annotations
 
-import re
 import urllib.request
 from typing import Any, Iterator
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from epp.v1 import pick_pb2, pick_pb2_grpc
 from tests.support import (
@@ -84,9 +84,15 @@ def prefix_scores(epp: EppProcess, prompt: str) -> dict[str, float]:
     return {c.endpoint_name: c.raw["prefix-cache-scorer"] for c in profile.scores}
 
 
-def metrics(epp: EppProcess) -> str:
+def sample(epp: EppProcess, name: str, **labels: str) -> float:
+    """One sample of the EPP's /metrics (0 when absent)."""
     url = f"http://127.0.0.1:{epp.metrics_port}/metrics"
-    return urllib.request.urlopen(url, timeout=5).read().decode()
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return float(s.value)
+    return 0.0
 
 
 def test_prefix_learning_follows_the_endpoint_that_served(
@@ -120,14 +126,10 @@ def test_model_server_errors_are_counted_and_never_as_success(
         for u in pair.upstreams:
             u.status = 200
 
-    def errors() -> float:
-        m = re.search(r'inference_objective_request_error_total\{model_name="failing-model",'
-                      r'target_model_name="failing-model",error_code="ModelServer5xx"\} (\S+)',
-                      metrics(epp))
-        return float(m.group(1)) if m else 0.0
-
-    wait_until(lambda: errors() == 3.0, 5, "three model-server errors counted")
-    text = metrics(epp)
+    failing = {"model_name": "failing-model", "target_model_name": "failing-model"}
+    wait_until(lambda: sample(epp, "inference_objective_request_error_total",
+                              error_code="ModelServer5xx", **failing) == 3.0,
+               5, "three model-server errors counted")
     # No completed-request latency and no running request left for the failed ones.
-    assert 'inference_objective_request_duration_seconds_count{model_name="failing-model"' not in text
-    assert re.search(r'inference_objective_running_requests\{model_name="failing-model"\} 0\.0', text)
+    assert sample(epp, "inference_objective_request_duration_seconds_count", **failing) == 0.0
+    assert sample(epp, "inference_objective_running_requests", model_name="failing-model") == 0.0
