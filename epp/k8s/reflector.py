@@ -11,7 +11,8 @@ Failure rules, as in client-go's reflector:
 - 410 Gone (the resourceVersion was compacted away) or any other watch ERROR: list again
   and deliver the whole set, which the consumer diffs against what it had;
 - 404 on list (a CRD not installed) counts as an empty, synced list when `optional`,
-  and is retried at the slow `absent_retry` pace.
+  and is retried at the slow `absent_retry` pace; so does 403 (RBAC written for another
+  EPP that lacks this collection), with a warning naming it.
 Nothing is cleared while the API server is away: the consumer keeps its last state.
 """
 
@@ -184,10 +185,14 @@ class Reflector:
             try:
                 resp = self._list(**kwargs)
             except ApiException as e:
-                if e.status == 404 and self._optional:
+                if e.status in (403, 404) and self._optional:
                     self.stats.lists += 1
-                    log.info("k8s %s: not served (CRD not installed?); treating as empty",
-                             self.name)
+                    if e.status == 404:
+                        log.info("k8s %s: not served (CRD not installed?); treating as empty",
+                                 self.name)
+                    else:
+                        log.warning("k8s %s: list forbidden (the Role lacks it); treating "
+                                    "as empty", self.name)
                     self._deliver(self._on_replace, [])
                     return None
                 if e.status == 410:  # continue token expired mid-list

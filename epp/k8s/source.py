@@ -33,16 +33,24 @@ from epp.k8s.objects import (
     references_pool,
 )
 from epp.k8s.reflector import Obj, Reflector
-from epp.k8s.settings import GROUP_X, KubernetesSettings, load_api_client
+from epp.k8s.settings import GROUP_V1, GROUP_X, KubernetesSettings, load_api_client
 
 log = logging.getLogger(__name__)
 
-# (kind, plural, group, version) of the objects that configure requests for a pool.
-OBJECTIVE_KINDS: tuple[tuple[str, str, str, str], ...] = (
-    ("InferenceObjective", "inferenceobjectives", GROUP_X, "v1alpha2"),
-    ("InferenceModelRewrite", "inferencemodelrewrites", GROUP_X, "v1alpha2"),
-    ("InferenceModel", "inferencemodels", GROUP_X, "v1alpha2"),
+# (collection, kind, plural, group, version) of the objects that configure requests for a
+# pool. GKE serves InferenceObjective under the v1 group's v1alpha2 as well as under the
+# x-k8s group, and its guide uses both: either is watched (a CRD not installed is an empty
+# collection). An objective of one name in both groups is one objective: the copy seen
+# last wins, and the objective stays while either copy exists.
+OBJECTIVE_KINDS: tuple[tuple[str, str, str, str, str], ...] = (
+    ("InferenceObjective", "InferenceObjective", "inferenceobjectives", GROUP_X, "v1alpha2"),
+    (f"InferenceObjective.{GROUP_V1}", "InferenceObjective", "inferenceobjectives", GROUP_V1,
+     "v1alpha2"),
+    ("InferenceModelRewrite", "InferenceModelRewrite", "inferencemodelrewrites", GROUP_X,
+     "v1alpha2"),
+    ("InferenceModel", "InferenceModel", "inferencemodels", GROUP_X, "v1alpha2"),
 )
+_KIND_OF = {c[0]: c[1] for c in OBJECTIVE_KINDS}
 
 
 class ObjectiveSink(Protocol):
@@ -161,13 +169,13 @@ class KubernetesSource:
             self._add(Reflector("pods", functools.partial(core.list_namespaced_pod, ns), loop,
                                 self._pods_replace, self._pods_event, **common))
             if s.watch_objectives:
-                for kind, plural, group, version in OBJECTIVE_KINDS:
+                for coll, _kind, plural, group, version in OBJECTIVE_KINDS:
                     fn = functools.partial(custom.list_namespaced_custom_object,
                                            group, version, ns, plural)
                     self._add(Reflector(
-                        kind, fn, loop,
-                        functools.partial(self._objs_replace, kind),
-                        functools.partial(self._objs_event, kind),
+                        coll, fn, loop,
+                        functools.partial(self._objs_replace, coll),
+                        functools.partial(self._objs_event, coll),
                         optional=True, absent_retry=min(30.0, s.backoff_max), **common))
 
         if s.leader_election:
@@ -287,40 +295,49 @@ class KubernetesSource:
     def _mine(self, obj: Obj) -> bool:
         return references_pool(obj, self.settings.pool_name or "", self.settings.pool_group)
 
-    def _objs_replace(self, kind: str, items: list[Obj]) -> None:
+    def _objs_replace(self, coll: str, items: list[Obj]) -> None:
         new = {object_key(o): o for o in items if self._mine(o)}
-        old = self._objs[kind]
+        old = self._objs[coll]
+        self._objs[coll] = new
         for key in set(old) - set(new):
-            self._sink_delete(kind, key)
+            self._forget(coll, key)
         for key, obj in new.items():
             if old.get(key) != obj:
-                self._sink_add(kind, key, obj)
-        self._objs[kind] = new
-        self._mark_synced(kind)
+                self._sink_add(coll, key, obj)
+        self._mark_synced(coll)
 
-    def _objs_event(self, kind: str, etype: str, obj: Obj) -> None:
+    def _objs_event(self, coll: str, etype: str, obj: Obj) -> None:
         key = object_key(obj)
-        cache = self._objs[kind]
+        cache = self._objs[coll]
         if etype == "DELETED" or not self._mine(obj):
             # Not (or no longer) pointing at our pool: forget it if we had it.
             if cache.pop(key, None) is not None:
-                self._sink_delete(kind, key)
+                self._forget(coll, key)
             return
         cache[key] = obj
-        self._sink_add(kind, key, obj)
+        self._sink_add(coll, key, obj)
 
-    def _sink_add(self, kind: str, key: tuple[str, str], obj: Obj) -> None:
+    def _forget(self, coll: str, key: tuple[str, str]) -> None:
+        """`key` left `coll`: delete it, unless another group still holds the same kind."""
+        kind = _KIND_OF[coll]
+        for other, objs in self._objs.items():
+            if other != coll and _KIND_OF[other] == kind and key in objs:
+                self._sink_add(other, key, objs[key])
+                return
+        self._sink_delete(coll, key)
+
+    def _sink_add(self, coll: str, key: tuple[str, str], obj: Obj) -> None:
         if self.objectives is None:
             return
         try:
-            self.objectives.add(kind, key[0], key[1], obj)
+            self.objectives.add(_KIND_OF[coll], key[0], key[1], obj)
         except Exception as e:  # noqa: BLE001 - a bad object is logged, never fatal
-            log.error("k8s: %s %s/%s rejected: %s", kind, key[0], key[1], e)
+            log.error("k8s: %s %s/%s rejected: %s", coll, key[0], key[1], e)
 
-    def _sink_delete(self, kind: str, key: tuple[str, str]) -> None:
+    def _sink_delete(self, coll: str, key: tuple[str, str]) -> None:
         if self.objectives is None:
             return
         try:
-            self.objectives.delete(kind, key[0], key[1])
+            self.objectives.delete(_KIND_OF[coll], key[0], key[1])
         except Exception as e:  # noqa: BLE001
-            log.error("k8s: deleting %s %s/%s failed: %s", kind, key[0], key[1], e)
+            log.error("k8s: deleting %s %s/%s failed: %s", coll, key[0], key[1], e)

@@ -139,6 +139,54 @@ async def test_objective_priority_change_takes_effect(start_epp: Factory, admin:
                      what="deleted objective falls back to the default priority")
 
 
+async def test_objectives_in_either_group_and_in_both(start_epp: Factory, admin: Any,
+                                                      namespace: str):
+    """GKE serves InferenceObjective under inference.networking.k8s.io/v1alpha2 as well;
+    the EPP reads both groups, and one name in both is one objective that lasts while
+    either copy does."""
+    _, _, store = await start_epp()
+    v1 = f"/apis/inference.networking.k8s.io/v1alpha2/namespaces/{namespace}/inferenceobjectives"
+    x = f"/apis/inference.networking.x-k8s.io/v1alpha2/namespaces/{namespace}/inferenceobjectives"
+
+    def objective(name: str, priority: int) -> dict[str, Any]:
+        return {"apiVersion": "inference.networking.k8s.io/v1alpha2", "kind": "InferenceObjective",
+                "metadata": {"name": name}, "spec": {"priority": priority, "poolRef": {"name": POOL}}}
+
+    assert k.call(admin, "POST", v1, objective("batch", 5))[0] == 201
+    await eventually(lambda: store.resolve("m", "batch", None, 0.0).priority == 5,
+                     what="objective of the v1 group")
+
+    # food-review also exists in the x-k8s group (priority 10, from the manifests).
+    assert k.call(admin, "POST", v1, objective("food-review", 40))[0] == 201
+    await eventually(lambda: store.resolve("m", "food-review", None, 0.0).priority == 40,
+                     what="the latest write wins")
+    assert k.call(admin, "DELETE", f"{v1}/food-review")[0] == 200
+    await eventually(lambda: store.resolve("m", "food-review", None, 0.0).priority == 10,
+                     what="the x-k8s copy remains")
+    assert k.call(admin, "DELETE", f"{x}/food-review")[0] == 200
+    await eventually(lambda: store.resolve("m", "food-review", None, 0.0).priority == 0,
+                     what="gone with both copies")
+
+
+async def test_a_role_without_an_objective_group_still_syncs(start_epp: Factory, admin: Any,
+                                                             namespace: str, cluster: k.Cluster):
+    """RBAC written for another EPP (the upstream chart's Role has no InferenceObjective of
+    the v1 group, nor rewrites) must not keep this one from becoming ready."""
+    role = next(d for d in k.load_docs(k.DEPLOY / "rbac.yaml") if d["kind"] == "Role")
+    role["rules"] = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                     {"apiGroups": ["inference.networking.k8s.io"], "resources": ["inferencepools"],
+                      "verbs": ["get", "list", "watch"]},
+                     {"apiGroups": ["inference.networking.x-k8s.io"],
+                      "resources": ["inferenceobjectives"], "verbs": ["get", "list", "watch"]}]
+    k.apply(admin, [role], namespace)
+    epp = cluster.client_for(sa_token(admin, namespace))
+    v1_objectives = f"/apis/inference.networking.k8s.io/v1alpha2/namespaces/{namespace}/inferenceobjectives"
+    await eventually(lambda: k.call(epp, "GET", v1_objectives)[0] == 403, what="RBAC in force")
+    epp.close()
+    _, _, store = await start_epp()  # waits for the first full sync
+    assert store.resolve("m", "food-review", None, 0.0).priority == 10
+
+
 async def test_standalone_selector_without_crds(start_epp: Factory, kubelet: Kubelet):
     _, ds, _ = await start_epp(pool_name=None, endpoint_selector={"app": "vllm"},
                                endpoint_target_ports=(8000, 8002))
