@@ -19,13 +19,11 @@ stand-ins (tests/k8s/stand-ins/crds.yaml). There is no kubelet: the test writes 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -100,14 +98,35 @@ FLEET = {"defaults": {"model": BASE_MODEL, "max_loras": 2, "lora_load_time": 0.0
                       {"name": f"{RELEASE}-2"}]}
 ADAPTER_PODS = {f"{RELEASE}-0", f"{RELEASE}-1"}
 
-# Values for `helm upgrade --reuse-values` once the pods' ports are known: flow control
-# (upstream's pluginsCustomConfig / pluginsConfigFile), with one request in flight per pod
-# counting as full, so that a burst waits in the EPP and is released by priority; and a
-# fast refresh of the pool gauges (upstream's `flags`), which the test polls.
+# Values for `helm upgrade --reuse-values` once the pods' ports are known, through
+# upstream's pluginsCustomConfig / pluginsConfigFile: the default profile behind the
+# `lora-affinity` filter (the guide's pods all load the adapter; in this mixed pool an
+# adapter request must skip the base-only pod), and flow control with one request in
+# flight per pod counting as full, so that a burst waits in the EPP and is released by
+# priority. And (upstream's `flags`) a fast refresh of the pool gauges the test polls.
 FLOW_CONTROL = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
 featureGates: [flowControl]
+plugins:
+- type: lora-affinity
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+- type: lora-affinity-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: lora-affinity
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: lora-affinity-scorer
+  - pluginRef: max-score-picker
 saturationDetector:
   type: concurrency-detector
   parameters: {mode: requests, maxConcurrency: 1}
@@ -159,12 +178,9 @@ def guide(cluster: k.Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
     k.apply(admin, k.load_docs(STAND_INS))
     g = Guide(cluster, admin, ns, tmp_path_factory.mktemp("guide"), str(found[2]),
               cluster.kubeconfig(k.ADMIN_TOKEN))
+    wait_until(lambda: len(k.call(admin, "GET", "/apis/networking.gke.io/v1")[1]["resources"]) == 2,
+               30, "the stand-in CRDs served")
     r = g.helm(*GUIDE_INSTALL)
-    for _ in range(40):  # the stand-in CRDs may take a moment to be served
-        if r.returncode == 0 or "no matches for kind" not in r.stderr:
-            break
-        time.sleep(0.25)
-        r = g.helm(*GUIDE_INSTALL)
     assert r.returncode == 0, r.stdout + r.stderr
     try:
         yield g
@@ -202,6 +218,14 @@ def test_the_guides_install_creates_the_pool_the_epp_and_the_gke_policies(guide:
             ("HealthCheckPolicy", RELEASE), ("GCPBackendPolicy", RELEASE)} <= rendered
 
 
+def test_helm_lint_passes_with_the_schema_and_unknown_values_fail(guide: Guide):
+    """The chart tests in tests/unit need helm too; `make test` may run before it is built."""
+    r = guide.helm("lint", "--strict", str(CHART), "--set", GUIDE_INSTALL[3])
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = guide.helm("template", *GUIDE_INSTALL[1:], "--set", "inferencePool.selector.app=other")
+    assert r.returncode != 0 and "selector" in r.stderr
+
+
 # -- the EPP, the pods and Envoy --------------------------------------------------------
 
 
@@ -214,15 +238,18 @@ class Stack:
     epp_metrics: int
     envoy: EnvoyProcess
 
-    def metric(self, series: str) -> float:
-        """The sum of a metric's series (or one series, given with its labels) on the
-        EPP's /metrics, read with the admin token (--metrics-endpoint-auth is on)."""
+    def series(self, series: str) -> list[float]:
+        """The values of a metric's series (or of one series, given with its labels) on
+        the EPP's /metrics, read with the admin token (--metrics-endpoint-auth is on)."""
         r = http("GET", f"http://127.0.0.1:{self.epp_metrics}/metrics",
                  headers={"Authorization": f"Bearer {k.ADMIN_TOKEN}"})
         assert r.status == 200, r.body
         labels = "" if "{" in series else r"(?:\{[^}]*\})?"
-        values = re.findall(rf"^{re.escape(series)}{labels} (\S+)$", r.body.decode(), re.M)
-        return sum(float(v) for v in values)
+        return [float(v) for v in
+                re.findall(rf"^{re.escape(series)}{labels} (\S+)$", r.body.decode(), re.M)]
+
+    def metric(self, series: str) -> float:
+        return sum(self.series(series))
 
 
 def start_sims(workdir: Path) -> tuple[subprocess.Popen[str], dict[str, int]]:
@@ -295,8 +322,9 @@ def stack(guide: Guide) -> Iterator[Stack]:
         procs.append(envoy.proc.p)
         s = Stack(g, kubelet, ports, epp, metrics, envoy)
         try:
-            wait_until(lambda: s.metric("inference_pool_ready_pods") == len(names), 60,
-                       "the EPP to see the three pods")
+            # Three pods, each with fresh metrics (per-pod series exist for those only).
+            wait_until(lambda: len(s.series("inference_pool_per_pod_queue_size")) == len(names),
+                       60, "the EPP to see the three pods and scrape them")
         except (TimeoutError, AssertionError, OSError) as e:
             raise AssertionError(f"{e}\n--- EPP log:\n{epp.output()}") from None
         yield s

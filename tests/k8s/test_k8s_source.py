@@ -358,16 +358,17 @@ async def test_readiness_waits_for_the_pool_and_priority_reaches_the_next_reques
 
 async def test_helm_chart_applies_to_the_api_server(cluster: k.Cluster, admin: Any,
                                                    namespace: str):
-    """The chart's default and HA renderings are valid objects for a real API server."""
+    """The chart's default and HA renderings are valid objects for a real API server
+    (test_gke_guide.py installs it with helm itself)."""
     import subprocess
 
     helm = k.binaries(with_helm=True)
     assert helm is not None, "helm not built: run tests/k8s/build_apiserver.sh"
-    for i, sets in enumerate(([], ["epp.replicas=2", "epp.leaderElection=true",
-                                   "metricsReader.create=false",
-                                   "objectives[0].name=chat", "objectives[0].priority=5"])):
-        args = [str(helm[2]), "template", f"r{i}", str(k.REPO / "deploy" / "helm" / "epp"),
-                "--namespace", namespace, "--set", f"inferencePool.name=helm-pool-{i}"]
+    for i, sets in enumerate(([], ["inferenceExtension.replicas=2",
+                                   "inferenceObjectives[0].name=chat",
+                                   "inferenceObjectives[0].priority=5"])):
+        args = [str(helm[2]), "template", f"helm-pool-{i}", str(k.REPO / "deploy" / "helm" / "epp"),
+                "--namespace", namespace, "--set", "inferencePool.modelServers.matchLabels.app=vllm"]
         for s in sets:
             args += ["--set", s]
         out = subprocess.run(args, capture_output=True, text=True, timeout=60, check=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -152,11 +153,17 @@ def helm_run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([helm(), *args], capture_output=True, text=True, timeout=60)
 
 
-def render(*sets: str, release: str = RELEASE) -> list[dict]:
-    args = ["template", release, str(CHART), "--namespace", "ns"]
+def render(*sets: str, values: dict[str, Any] | None = None) -> list[dict]:
+    """`helm template` with `--set`s and, when given, a values file holding `values`."""
+    args = ["template", RELEASE, str(CHART), "--namespace", "ns"]
     for s in sets:
         args += ["--set", s]
-    out = helm_run(*args)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        if values is not None:
+            yaml.safe_dump(values, f)
+            f.flush()
+            args += ["-f", f.name]
+        out = helm_run(*args)
     if out.returncode != 0:
         raise RuntimeError(out.stderr)
     return [d for d in yaml.safe_load_all(out.stdout) if d]
@@ -255,17 +262,11 @@ schedulingProfiles:
 
 
 @needs_helm
-def test_custom_plugins_config_is_used_and_gets_the_engine_unless_it_names_one(tmp_path):
-    values = tmp_path / "values.yaml"
-    values.write_text(yaml.safe_dump({"inferenceExtension": {
+def test_custom_plugins_config_is_used_and_gets_the_engine_unless_it_names_one():
+    out = render(SELECTOR, "inferencePool.modelServerType=trtllm-serve", values={"inferenceExtension": {
         "pluginsConfigFile": "custom.yaml",
         "pluginsCustomConfig": {"custom.yaml": CUSTOM,
-                                "own-engine.yaml": CUSTOM + "data: {defaultEngine: sglang}\n"}}}))
-    args = ["template", RELEASE, str(CHART), "-f", str(values), "--set", SELECTOR,
-            "--set", "inferencePool.modelServerType=trtllm-serve"]
-    r = helm_run(*args)
-    assert r.returncode == 0, r.stderr
-    out = [d for d in yaml.safe_load_all(r.stdout) if d]
+                                "own-engine.yaml": CUSTOM + "data: {defaultEngine: sglang}\n"}}})
     cfg = load_config(config_in_use(out))
     assert "flowControl" in cfg.feature_gates and set(cfg.plugin_types) == {"queue-scorer", "max-score-picker"}
     assert cfg.data == {"defaultEngine": "trtllm-serve"}
@@ -274,14 +275,13 @@ def test_custom_plugins_config_is_used_and_gets_the_engine_unless_it_names_one(t
 
 
 @needs_helm
-@pytest.mark.parametrize("sets", [
-    ("inferenceExtension.flags.v=3", "inferenceExtension.flags.max-body-bytes=1048576"),  # v1.1+ map
-    ("inferenceExtension.flags=null", "inferenceExtension.flags[0].name=v",  # v1.0 list
-     "inferenceExtension.flags[0].value=3", "inferenceExtension.flags[1].name=max-body-bytes",
-     "inferenceExtension.flags[1].value=1048576"),
+@pytest.mark.parametrize("flags", [
+    {"v": 3, "max-body-bytes": 1048576},  # upstream v1.1+
+    [{"name": "v", "value": 3}, {"name": "max-body-bytes", "value": 1048576}],  # upstream v1.0
 ], ids=["map", "list"])
-def test_flags_in_either_upstream_form(sets):
-    ns = build_parser().parse_args(args_of(render(SELECTOR, *sets)))
+def test_flags_in_either_upstream_form(flags):
+    out = render(SELECTOR, values={"inferenceExtension": {"flags": flags}})
+    ns = build_parser().parse_args(args_of(out))
     assert ns.verbosity == 3 and ns.max_body_bytes == 1048576
 
 

@@ -40,12 +40,13 @@ inferencepool: {{ include "epp.name" . }}
 {{/* registry/repository:tag (upstream v1.1+), or hub/name:tag (upstream v1.0). */}}
 {{- define "epp.image" -}}
 {{- $i := .Values.inferenceExtension.image -}}
+{{- $tag := include "epp.scalar" $i.tag -}}
 {{- if $i.hub -}}
-{{- printf "%s/%s:%s" $i.hub (required "inferenceExtension.image.name is required with image.hub" $i.name) $i.tag -}}
+{{- printf "%s/%s:%s" $i.hub (required "inferenceExtension.image.name is required with image.hub" $i.name) $tag -}}
 {{- else if $i.registry -}}
-{{- printf "%s/%s:%s" $i.registry $i.repository $i.tag -}}
+{{- printf "%s/%s:%s" $i.registry $i.repository $tag -}}
 {{- else -}}
-{{- printf "%s:%s" $i.repository $i.tag -}}
+{{- printf "%s:%s" $i.repository $tag -}}
 {{- end -}}
 {{- end -}}
 
@@ -78,8 +79,8 @@ equal to the parser's. */}}
 {{- toJson $out -}}
 {{- end -}}
 
-{{/* A flag value as text: integers stay integers (--set gives float64s). */}}
-{{- define "epp.flagValue" -}}
+{{/* A scalar as text, integral numbers without a fraction (values can arrive as float64). */}}
+{{- define "epp.scalar" -}}
 {{- if kindIs "float64" . -}}
 {{- if eq (float64 (int64 .)) . }}{{ int64 . }}{{ else }}{{ . }}{{ end -}}
 {{- else -}}
