@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
+from epp.config import DEFAULT_CONFIG_TEXT
 from epp.k8s.objects import ACTIVE_PORTS_ANNOTATION
 from epp.sim.server import REPLICA_HEADER
 from tests.k8s import cluster as k
@@ -98,41 +99,22 @@ FLEET = {"defaults": {"model": BASE_MODEL, "max_loras": 2, "lora_load_time": 0.0
                       {"name": f"{RELEASE}-2"}]}
 ADAPTER_PODS = {f"{RELEASE}-0", f"{RELEASE}-1"}
 
-# Values for `helm upgrade --reuse-values` once the pods' ports are known, through
-# upstream's pluginsCustomConfig / pluginsConfigFile: the default profile behind the
-# `lora-affinity` filter (the guide's pods all load the adapter; in this mixed pool an
-# adapter request must skip the base-only pod), and flow control with one request in
-# flight per pod counting as full, so that a burst waits in the EPP and is released by
-# priority. And (upstream's `flags`) a fast refresh of the pool gauges the test polls.
-FLOW_CONTROL = """\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-featureGates: [flowControl]
-plugins:
-- type: lora-affinity
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: prefix-cache-scorer
-- type: lora-affinity-scorer
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: lora-affinity
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: prefix-cache-scorer
-    weight: 3
-  - pluginRef: lora-affinity-scorer
-  - pluginRef: max-score-picker
-saturationDetector:
-  type: concurrency-detector
-  parameters: {mode: requests, maxConcurrency: 1}
-flowControl:
-  defaultRequestTTL: 30s
-"""
+
+
+def flow_control_config() -> str:
+    """The config given at `helm upgrade` (upstream's pluginsCustomConfig): the default
+    profile behind the `lora-affinity` filter (the guide's pods all load the adapter; in
+    this mixed pool an adapter request must skip the base-only pod), and flow control with
+    one request in flight per pod counting as full, so that a burst waits in the EPP and
+    is released by priority."""
+    cfg = yaml.safe_load(DEFAULT_CONFIG_TEXT)
+    cfg["plugins"].insert(0, {"type": "lora-affinity"})
+    cfg["schedulingProfiles"][0]["plugins"].insert(0, {"pluginRef": "lora-affinity"})
+    cfg["featureGates"] = ["flowControl"]
+    cfg["saturationDetector"] = {"type": "concurrency-detector",
+                                 "parameters": {"mode": "requests", "maxConcurrency": 1}}
+    cfg["flowControl"] = {"defaultRequestTTL": "30s"}
+    return yaml.safe_dump(cfg)
 
 
 def helm_env(tmp: Path) -> dict[str, str]:
@@ -307,7 +289,7 @@ def stack(guide: Guide) -> Iterator[Stack]:
             "inferencePool": {"targetPorts": [{"number": ports[n]} for n in names]},
             "inferenceExtension": {
                 "pluginsConfigFile": "flow-control.yaml",
-                "pluginsCustomConfig": {"flow-control.yaml": FLOW_CONTROL},
+                "pluginsCustomConfig": {"flow-control.yaml": flow_control_config()},
                 "flags": {"v": 1, "refresh-prometheus-metrics-interval": "100ms"}}}))
         r = g.helm("upgrade", RELEASE, str(CHART), "--reuse-values", "-f", str(values))
         assert r.returncode == 0, r.stdout + r.stderr
