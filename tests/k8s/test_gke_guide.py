@@ -11,10 +11,13 @@ against a real kube-apiserver.
    account; the guide's curl body goes through a real Envoy to a pod serving the adapter.
 4. Under saturation, `llama3-base-model` (priority 20) is served before `food-review` (10).
 
-Two things differ from a GKE cluster, and only these: every simulated pod has the IP
-127.0.0.1, so each listens on its own port (the release is upgraded with those ports, and
-each pod's active-ports annotation names its own); and the GKE policy CRDs are schema-less
-stand-ins (tests/k8s/stand-ins/crds.yaml). There is no kubelet: the test writes pod status.
+What differs from a GKE cluster, and why: every simulated pod has the IP 127.0.0.1, so
+each listens on its own port, named by its active-ports annotation; after the guide's
+install the release is upgraded (`--reuse-values`, upstream's value names) with those
+ports and with a config that turns flow control on (the priorities only order requests
+while they wait) and filters by LoRA affinity (one simulated pod lacks the adapter, which
+the guide's pods all load). The GKE policy CRDs are schema-less stand-ins
+(tests/k8s/stand-ins/crds.yaml). There is no kubelet: the test writes pod status.
 """
 
 from __future__ import annotations
@@ -284,6 +287,8 @@ def stack(guide: Guide) -> Iterator[Stack]:
     procs: list[Any] = [sims]
     try:
         names = sorted(ports)
+        # The pods' own ports, the test's config, and (`flags`) a fast refresh of the pool
+        # gauges the test polls.
         values = g.workdir / "local-values.yaml"
         values.write_text(yaml.safe_dump({
             "inferencePool": {"targetPorts": [{"number": ports[n]} for n in names]},

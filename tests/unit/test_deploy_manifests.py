@@ -418,6 +418,8 @@ def test_objectives_and_http_route():
     assert route["spec"]["rules"][0]["backendRefs"] == [
         {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": RELEASE}]
     assert route["spec"]["rules"][0]["timeouts"] == {"request": "300s"}
+    on_gke = one(render(*GUIDE_SETS, "experimentalHttpRoute.enabled=true"), "HTTPRoute")
+    assert "timeouts" not in on_gke["spec"]["rules"][0]  # the GCPBackendPolicy's timeout rules
 
 
 @needs_helm
