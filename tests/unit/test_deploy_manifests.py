@@ -306,7 +306,8 @@ def test_chart_flag_list_is_the_epps():
     chart = set(listed.split('"')[3::2])
     parser = {o.lstrip("-") for a in build_parser()._actions for o in a.option_strings
               if o.startswith("--") and o != "--help"}
-    assert chart == parser
+    assert chart == parser, ("update epp.knownFlags in deploy/helm/epp/templates/_helpers.tpl: "
+                             f"missing {sorted(parser - chart)}, extra {sorted(chart - parser)}")
 
 
 @needs_helm
