@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -196,7 +197,7 @@ class EppApp:
             self._metrics_server.stop()
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, on_started: Callable[[], None] | None = None) -> int:
     try:
         app = EppApp(settings)
     except ValueError as e:  # ConfigError, engine config errors
@@ -209,6 +210,8 @@ async def serve(settings: Settings) -> int:
         log.error("cannot start: %s", e)
         await app.stop(0)
         return 2
+    if on_started is not None:
+        on_started()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 
 from epp.settings import parse_settings
@@ -25,9 +26,18 @@ def main(argv: list[str] | None = None) -> int:
         return envoy_config_main(argv[1:])
     settings = parse_settings(argv)
     _setup_logging(settings.verbosity)
+    from epp import tuning
     from epp.app import serve
 
     try:
-        return asyncio.run(serve(settings))
+        rt = tuning.tuning_from_env(os.environ)
+        factory = tuning.loop_factory(rt)
+    except ValueError as e:
+        logging.getLogger("epp").error("invalid runtime tuning: %s", e)
+        return 2
+    tuning.apply_before_start(rt)
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(serve(settings, on_started=lambda: tuning.after_start(rt)))
     except KeyboardInterrupt:
         return 0
