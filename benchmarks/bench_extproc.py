@@ -17,6 +17,10 @@ One entry point, everything on 127.0.0.1:
    interleaved in the same run, so "added latency" is the p50 difference under the same
    machine load, paired per repetition.
 
+`--tuning uvloop gc-freeze ...` adds one more EPP per named runtime tuning (epp/tuning.py,
+environment variables, off by default) as direct targets `epp+<name>`, measured in the
+same interleaved runs as the default EPP and the floor.
+
 Each run is bounded (`--duration`), repeated (`--repeat`), and reported as medians.
 `--quick` takes a few seconds (CI runs it so this never rots); the default is the full
 sweep for benchmarks/RESULTS.md.
@@ -73,6 +77,14 @@ from tests.support import (
 
 WRK_INSTALL = "apt-get update && apt-get install -y wrk"
 H2LOAD_INSTALL = "apt-get update && apt-get install -y nghttp2-client"
+# Runtime tunings the EPP honours (epp/tuning.py), by the names `--tuning` takes.
+TUNINGS: dict[str, dict[str, str]] = {
+    "uvloop": {"EPP_EVENT_LOOP": "uvloop"},
+    "gc-freeze": {"EPP_GC_FREEZE": "1"},
+    "gc-gen0-10k": {"EPP_GC_THRESHOLD": "10000"},
+    "gc-freeze-gen0-10k": {"EPP_GC_FREEZE": "1", "EPP_GC_THRESHOLD": "10000"},
+    "uvloop-gc": {"EPP_EVENT_LOOP": "uvloop", "EPP_GC_FREEZE": "1", "EPP_GC_THRESHOLD": "10000"},
+}
 METRICS_FIXTURE = ROOT / "tests" / "fixtures" / "metrics" / "vllm-v1-2025-11-qwen1.5-0.5b-chat.txt"
 
 # wrk: POST the same body as ghz; every request names an upstream in the destination header,
@@ -363,6 +375,8 @@ def main() -> int:
                    help="do not run the do-nothing grpc.aio server (ghz/floor_server.py) beside the EPP")
     p.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/"
                    "extproc-<time>.json in full mode, a temp file in quick mode)")
+    p.add_argument("--tuning", nargs="+", default=[], choices=sorted(TUNINGS),
+                   help="also run an EPP per named runtime tuning (direct runs only)")
     p.add_argument("--hold", type=float, default=0.0,
                    help="after starting everything, keep it up this many seconds (for profiling)")
     a = p.parse_args()
@@ -399,7 +413,17 @@ def main() -> int:
         epp = start_epp(endpoints=",".join(hosts))
         envoys: dict[str, EnvoyProcess] = {}
         procs: list[Proc] = []
+        # Direct targets: name -> (gRPC port, pid); EPPs also by their metrics port.
+        targets = {"epp": (epp.grpc_port, epp.proc.p.pid)}
+        metrics_ports = {"epp": epp.metrics_port}
         try:
+            for name in a.tuning:
+                tuned = start_epp(endpoints=",".join(hosts), env=TUNINGS[name])
+                procs.append(tuned.proc)
+                check_direct(tuned.grpc_port, set(hosts))
+                targets[f"epp+{name}"] = (tuned.grpc_port, tuned.proc.p.pid)
+                metrics_ports[f"epp+{name}"] = tuned.metrics_port
+                print(f"EPP with {TUNINGS[name]}: pid {tuned.proc.p.pid}", flush=True)
             print(f"EPP pid {epp.proc.p.pid} on 127.0.0.1:{epp.grpc_port}; upstreams {hosts}",
                   flush=True)
             check_direct(epp.grpc_port, set(hosts))
@@ -422,7 +446,6 @@ def main() -> int:
                 time.sleep(a.hold)
 
             if ghz and not a.skip_direct:
-                targets = {"epp": (epp.grpc_port, epp.proc.p.pid)}
                 if not a.no_floor:
                     floor = start_floor()
                     procs.append(floor[1])
@@ -441,6 +464,8 @@ def main() -> int:
                 for rep in range(repeat):
                     for c in conc:
                         jobs = [(t, "process") for t in targets] + [("epp", x) for x in apis[1:]]
+                        if rep % 2:
+                            jobs.reverse()
                         for target, api in jobs:
                             port, pid = targets[target]
                             r = sweep.run_ghz(ghz, f"127.0.0.1:{port}", api,
@@ -465,12 +490,16 @@ def main() -> int:
                 try:
                     for rep in range(repeat):
                         for c in conc:
-                            for target, (port, pid) in targets.items():
-                                before = epp_routed_total(epp.metrics_port) if target == "epp" else 0
+                            order = list(targets.items())
+                            if rep % 2:
+                                order.reverse()
+                            for target, (port, pid) in order:
+                                mport = metrics_ports.get(target)
+                                before = epp_routed_total(mport) if mport else 0
                                 d = run_h2load(h2load, port, data, c, seconds, pid)
                                 d.update(target=target, rep=rep)
-                                if target == "epp":
-                                    routed = epp_routed_total(epp.metrics_port) - before
+                                if mport:
+                                    routed = epp_routed_total(mport) - before
                                     d["unrouted"] = max(0, d["count"] - int(routed))
                                 print(f"direct/h2load rep {rep} c={c} {target}: {d['rps']:,.0f} "
                                       f"exchanges/s, p50 {d['p50_ms']:.2f} ms, p99 {d['p99_ms']:.2f} ms, "

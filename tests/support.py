@@ -238,8 +238,10 @@ class EppProcess:
 
 
 def start_epp(*extra: str, secure: bool = False, endpoints_file: str | None = None,
-              endpoints: str | None = None, module: str = "epp") -> EppProcess:
-    """The EPP as a process (`module` may name another launcher taking the same flags)."""
+              endpoints: str | None = None, module: str = "epp",
+              env: dict[str, str] | None = None) -> EppProcess:
+    """The EPP as a process (`module` may name another launcher taking the same flags;
+    `env` adds environment variables, e.g. epp/tuning.py's)."""
     g, h, m = free_port(), free_port(), free_port()
     args = [sys.executable, "-m", module, "--bind-address", "127.0.0.1",
             "--grpc-port", str(g), "--grpc-health-port", str(h), "--metrics-port", str(m),
@@ -249,7 +251,7 @@ def start_epp(*extra: str, secure: bool = False, endpoints_file: str | None = No
     if endpoints:
         args += ["--endpoints", endpoints]
     args += list(extra)
-    proc = Proc(args, "epp")
+    proc = Proc(args, "epp", env=env)
     epp = EppProcess(proc, g, h, m)
     try:
         wait_until(lambda: _health_ok(h) or proc.p.poll() is not None, 30, "EPP readiness")
