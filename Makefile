@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TOOLS := $(HOME)/.cache/epp-tools/bin
 GHZ_VERSION := v0.120.0
 
-.PHONY: venv test test-k8s demo bench bench-full bench-tools protos clean
+.PHONY: venv test test-k8s demo bench bench-full bench-tools bench-compare protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ bench: $(STAMP) bench-tools
 
 bench-full: $(STAMP) bench-tools
 	$(PY) -m benchmarks.run --full
+
+# Side by side with the upstream Go EPP v1.5.0 serving an InferencePool from a real
+# kube-apiserver (both built from Go modules into caches outside the repo; the first
+# build takes a while). Not part of `make bench`: too expensive for CI.
+bench-compare: $(STAMP) bench-tools
+	bash tests/k8s/build_apiserver.sh >/dev/null
+	bash benchmarks/goepp/build_goepp.sh >/dev/null
+	$(PY) benchmarks/bench_compare.py
 
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/epp/v1/pick.proto

@@ -60,6 +60,9 @@ BENCHES = (
            "default", "default-no-inflight", "--qps", "48", "--repeat", "2",
            "--refresh-interval", "0.5", "--no-plot"), out_flag="--out",
           note="in-flight accounting ablation with 500 ms scrapes (full mode only)"),
+    Bench("compare", "bench_compare.py", None, out_flag="--out",
+          note="beside the upstream Go EPP v1.5.0 and a kube-apiserver (full mode only; "
+               "`make bench-compare` builds both first)"),
 )
 
 
