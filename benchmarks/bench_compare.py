@@ -14,7 +14,7 @@ Everything runs on 127.0.0.1:
    must not be empty") with `--secure-serving=false --metrics-endpoint-auth=false
    --tracing=false` (tracing would export to an absent collector), everything else default
    (its default scheduling profile, 50 ms scrapes, pprof on); ours with
-   `--secure-serving=false` and its defaults. The floor is benchmarks/ghz/floor_server.py;
+   `--secure-serving=false --metrics-endpoint-auth=false` and its defaults. The floor is benchmarks/ghz/floor_server.py;
 4. idle CPU of each process over the same window (no traffic: watches and 50 ms scrapes);
 5. load: h2load (a C client) sending one ext_proc exchange per stream (request headers +
    a ~1 KB completions body, as Envoy sends it in FULL_DUPLEX_STREAMED) on one HTTP/2
@@ -268,7 +268,7 @@ def main() -> int:
         go, go_port, go_metrics = start_go_epp(binary, kubeconfig, hosts)
         procs.append(go)
         ours = start_epp("--pool-name", POOL, "--pool-namespace", NAMESPACE,
-                         "--kubeconfig", kubeconfig)
+                         "--kubeconfig", kubeconfig, "--metrics-endpoint-auth=false")
         procs.append(ours.proc)
         bx.check_direct(ours.grpc_port, hosts)
         floor_port, floor = bx.start_floor()
