@@ -13,7 +13,9 @@ and the hottest leaf functions.
 py-spy comes from PyPI (the `bench` extra). grpcio's core is Cython/C++: its work shows
 up under the frames that call into it (the `Process` generator's reads and writes, and
 asyncio's `_run_once` running grpc's callbacks), so "grpcio + event loop" is the floor's
-share, the rest is the EPP's own.
+share, the rest is the EPP's own. (py-spy's `--native` would split that C time, but it
+must pause the EPP for every sample: tried here, it cut the rate from ~700 to ~46
+exchanges/s and counted epoll waits as busy, so it is not offered.)
 """
 
 from __future__ import annotations
@@ -65,7 +67,15 @@ LEAF_RULES: tuple[tuple[str, str], ...] = (
 )
 
 
+# Frames on every stack of the loop thread (the entry point): no part of their own.
+ENTRY = ("<frozen runpy>", "epp/__main__.py", "epp/cli.py", "serve (epp/app.py",
+         "asyncio/runners.py", "run_forever (asyncio/base_events.py",
+         "run_until_complete (asyncio/base_events.py")
+
+
 def part_of(frame: str) -> str | None:
+    if any(f in frame for f in ENTRY):
+        return None
     for name, frags in PARTS:
         if any(f in frame for f in frags):
             return name
@@ -108,7 +118,11 @@ def main() -> int:
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--out", type=Path, help="summary JSON (default benchmarks/results/"
                    "profile-extproc-<time>.json); the raw stacks go beside it (.txt)")
+    p.add_argument("--from-raw", type=Path, help="only summarize an earlier run's raw stacks")
     a = p.parse_args()
+    if a.from_raw:
+        print_summary(summarize(a.from_raw.read_text()))
+        return 0
     h2load = shutil.which("h2load")
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if h2load is None:
@@ -130,8 +144,8 @@ def main() -> int:
             spy = subprocess.Popen([pyspy, "record", "--pid", str(epp.proc.p.pid), "--rate",
                                     str(a.rate), "--duration", str(int(a.seconds) + 1),
                                     "--nonblocking", "--format", "raw", "--output",
-                                    str(raw_path)], stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)
+                                    str(raw_path)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             time.sleep(0.5)
             try:
                 load = bx.run_h2load(h2load, epp.grpc_port, data, a.concurrency, a.seconds,
@@ -148,14 +162,18 @@ def main() -> int:
     out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"load: {load['rps']:,.0f} exchanges/s at c={a.concurrency}, server CPU "
           f"{load['server_cpu_us'] or 0:,.0f} µs/exchange; {summary['samples']} busy samples")
+    print_summary(summary)
+    print(f"\nsummary: {out}\nraw stacks: {raw_path}")
+    return 0
+
+
+def print_summary(summary: dict[str, Any]) -> None:
     print("\n| part | self (innermost known frame) | inclusive (anywhere on stack) |\n|---|---:|---:|")
     for part, share in summary["self"].items():
         print(f"| {part} | {share * 100:.1f}% | {summary['inclusive'].get(part, 0) * 100:.1f}% |")
     print("\nhottest leaf frames:")
     for frame, share in summary["top_leaves"]:
         print(f"  {share * 100:5.1f}%  {frame}")
-    print(f"\nsummary: {out}\nraw stacks: {raw_path}")
-    return 0
 
 
 if __name__ == "__main__":
