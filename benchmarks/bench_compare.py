@@ -160,25 +160,13 @@ def start_go_epp(binary: Path, kubeconfig: str, hosts: set[str]) -> tuple[Proc, 
     return proc, grpc_port, metrics_port
 
 
-def paired_ratios(runs: list[dict[str, Any]], key: str = "server_cpu_us") -> list[dict[str, Any]]:
-    """Per (tool, concurrency): median over repetitions of the per-repetition ratios
-    ours/go, floor/go and ours/floor of `key` (runs of one repetition share the machine's
-    load of that minute)."""
-    pairs = {("ours", "go"), ("floor", "go"), ("ours", "floor")}
-    out = []
-    for tool, c in sorted({(r["tool"], r["concurrency"]) for r in runs}):
-        by_rep: dict[int, dict[str, float]] = {}
-        for r in runs:
-            if (r["tool"], r["concurrency"]) == (tool, c) and r.get(key):
-                by_rep.setdefault(r["rep"], {})[r["target"]] = r[key]
-        row: dict[str, Any] = {"tool": tool, "concurrency": c}
-        for a, b in sorted(pairs):
-            ratios = [v[a] / v[b] for v in by_rep.values() if a in v and b in v]
-            if ratios:
-                row[f"{a}/{b}"] = statistics.median(ratios)
-                row[f"{a}/{b} range"] = (min(ratios), max(ratios))
-        out.append(row)
-    return out
+PAIRS = [("ours", "go"), ("floor", "go"), ("ours", "floor")]
+
+
+def paired_ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """CPU per exchange ours/go, floor/go, ours/floor per (tool, concurrency), paired per
+    repetition (bench_extproc.paired_ratios)."""
+    return bx.paired_ratios(runs, PAIRS, group=("tool", "concurrency"))
 
 
 def medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -211,17 +199,6 @@ def side_by_side(rows: list[dict[str, Any]], tool: str) -> str:
                          f"{m['server_cpu_us'] or 0:,.0f}" + (f" ({m['errors']} errors)"
                                                              if m["errors"] else ""))
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def ratio_table(rows: list[dict[str, Any]]) -> str:
-    names = ("ours/go", "floor/go", "ours/floor")
-    lines = ["| tool | c | " + " | ".join(f"CPU/exch {n} (min-max)" for n in names) + " |",
-             "|---|---:|" + "---:|" * len(names)]
-    for r in rows:
-        cells = [f"{r[n]:.2f} ({r[n + ' range'][0]:.2f}-{r[n + ' range'][1]:.2f})" if n in r else ""
-                 for n in names]
-        lines.append(f"| {r['tool']} | {r['concurrency']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -322,7 +299,7 @@ def main() -> int:
               f"connection")
         print(side_by_side(result["medians"], tool))
     print("\nCPU per exchange, ratios paired per repetition (median, min-max):")
-    print(ratio_table(result["ratios"]))
+    print(bx.ratio_table(result["ratios"], PAIRS, group=("tool", "concurrency")))
     print("\nIdle (no traffic, 4 pods scraped every 50 ms, watches open), RSS idle / after load:")
     for t in TARGETS:
         print(f"- {t}: {result['idle_cpu'][t] * 100:.1f}% of a core, RSS "

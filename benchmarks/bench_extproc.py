@@ -274,6 +274,41 @@ def h2_medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def paired_ratios(runs: list[dict[str, Any]], pairs: list[tuple[str, str]],
+                  group: tuple[str, ...] = ("concurrency",),
+                  key: str = "server_cpu_us") -> list[dict[str, Any]]:
+    """Per group (e.g. concurrency): for each (a, b) target pair, the median over repetitions
+    of a's `key` / b's `key` within the same repetition, and its min-max. Runs of one
+    repetition share the machine's load of that minute, so on a shared machine these
+    ratios are steadier than either absolute number."""
+    out = []
+    for g in sorted({tuple(r[k] for k in group) for r in runs}):
+        by_rep: dict[int, dict[str, float]] = {}
+        for r in runs:
+            if tuple(r[k] for k in group) == g and r.get(key):
+                by_rep.setdefault(r["rep"], {})[r["target"]] = r[key]
+        row: dict[str, Any] = dict(zip(group, g))
+        for a, b in pairs:
+            ratios = [v[a] / v[b] for v in by_rep.values() if a in v and b in v]
+            if ratios:
+                row[f"{a}/{b}"] = statistics.median(ratios)
+                row[f"{a}/{b} range"] = (min(ratios), max(ratios))
+        out.append(row)
+    return out
+
+
+def ratio_table(rows: list[dict[str, Any]], pairs: list[tuple[str, str]],
+                group: tuple[str, ...] = ("concurrency",), what: str = "CPU/exch") -> str:
+    names = [f"{a}/{b}" for a, b in pairs]
+    lines = ["| " + " | ".join(group) + " | " + " | ".join(f"{what} {n} (min-max)" for n in names)
+             + " |", "|" + "---:|" * (len(group) + len(names))]
+    for r in rows:
+        cells = [f"{r[n]:.2f} ({r[n + ' range'][0]:.2f}-{r[n + ' range'][1]:.2f})" if n in r else ""
+                 for n in names]
+        lines.append("| " + " | ".join(str(r[k]) for k in group) + " | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def h2_table(rows: list[dict[str, Any]]) -> str:
     lines = [("| server | concurrency | runs | exchanges/s (median) | min-max | p50 ms | p99 ms "
               "| server CPU µs/exchange | errors |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -509,6 +544,10 @@ def main() -> int:
                 finally:
                     os.unlink(data)
                 result["direct_h2load"] = {"runs": h2runs, "medians": h2_medians(h2runs)}
+                if a.tuning:
+                    pairs = [(f"epp+{n}", "epp") for n in a.tuning]
+                    result["direct_h2load"]["tuning_ratios"] = {
+                        k: paired_ratios(h2runs, pairs, key=k) for k in ("server_cpu_us", "p99_ms")}
             if envoys and wrk:
                 with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
                     f.write(WRK_LUA.replace("BODY", _lua_str(body)).replace(
@@ -555,6 +594,11 @@ def main() -> int:
               "concurrent streams on 1 HTTP/2 connection; errors = HTTP failures + calls "
               "the EPP did not count as routed):")
         print(h2_table(result["direct_h2load"]["medians"]))
+        for k, rows in result["direct_h2load"].get("tuning_ratios", {}).items():
+            pairs = [(f"epp+{n}", "epp") for n in a.tuning]
+            print(f"\nRuntime tunings against the default EPP, {k} paired per repetition "
+                  f"(median, min-max):")
+            print(ratio_table(rows, pairs, what=k))
     if result["e2e"]:
         print("\nEnd to end through Envoy (wrk, HTTP/1.1 keep-alive, Envoy --concurrency 1):")
         for v, text in VARIANTS.items():
