@@ -129,6 +129,29 @@ EXTPROC_STREAM_ERRORS = Counter(
     registry=REGISTRY,
 )
 
+PASSIVE_HEALTH_EJECTIONS = Counter(
+    "inference_extension_passive_health_ejections_total",
+    "Endpoints left out of picking on a definite failure signal, by reason "
+    "(connection_refused, consecutive_5xx).",
+    ["reason"],
+    registry=REGISTRY,
+)
+PASSIVE_HEALTH_READMISSIONS = Counter(
+    "inference_extension_passive_health_readmissions_total",
+    "Ejected endpoints picked again after their cool-down and a good probe.",
+    registry=REGISTRY,
+)
+PASSIVE_HEALTH_EJECTED = Gauge(
+    "inference_extension_passive_health_ejected_endpoints",
+    "Endpoints left out of picking now.",
+    registry=REGISTRY,
+)
+PASSIVE_HEALTH_PANIC = Counter(
+    "inference_extension_passive_health_panic_total",
+    "Picks that ignored ejections because every candidate was ejected.",
+    registry=REGISTRY,
+)
+
 # -- flow control ------------------------------------------------------------------
 
 FLOW_QUEUE_SIZE = Gauge(

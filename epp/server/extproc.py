@@ -37,7 +37,7 @@ from epp.request import (
     InferenceRequest,
     ResponseReader,
     Usage,
-    parse_body,
+    parse_request_body,
 )
 from epp.server import envoy_messages as msgs
 
@@ -231,8 +231,7 @@ class _Stream:
         body = b"".join(self.chunks)
         req.body = body
         try:
-            if body:
-                req.parsed = parse_body(req.path, body)
+            req.parsed = parse_request_body(req.path, body)
             decision = await self.director.route(req)
         except EppError as e:
             if req.parsed is None:
@@ -293,6 +292,8 @@ class _Stream:
         # 413 for a body over its buffer limit): pass it through untouched.
         self.saw_response = True
         self.status = msgs.response_status(msg)
+        if self.decision is not None:
+            self.director.response_status(self.decision, self.status)
         common = ep.CommonResponse()
         if self.response.rewrites and self.modes.response_body != Mode.NONE:
             # The body may change length when the model name is restored.
