@@ -96,7 +96,10 @@ class EppApp:
         s = self.settings
         await self._start_sources()
         self.server = grpc.aio.server(options=_GRPC_OPTIONS)
-        extproc.add_to_server(self.server, self.director, max_body_bytes=s.max_body_bytes)
+        extproc.add_to_server(self.server, self.director, max_body_bytes=s.max_body_bytes,
+                              limits=extproc.StreamLimits(s.extproc_max_streams,
+                                                          s.extproc_request_idle_timeout,
+                                                          s.extproc_response_idle_timeout))
         add_pick_api(self.server, self._pick_route, health=self.passive_health)
         reflection.enable(self.server, [extproc.SERVICE_NAME, PICK_SERVICE_NAME])
         addr = f"{s.bind_address}:{s.grpc_port}"

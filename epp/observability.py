@@ -122,6 +122,23 @@ SCRAPE_ERRORS = Counter(
     ["endpoint", "reason"],
     registry=REGISTRY,
 )
+EXTPROC_STREAMS = Gauge(
+    "inference_extension_extproc_streams",
+    "ext_proc streams open now.",
+    registry=REGISTRY,
+)
+EXTPROC_STREAMS_REFUSED = Counter(
+    "inference_extension_extproc_streams_refused_total",
+    "ext_proc streams refused at the --extproc-max-streams limit (RESOURCE_EXHAUSTED).",
+    registry=REGISTRY,
+)
+EXTPROC_STREAM_TIMEOUTS = Counter(
+    "inference_extension_extproc_stream_idle_timeouts_total",
+    "ext_proc streams closed for waiting too long for Envoy's next message, by phase "
+    "(request: before routing; response: after).",
+    ["phase"],
+    registry=REGISTRY,
+)
 EXTPROC_STREAM_ERRORS = Counter(
     "inference_extension_extproc_stream_errors_total",
     "ext_proc streams ended with a gRPC error (malformed or out-of-order messages).",

@@ -75,6 +75,9 @@ class Settings:
     metrics_label_cap: int = 64
     passive_health_consecutive_failures: int = 5
     passive_health_cooldown: float = 1.0
+    extproc_max_streams: int = 8192
+    extproc_request_idle_timeout: float = 30.0
+    extproc_response_idle_timeout: float = 600.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--metrics-label-cap", type=int, default=d.metrics_label_cap,
       help="distinct model names not known to the pool or its objectives that get their own "
            "metric series; later ones are counted as model_name=\"other\"")
+    a("--extproc-max-streams", type=int, default=d.extproc_max_streams,
+      help="concurrent ext_proc streams; more are refused with RESOURCE_EXHAUSTED")
+    a("--extproc-request-idle-timeout", type=parse_duration,
+      default=d.extproc_request_idle_timeout,
+      help="longest wait for Envoy's next message before a request is routed (408 after)")
+    a("--extproc-response-idle-timeout", type=parse_duration,
+      default=d.extproc_response_idle_timeout,
+      help="longest wait for Envoy's next message after routing (response headers, chunks); "
+           "the stream is then let go")
     a("--passive-health-consecutive-failures", type=int,
       default=d.passive_health_consecutive_failures,
       help="5xx responses in a row (reported on the response path) that stop an endpoint "
