@@ -31,6 +31,7 @@ MAX_LABEL_CHARS = 128
 DEFAULT_CAP = 64
 """Distinct unknown values given their own series before the rest fold into `OTHER`."""
 OTHER = "other"
+MAX_NAMES_PER_SERVER = 64
 
 # C0/C1 controls, DEL and lone surrogates: not exposable in a text exposition or a log line.
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -108,7 +109,8 @@ def known_names(datastore: "Datastore", objectives: "ObjectiveStore") -> KnownNa
             out: set[str] = set()
             for ms in (snap.models, snap.active_adapters, snap.waiting_adapters):
                 for s in ms:
-                    out.update(s)
+                    if len(s) <= MAX_NAMES_PER_SERVER:  # a server listing more is not believed
+                        out.update(s)
             out.update(_objective_names(objectives))
             cache["key"], cache["names"] = key, frozenset(out)
         return cache["names"]  # type: ignore[return-value]
