@@ -10,9 +10,9 @@ of errors in a test). Some signals are definite and come much sooner:
   connect failure included) reported on the response path: ejected at once.
 
 An ejected endpoint is left out of every pick for a cool-down (`base_cooldown`, doubled on
-each ejection that follows a short return, up to `max_cooldown`), then must pass a probe
-(a good metrics scrape after the cool-down, which the scraper does anyway: no I/O here)
-before it is picked again. If every candidate is ejected, the ejections are ignored for
+each ejection that follows a return by less than `max_cooldown`: a flapping server stays
+out longer), then must pass a probe (a good metrics scrape after the cool-down, which the
+scraper does anyway: no I/O here) before it is picked again. If every candidate is ejected, the ejections are ignored for
 that pick (as Envoy's panic threshold does): better a likely failure than a certain 503.
 
 Everything runs on the event-loop thread; the request path calls only `filter`, which
@@ -85,13 +85,12 @@ class PassiveHealth:
     # -- signals -------------------------------------------------------------------
 
     def connection_refused(self, endpoint: str) -> None:
-        """The endpoint refused a connection: nothing listens there any more."""
-        ej = self._ejected.get(endpoint)
-        if ej is not None:
-            if ej.probing(self._clock()):  # the probe failed: another cool-down
-                self._eject(endpoint, REFUSED)
-            return
-        self._eject(endpoint, REFUSED)
+        """The endpoint refused a connection: nothing listens there any more.
+
+        While it is out, refusals change nothing: it returns with the first good probe
+        after its cool-down, so a server that restarts is picked again within a scrape."""
+        if endpoint not in self._ejected:
+            self._eject(endpoint, REFUSED)
 
     def response(self, endpoint: str, status: int) -> None:
         """A response's status as the gateway saw it (Envoy's local replies included)."""

@@ -67,16 +67,24 @@ def test_a_refused_connection_ejects_at_once_until_cooldown_and_probe() -> None:
     assert kept(h, ds) == ["a", "b"]
 
 
-def test_a_failed_probe_doubles_the_cooldown() -> None:
+def test_a_flapping_endpoint_stays_out_longer_each_time() -> None:
     clock = Clock()
-    h = PassiveHealth(base_cooldown=1.0, clock=clock)
+    h = PassiveHealth(base_cooldown=1.0, max_cooldown=30.0, clock=clock)
     h.connection_refused("a")
+    clock.t += 5.0
+    h.connection_refused("a")  # still down after its cool-down: waits for a good probe
+    h.probe_ok("a")  # it came back
+    assert not h.is_ejected("a")
     clock.t += 1.0
-    h.connection_refused("a")  # the probe after the cool-down was refused too
-    (ej,) = h.ejected()
-    assert ej.until - clock.t == pytest.approx(2.0)
+    h.connection_refused("a")  # and went away again soon after
+    assert h.ejected()[0].until - clock.t == pytest.approx(2.0)
     h.connection_refused("a")  # during a cool-down: changes nothing
     assert h.ejected()[0].until - clock.t == pytest.approx(2.0)
+    clock.t += 2.0
+    h.probe_ok("a")
+    clock.t += 31.0  # stayed well long enough: back to the base cool-down
+    h.connection_refused("a")
+    assert h.ejected()[0].until - clock.t == pytest.approx(1.0)
 
 
 def test_a_burst_of_5xx_ejects_and_a_success_resets_the_count() -> None:
