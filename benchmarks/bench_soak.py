@@ -192,25 +192,23 @@ async def hostile_burst(run: Run, url: str, grpc_port: int) -> None:
                                request_serializer=lambda b: b,
                                response_deserializer=ep.ProcessingResponse.FromString)
 
+        async def ended(call: Any, kind: str) -> None:
+            """Count how the EPP ended a hostile stream."""
+            try:
+                async for _ in call:
+                    pass
+                run.hostile[f"{kind}:OK"] += 1
+            except grpc.aio.AioRpcError as e:
+                run.hostile[f"{kind}:{e.code().name}"] += 1
+
         async def garbage() -> None:
             call = raw()
             await call.write(b"\xff\xff\xff\xff not a protobuf")
             await call.done_writing()
-            try:
-                async for _ in call:
-                    pass
-                run.hostile["grpc:OK"] += 1
-            except grpc.aio.AioRpcError as e:
-                run.hostile[f"grpc:{e.code().name}"] += 1
+            await ended(call, "grpc")
 
         async def idle() -> None:
-            call = raw()  # opened, never written to: ended by the idle timeout
-            try:
-                async for _ in call:
-                    pass
-                run.hostile["idle:OK"] += 1
-            except grpc.aio.AioRpcError as e:
-                run.hostile[f"idle:{e.code().name}"] += 1
+            await ended(raw(), "idle")  # opened, never written to: ended by the idle timeout
 
         await asyncio.gather(*(garbage() for _ in range(20)), *(idle() for _ in range(50)))
 
