@@ -87,7 +87,7 @@ class Server:
         return {"name": self.name, "address": "127.0.0.1", "port": self.port}
 
 
-async def wait_listening(port: int, timeout: float = 30.0) -> None:
+async def wait_listening(port: int, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -290,7 +290,10 @@ async def chaos(run: Run, args: argparse.Namespace, servers: list[Server], spare
             spare_in = not spare_in
             if spare_in:
                 spare.start()
-                await wait_listening(spare.port)
+                try:
+                    await wait_listening(spare.port)
+                except TimeoutError:  # a starved machine: list it anyway (it is refused)
+                    run.hostile["bench:spare_start_timeout"] += 1
             listed = servers + ([spare] if spare_in else [])
             await asyncio.to_thread(write_endpoints, endpoints, listed, run.churns % 2 == 0)
             if not spare_in:

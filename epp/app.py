@@ -57,7 +57,8 @@ class EppApp:
         self.datastore = Datastore(staleness_threshold=settings.metrics_staleness_threshold)
         self.passive_health = PassiveHealth(
             consecutive_failures=settings.passive_health_consecutive_failures,
-            base_cooldown=settings.passive_health_cooldown)
+            base_cooldown=settings.passive_health_cooldown,
+            max_cooldown=max(30.0, settings.passive_health_cooldown))
         self.datastore.add_listener(self.passive_health.on_endpoints_changed)
         # An objectives file carries its own namespaces; a cluster filters by the pool's.
         self.objectives = ObjectiveStore(
