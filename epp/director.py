@@ -21,9 +21,9 @@ import numpy as np
 from epp import observability as obs
 from epp.datastore import Datastore, Endpoint, Snapshot
 from epp.errors import EppError, unavailable
-from epp.labels import LabelFolder
 from epp.flowcontrol.admission import Admission, Lease
 from epp.flowcontrol.queues import AdmissionTicket
+from epp.labels import LabelFolder
 from epp.objectives import Resolution
 from epp.passivehealth import PassiveHealth
 from epp.request import InferenceRequest, Usage, with_model
