@@ -118,6 +118,8 @@ class Run:
     kills: list[dict[str, Any]] = field(default_factory=list)
     rss: list[tuple[float, int]] = field(default_factory=list)
     churns: int = 0
+    bursts: list[float] = field(default_factory=list)
+    churn_times: list[float] = field(default_factory=list)
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -300,8 +302,10 @@ async def chaos(run: Run, args: argparse.Namespace, servers: list[Server], spare
                 await asyncio.sleep(1.5)  # the EPP re-reads the file every second
                 spare.kill()
             run.churns += 1
+            run.churn_times.append(round(run.now(), 1))
             next_churn += args.churn_every
         if t >= next_hostile:
+            run.bursts.append(round(run.now(), 1))
             pending.append(asyncio.create_task(hostile_burst(run, url, grpc_port)))
             next_hostile += args.hostile_every
         await asyncio.sleep(0.05)
@@ -327,7 +331,9 @@ def summarize(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "seconds": args.seconds, "rate": args.rate, "requests": len(run.outcomes),
         "outcomes": dict(kinds), "hostile": dict(run.hostile), "kills": run.kills,
-        "endpoint_file_rewrites": run.churns,
+        "failures": [(round(o.sent, 2), o.kind) for o in run.outcomes if o.kind != "ok"][:2000],
+        "hostile_bursts_at": run.bursts,
+        "endpoint_file_rewrites": run.churns, "rewrites_at": run.churn_times,
         "rss_mb": {"first": rss[0] if rss else None, "last": rss[-1] if rss else None,
                    "max": max(rss, default=None), "timeline": run.rss},
     }

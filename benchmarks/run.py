@@ -55,6 +55,8 @@ BENCHES = (
           note="no --quick flag: quick mode passes small --requests/--rounds"),
     Bench("extproc", "bench_extproc.py", ("--quick",), out_flag="--out"),
     Bench("routing", "bench_routing.py", ("--quick",), out_flag="--out"),
+    Bench("endless-page", "bench_endless_page.py", ("--polls", "5"), ("--polls", "40"),
+          note="no --quick flag: quick mode passes a small --polls"),
     Bench("soak", "bench_soak.py", ("--quick",), ("--seconds", "600"), out_flag="--out",
           note="quick: 40 s with a compressed chaos schedule; full: the 10-minute soak"),
     Bench("routing-inflight", "bench_routing.py", None,

@@ -7,19 +7,18 @@ import urllib.request
 from typing import Iterator
 
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import (
     EnvoyProcess,
     EppProcess,
     UpstreamFleet,
+    endpoints_file_for,
     http,
+    idle_pair,
     post_json,
-    scratch_dir,
     start_envoy,
     start_epp,
-    vllm_page,
 )
 
 pytestmark = pytest.mark.e2e
@@ -28,19 +27,14 @@ CAP = 4
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[UpstreamFleet]:
-    with UpstreamFleet(2) as f:
-        for u in f.upstreams:
-            u.metrics_page = vllm_page(waiting=0, running=0, kv=0.2)
+    with idle_pair() as f:
         yield f
 
 
 @pytest.fixture(scope="module")
 def epp(pair: UpstreamFleet) -> Iterator[EppProcess]:
-    path = scratch_dir() / "hostile-endpoints.yaml"
-    path.write_text(yaml.safe_dump(
-        [{"name": u.name, "address": "127.0.0.1", "port": u.port} for u in pair.upstreams]))
     p = start_epp("--metrics-label-cap", str(CAP), "--passive-health-cooldown", "60s",
-                  endpoints_file=str(path))
+                  endpoints_file=endpoints_file_for(pair, "hostile-endpoints.yaml"))
     yield p
     p.proc.stop()
 
