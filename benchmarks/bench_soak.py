@@ -274,8 +274,8 @@ async def chaos(run: Run, args: argparse.Namespace, servers: list[Server], spare
         if t >= next_kill and t + args.down_for < args.seconds:
             s = servers[victim % len(servers)]
             victim += 1
-            s.kill()
             kill = {"server": s.name, "killed_at": run.now()}
+            s.kill()
             run.kills.append(kill)
 
             async def revive(s: Server = s, kill: dict[str, Any] = kill) -> None:
