@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TOOLS := $(HOME)/.cache/epp-tools/bin
 GHZ_VERSION := v0.120.0
 
-.PHONY: venv test test-k8s demo bench bench-full bench-tools bench-compare protos clean
+.PHONY: venv test test-k8s fuzz demo bench bench-full bench-tools bench-compare protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Property tests with a deep budget (tests/fuzz/conftest.py); `make test` runs them small.
+fuzz: $(STAMP)
+	EPP_FUZZ=deep $(PY) -m pytest -q tests/fuzz
 
 test-k8s: $(STAMP)
 	$(PY) -m pytest -q -m k8s tests/k8s

@@ -24,8 +24,10 @@ from epp.director import Director
 from epp.flowcontrol.admission import admission_from_config
 from epp.flowcontrol.saturation import detector_from_config
 from epp.k8s import KubernetesSource, kubernetes_settings
+from epp.labels import LabelFolder, known_names
 from epp.manifests import ObjectivesFileWatcher
 from epp.objectives import ObjectiveStore
+from epp.passivehealth import PassiveHealth
 from epp.scheduling import InFlightTracker, Scheduler
 from epp.server import extproc, reflection, tls
 from epp.server.health import HealthService
@@ -54,6 +56,11 @@ class EppApp:
         self.config = (load_config_file(settings.config_file) if settings.config_file
                        else load_config(settings.config_text))
         self.datastore = Datastore(staleness_threshold=settings.metrics_staleness_threshold)
+        self.passive_health = PassiveHealth(
+            consecutive_failures=settings.passive_health_consecutive_failures,
+            base_cooldown=settings.passive_health_cooldown,
+            max_cooldown=max(30.0, settings.passive_health_cooldown))
+        self.datastore.add_listener(self.passive_health.on_endpoints_changed)
         # An objectives file carries its own namespaces; a cluster filters by the pool's.
         self.objectives = ObjectiveStore(
             settings.pool_name or None,
@@ -73,6 +80,9 @@ class EppApp:
             resolver=self.objectives,
             admission=self.admission,
             inflight=self.inflight,
+            labels=LabelFolder(known_names(self.datastore, self.objectives),
+                               cap=settings.metrics_label_cap),
+            health=self.passive_health,
         )
         self.engines = EngineRegistry.from_config(self.config.data or None)
         self.k8s: KubernetesSource | None = None
@@ -88,8 +98,11 @@ class EppApp:
         s = self.settings
         await self._start_sources()
         self.server = grpc.aio.server(options=_GRPC_OPTIONS)
-        extproc.add_to_server(self.server, self.director, max_body_bytes=s.max_body_bytes)
-        add_pick_api(self.server, self._pick_route)
+        extproc.add_to_server(self.server, self.director, max_body_bytes=s.max_body_bytes,
+                              limits=extproc.StreamLimits(s.extproc_max_streams,
+                                                          s.extproc_request_idle_timeout,
+                                                          s.extproc_response_idle_timeout))
+        add_pick_api(self.server, self._pick_route, health=self.passive_health)
         reflection.enable(self.server, [extproc.SERVICE_NAME, PICK_SERVICE_NAME])
         addr = f"{s.bind_address}:{s.grpc_port}"
         if s.secure_serving:
@@ -164,6 +177,7 @@ class EppApp:
             port=s.model_server_metrics_port,
             insecure_skip_verify=s.model_server_metrics_https_insecure_skip_verify,
             engines=self.engines,
+            health=self.passive_health,
         )
         await scraper.start()
         self._tasks.append(scraper)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import yaml
 
 from epp import registry
+from epp.filewatch import NotReady, read_settled_retrying
 from epp.scheduling.interface import Filter, Picker, ProfileHandler, Scorer
 from epp.scheduling.pickers import MaxScorePicker
 from epp.scheduling.profile import Profile, checked_handler
@@ -122,9 +123,10 @@ class EppConfig:
 
 
 def load_config_file(path: str | Path) -> EppConfig:
+    """A config file; an empty or half-written one is an error, never the default profile."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+        text = read_settled_retrying(path)
+    except (OSError, UnicodeDecodeError, NotReady) as e:
         raise ConfigError(f"cannot read config file {str(path)!r}: {e}") from None
     return load_config(text)
 

@@ -23,7 +23,9 @@ from epp.datastore import Datastore, Endpoint, Snapshot
 from epp.errors import EppError, unavailable
 from epp.flowcontrol.admission import Admission, Lease
 from epp.flowcontrol.queues import AdmissionTicket
+from epp.labels import LabelFolder
 from epp.objectives import Resolution
+from epp.passivehealth import PassiveHealth
 from epp.request import InferenceRequest, Usage, with_model
 from epp.scheduling.inflight import InFlightTracker
 from epp.scheduling.interface import Explanation, SchedulingRequest, SchedulingResult
@@ -96,7 +98,8 @@ class _ObjectiveMetrics:
     output_tokens: Any
 
     @classmethod
-    def of(cls, model: str, target: str, priority: int) -> "_ObjectiveMetrics":
+    def of(cls, model: str, target: str, priority: int, labels: LabelFolder) -> "_ObjectiveMetrics":
+        model, target = labels.label(model), labels.label(target)
         return cls(
             obs.REQUEST_TOTAL.labels(model, target, str(priority)),
             obs.REQUEST_SIZES.labels(model, target),
@@ -129,6 +132,8 @@ class Director:
         admission: Admission | None = None,
         inflight: InFlightTracker | None = None,
         rng: random.Random | None = None,
+        labels: LabelFolder | None = None,
+        health: PassiveHealth | None = None,
     ) -> None:
         self.datastore = datastore
         self.scheduler = scheduler
@@ -136,6 +141,8 @@ class Director:
         self.admission = admission
         self.inflight = inflight
         self._rng = rng or random.Random()
+        self.labels = labels or LabelFolder()
+        self.health = health
         self._metrics: dict[tuple[str, str, int], _ObjectiveMetrics] = {}
         self._seq = 0
 
@@ -145,7 +152,7 @@ class Director:
         if m is None:
             if len(self._metrics) >= _METRICS_CACHE_LIMIT:
                 self._metrics.clear()  # many distinct model names: stay bounded
-            m = self._metrics[key] = _ObjectiveMetrics.of(model, target, priority)
+            m = self._metrics[key] = _ObjectiveMetrics.of(model, target, priority, self.labels)
         return m
 
     def resolve(self, req: InferenceRequest) -> Resolution:
@@ -154,14 +161,16 @@ class Director:
         return self.resolver.resolve(req.model, req.objective, req.model_rewrite, self._rng.random())
 
     def candidates(self, req: InferenceRequest, snapshot: Snapshot) -> np.ndarray | None:
-        """Indices allowed by the gateway's subset hint; None (the whole pool) without one."""
+        """Indices allowed by the gateway's subset hint and passive health; None (the
+        whole pool) without either."""
         if req.subset is None:
-            return None
+            return self.health.filter(snapshot, None) if self.health else None
         idx = [snapshot.by_hostport[h] for h in req.subset if h in snapshot.by_hostport]
         if not idx:
             raise unavailable("no endpoints match the subset hint" if req.subset
                               else "subset hint is empty")
-        return np.asarray(sorted(set(idx)), dtype=np.intp)
+        cands = np.asarray(sorted(set(idx)), dtype=np.intp)
+        return self.health.filter(snapshot, cands) if self.health else cands
 
     async def route(self, req: InferenceRequest, explain: bool = False) -> RoutingDecision:
         """Choose an endpoint for `req`, or raise `EppError`.
@@ -196,7 +205,7 @@ class Director:
         except BaseException as e:
             _release(lease)
             if isinstance(e, EppError):
-                obs.REQUEST_ERROR_TOTAL.labels(model, res.target_model, e.code.name).inc()
+                self._count_error(model, res.target_model, e.code.name)
             raise
         decision = RoutingDecision(
             endpoint=result.endpoint,
@@ -284,6 +293,22 @@ class Director:
         if decision.scheduled is not None:
             self.scheduler.learn_served(*decision.scheduled, hostport)
 
+    def response_status(self, decision: RoutingDecision, status: int | None) -> None:
+        """The response's status as the gateway saw it, at its headers (passive health)."""
+        if self.health is None or status is None:
+            return
+        name = decision.endpoint.name
+        if decision.served:
+            snapshot = self.datastore.snapshot()
+            index = snapshot.by_hostport.get(decision.served)
+            if index is not None:
+                name = snapshot.endpoints[index].name
+        self.health.response(name, status)
+
+    def _count_error(self, model: str, target: str, code: str) -> None:
+        obs.REQUEST_ERROR_TOTAL.labels(self.labels.label(model), self.labels.label(target),
+                                       code).inc()
+
     def finished(self, decision: RoutingDecision, usage: Usage | None = None, *,
                  status: int | None = None, detached: bool = False) -> None:
         """Called once per routed request when its response ended or its stream closed.
@@ -301,7 +326,7 @@ class Director:
         metrics.running.dec()
         error = model_server_error(status)
         if error is not None:
-            obs.REQUEST_ERROR_TOTAL.labels(m, t, error).inc()
+            self._count_error(m, t, error)
             log.debug("model server %s answered %s for model %r",
                       decision.served or decision.hostport, status, t)
             return

@@ -15,6 +15,7 @@ class ErrorCode(enum.Enum):
 
     BadRequest = 400
     NotFound = 404
+    RequestTimeout = 408
     PayloadTooLarge = 413
     ResourceExhausted = 429
     Internal = 500

@@ -19,12 +19,12 @@ import asyncio
 import datetime as dt
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import yaml
 
+from epp.filewatch import DEFAULT_SETTLE, FileStamp, NotReady, read_settled, read_settled_retrying
 from epp.objectives import (
     CRITICALITY_PRIORITY,
     KIND_MODEL,
@@ -261,6 +261,7 @@ class ObjectivesFileWatcher:
         store: ObjectiveStore,
         interval: float = 1.0,
         on_error: Callable[[Exception], None] | None = None,
+        settle: float = DEFAULT_SETTLE,
     ) -> None:
         self.path = path
         self.store = store
@@ -268,23 +269,39 @@ class ObjectivesFileWatcher:
         self.on_error = on_error
         self.last_error: Exception | None = None
         self.loads = 0
-        self._stat: tuple[int, int, int] | None = None
+        self.settle = settle
+        self._stat: FileStamp | None = None
         self._digest: bytes | None = None
         self._task: asyncio.Task[None] | None = None
 
     def load(self) -> None:
-        """Initial synchronous load for startup; raises `ManifestError`/`OSError`."""
-        stat, text = self._read()
-        self._apply(stat, text, parse_manifests(text, source=self.path))
+        """Initial synchronous load for startup; raises `ManifestError`/`OSError`.
+
+        An empty file at startup leaves the store empty and is watched like any other."""
+        try:
+            text = read_settled_retrying(self.path, settle=self.settle)
+        except NotReady as e:
+            log.warning("objectives file %s: %s; starting without objectives", self.path, e)
+            return
+        self._apply(FileStamp.of(self.path), text, parse_manifests(text, source=self.path))
 
     async def reload(self) -> bool:
-        """Re-read the file if it changed; True if the store was updated."""
-        st: tuple[int, int, int] | None = None
+        """Re-read the file if it changed; True if the store was updated.
+
+        An empty or half-written file (see `epp.filewatch`) never replaces the last good
+        set; it is looked at again at the next poll."""
+        st: FileStamp | None = None
         try:
-            st = await asyncio.to_thread(self._stat_of)
+            st = await asyncio.to_thread(FileStamp.of, self.path)
             if st == self._stat:
                 return False
-            stat, text = await asyncio.to_thread(self._read)
+            try:
+                stat, text = await asyncio.to_thread(read_settled, self.path, self.settle)
+            except NotReady as e:
+                if str(e) != str(self.last_error):
+                    log.info("objectives file %s not applied yet: %s", self.path, e)
+                self.last_error = e
+                return False
             digest = hashlib.sha256(text.encode()).digest()
             if digest == self._digest:
                 self._stat = stat
@@ -302,7 +319,7 @@ class ObjectivesFileWatcher:
         self._apply(stat, text, objs)
         return True
 
-    def _apply(self, stat: tuple[int, int, int], text: str, objs: list[InferenceObject]) -> None:
+    def _apply(self, stat: FileStamp, text: str, objs: list[InferenceObject]) -> None:
         self.store.replace_all(objs)
         self._stat = stat
         self._digest = hashlib.sha256(text.encode()).digest()
@@ -310,15 +327,6 @@ class ObjectivesFileWatcher:
         self.loads += 1
         log.info("objectives file %s applied: %d objects for pool %s",
                  self.path, len(self.store), self.store.pool_name)
-
-    def _stat_of(self) -> tuple[int, int, int]:
-        s = os.stat(self.path)
-        return (s.st_mtime_ns, s.st_size, s.st_ino)
-
-    def _read(self) -> tuple[tuple[int, int, int], str]:
-        stat = self._stat_of()
-        with open(self.path, encoding="utf-8") as f:
-            return stat, f.read()
 
     async def run(self) -> None:
         while True:

@@ -122,10 +122,50 @@ SCRAPE_ERRORS = Counter(
     ["endpoint", "reason"],
     registry=REGISTRY,
 )
+EXTPROC_STREAMS = Gauge(
+    "inference_extension_extproc_streams",
+    "ext_proc streams open now.",
+    registry=REGISTRY,
+)
+EXTPROC_STREAMS_REFUSED = Counter(
+    "inference_extension_extproc_streams_refused_total",
+    "ext_proc streams refused at the --extproc-max-streams limit (RESOURCE_EXHAUSTED).",
+    registry=REGISTRY,
+)
+EXTPROC_STREAM_TIMEOUTS = Counter(
+    "inference_extension_extproc_stream_idle_timeouts_total",
+    "ext_proc streams closed for waiting too long for Envoy's next message, by phase "
+    "(request: before routing; response: after).",
+    ["phase"],
+    registry=REGISTRY,
+)
 EXTPROC_STREAM_ERRORS = Counter(
     "inference_extension_extproc_stream_errors_total",
     "ext_proc streams ended with a gRPC error (malformed or out-of-order messages).",
     ["reason"],
+    registry=REGISTRY,
+)
+
+PASSIVE_HEALTH_EJECTIONS = Counter(
+    "inference_extension_passive_health_ejections_total",
+    "Endpoints left out of picking on a definite failure signal, by reason "
+    "(connection_refused, consecutive_5xx).",
+    ["reason"],
+    registry=REGISTRY,
+)
+PASSIVE_HEALTH_READMISSIONS = Counter(
+    "inference_extension_passive_health_readmissions_total",
+    "Ejected endpoints picked again after their cool-down and a good probe.",
+    registry=REGISTRY,
+)
+PASSIVE_HEALTH_EJECTED = Gauge(
+    "inference_extension_passive_health_ejected_endpoints",
+    "Endpoints left out of picking now.",
+    registry=REGISTRY,
+)
+PASSIVE_HEALTH_PANIC = Counter(
+    "inference_extension_passive_health_panic_total",
+    "Picks that ignored ejections because every candidate was ejected.",
     registry=REGISTRY,
 )
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -120,11 +122,33 @@ class InferenceRequest:
         return self.parsed.prompt_text if self.parsed else ""
 
 
+def parse_request_body(path: str, body: bytes) -> ParsedBody | None:
+    """The parsed body of a request; None for a request that needs none (`/v1/models`).
+
+    A request to an inference API with an empty body is a 400: it names no model (it was
+    routed with model "")."""
+    if body:
+        return parse_body(path, body)
+    if api_kind(path) is not ApiKind.OTHER:
+        raise bad_request("request body is empty: model not found in request body")
+    return None
+
+
 def parse_body(path: str, body: bytes) -> ParsedBody:
-    """Decode and validate an OpenAI request body; raises a 400 `EppError` when invalid."""
+    """Decode and validate an OpenAI request body; raises a 400 `EppError` when invalid.
+
+    The body must be JSON as RFC 8259 says: UTF-8 (`json.loads` on bytes would also take
+    UTF-16 and UTF-32), and numbers finite (`NaN`, `Infinity` and `1e999` decode to
+    floats that re-serialise as `NaN`/`Infinity`, which are not JSON)."""
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as e:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad_request(f"invalid JSON body: not UTF-8 (bad byte at offset {e.start})") from None
+    try:
+        data = json.loads(text, parse_constant=_non_finite, parse_float=_finite_float)
+    except _NonFinite as e:
+        raise bad_request(f"invalid JSON body: number {e} is not finite") from None
+    except ValueError as e:
         raise bad_request(f"invalid JSON body: {e}") from None
     except RecursionError:  # the C decoder's answer to very deep nesting
         raise bad_request("invalid JSON body: nested too deeply") from None
@@ -135,12 +159,33 @@ def parse_body(path: str, body: bytes) -> ParsedBody:
         raise bad_request("model not found in request body")
     if not isinstance(model, str) or not model:
         raise bad_request("model must be a non-empty string")
+    if not model.isascii() and _LONE_SURROGATE.search(model):
+        # Legal as a JSON escape, but no UTF-8 string can carry it (it broke /metrics).
+        raise bad_request("model must be valid Unicode (it holds a lone surrogate escape)")
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise bad_request("stream must be a boolean")
     kind = api_kind(path)
     _check_prompt(kind, data)
     return ParsedBody(kind, model, stream, data)
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _non_finite(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _NonFinite(text[:32])
+    return value
+
+
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def _check_prompt(kind: ApiKind, data: dict[str, Any]) -> None:

@@ -72,6 +72,12 @@ class Settings:
     model_server_metrics_https_insecure_skip_verify: bool = True
     max_body_bytes: int = 16 * 1024 * 1024
     drain_timeout: float = 30.0
+    metrics_label_cap: int = 64
+    passive_health_consecutive_failures: int = 5
+    passive_health_cooldown: float = 1.0
+    extproc_max_streams: int = 8192
+    extproc_request_idle_timeout: float = 30.0
+    extproc_response_idle_timeout: float = 600.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body accepted (413 above)")
     a("--drain-timeout", type=parse_duration, default=d.drain_timeout,
       help="on SIGTERM, how long streams in flight may take to finish")
+    a("--metrics-label-cap", type=int, default=d.metrics_label_cap,
+      help="distinct model names not known to the pool or its objectives that get their own "
+           "metric series; later ones are counted as model_name=\"other\"")
+    a("--extproc-max-streams", type=int, default=d.extproc_max_streams,
+      help="concurrent ext_proc streams; more are refused with RESOURCE_EXHAUSTED")
+    a("--extproc-request-idle-timeout", type=parse_duration,
+      default=d.extproc_request_idle_timeout,
+      help="longest wait for Envoy's next message before a request is routed (408 after)")
+    a("--extproc-response-idle-timeout", type=parse_duration,
+      default=d.extproc_response_idle_timeout,
+      help="longest wait for Envoy's next message after routing (response headers, chunks); "
+           "the stream is then let go")
+    a("--passive-health-consecutive-failures", type=int,
+      default=d.passive_health_consecutive_failures,
+      help="5xx responses in a row (reported on the response path) that stop an endpoint "
+           "being picked; a refused connection stops it at once")
+    a("--passive-health-cooldown", type=parse_duration, default=d.passive_health_cooldown,
+      help="first cool-down of an ejected endpoint (doubled on repeats, up to 30s); it "
+           "returns after the cool-down and a good metrics scrape")
     return p
 
 

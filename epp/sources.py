@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from epp.datastore import Datastore, Endpoint
+from epp.filewatch import DEFAULT_SETTLE, FileStamp, NotReady, read_settled
 from epp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -65,38 +65,56 @@ def parse_endpoints_yaml(text: str) -> list[Endpoint]:
 
 
 class EndpointsFileSource:
-    """Re-reads the endpoints file when its mtime or size changes; a bad edit keeps the last good set."""
+    """Re-reads the endpoints file when it changes; a bad, empty or half-written file keeps
+    the last good set (see `epp.filewatch`). An empty pool is written as `[]`."""
 
-    def __init__(self, datastore: Datastore, path: str, interval: float = 1.0) -> None:
+    def __init__(self, datastore: Datastore, path: str, interval: float = 1.0,
+                 settle: float = DEFAULT_SETTLE) -> None:
         self.datastore = datastore
         self.path = Path(path)
         self.interval = interval
-        self._stamp: tuple[float, int] | None = None
+        self.settle = settle
+        self._stamp: FileStamp | None = None
         self._task: asyncio.Task[None] | None = None
+        self._problem: str | None = None
+        self.writing = False
+        """The last look found a write in progress: look again soon."""
         self.loaded = asyncio.Event()
 
     async def load_once(self) -> bool:
         try:
-            st = await asyncio.to_thread(os.stat, self.path)
+            stamp = await asyncio.to_thread(FileStamp.of, self.path)
         except OSError as e:
-            if self._stamp is not None or not self.loaded.is_set():
-                log.error("endpoints file %s unreadable: %s (keeping last good set)", self.path, e)
+            self._report(f"unreadable: {e}")
             self._stamp = None
             return False
-        stamp = (st.st_mtime, st.st_size)
         if stamp == self._stamp:
             return False
-        self._stamp = stamp
         try:
-            text = await asyncio.to_thread(self.path.read_text)
+            stamp, text = await asyncio.to_thread(read_settled, self.path, self.settle)
             endpoints = parse_endpoints_yaml(text)
-        except (OSError, ValueError, yaml.YAMLError) as e:
-            log.error("endpoints file %s rejected: %s (keeping last good set)", self.path, e)
+        except NotReady as e:
+            self.writing = not e.empty
+            self._report(f"not applied: {e}", quiet=self.writing)  # no stamp kept: retried
             return False
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            self._stamp = stamp
+            self._report(f"rejected: {e}")
+            return False
+        self._stamp = stamp
+        self.writing = False
+        self._problem = None
         self.datastore.set_endpoints(endpoints)
         log.info("endpoints file %s: %d endpoints", self.path, len(endpoints))
         self.loaded.set()
         return True
+
+    def _report(self, problem: str, quiet: bool = False) -> None:
+        """Log a problem once, not once per poll."""
+        if problem != self._problem:
+            self._problem = problem
+            log.log(logging.INFO if quiet else logging.ERROR,
+                    "endpoints file %s %s (keeping the last good set)", self.path, problem)
 
     async def start(self) -> None:
         await self.load_once()
@@ -104,7 +122,8 @@ class EndpointsFileSource:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(min(self.interval, 2 * self.settle) if self.writing
+                                else self.interval)
             try:
                 await self.load_once()
             except Exception:

@@ -46,6 +46,24 @@ def scratch_dir() -> Path:
     return _scratch
 
 
+def endpoints_file_for(fleet: "UpstreamFleet", name: str) -> str:
+    """An `--endpoints-file` listing the fleet's servers, in the scratch directory."""
+    import yaml
+
+    path = scratch_dir() / name
+    path.write_text(yaml.safe_dump(
+        [{"name": u.name, "address": "127.0.0.1", "port": u.port} for u in fleet.upstreams]))
+    return str(path)
+
+
+def idle_pair() -> "UpstreamFleet":
+    """Two model servers reporting the same light load: a pick between them is a toss."""
+    fleet = UpstreamFleet(2)
+    for u in fleet.upstreams:
+        u.metrics_page = vllm_page(waiting=0, running=0, kv=0.2)
+    return fleet
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

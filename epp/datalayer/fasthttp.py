@@ -61,6 +61,7 @@ class _Proto(asyncio.Protocol):
         # 16 MB page in 64 KB reads).
         self.buf: bytes | bytearray = b""
         self._chunk_pos = 0  # chunked: where the next chunk-size line starts (0 = body start)
+        # (after the raw bytes already copied out are dropped, body_start is 0 too)
         self._chunk_out = bytearray()  # chunked: the body of the chunks read so far
         self.status = 0
         self.headers: dict[str, str] | None = None
@@ -105,9 +106,14 @@ class _Proto(asyncio.Protocol):
         try:
             self._advance()
         except FetchError as e:
-            if not w.done():
-                w.set_exception(e)
+            # Stop reading at once and drop what was buffered. Without its traceback the
+            # error holds no frame that holds the buffer: the future, the error and this
+            # protocol formed a cycle that kept every cut 16 MB page alive until a full
+            # garbage collection (400-860 MB RSS after 40 polls of an endless page).
             self.abort()
+            self._reset()
+            if not w.done():
+                w.set_exception(e.with_traceback(None))
 
     # -- parsing -----------------------------------------------------------------------
 
@@ -125,7 +131,7 @@ class _Proto(asyncio.Protocol):
             body = self._dechunk()
             if body is not None:
                 self._finish(body)
-            elif len(buf) - self.body_start > self.max_body + 65536:
+            elif len(self.buf) - self.body_start > self.max_body + 65536:
                 raise FetchError("too_large", f"over {self.max_body} bytes")
         elif self.length >= 0:
             if len(buf) - self.body_start >= self.length:
@@ -173,31 +179,40 @@ class _Proto(asyncio.Protocol):
         """The whole body once the last chunk has arrived, else None.
 
         Resumes after the last complete chunk of earlier reads, so that an answer of many
-        reads costs one pass over it, not one per read."""
+        reads costs one pass over it, not one per read; the raw bytes of the chunks
+        already copied out are dropped, so a body is held once, not twice, and a chunk
+        that would cross the limit is refused before it is read."""
         buf = self.buf
         pos = self._chunk_pos or self.body_start
         out = self._chunk_out
         while True:
             eol = buf.find(b"\r\n", pos)
             if eol < 0:
-                return None
+                if len(buf) - pos > 1024:
+                    raise FetchError("invalid_content", "chunk size line too long")
+                break
             size_field = buf[pos:eol].split(b";", 1)[0].strip()
             try:
                 size = int(size_field, 16)
             except ValueError:
                 raise FetchError("invalid_content", "bad chunk size") from None
+            if size < 0 or len(out) + size > self.max_body:
+                raise FetchError("too_large", f"over {self.max_body} bytes")
             if size == 0:
                 # Optional trailers, then an empty line.
-                if buf[eol + 2 : eol + 4] == b"\r\n":
+                if buf[eol + 2 : eol + 4] == b"\r\n" or buf.find(_HEADER_END, eol) >= 0:
                     return bytes(out)
-                return bytes(out) if buf.find(_HEADER_END, eol) >= 0 else None
+                break
             start = eol + 2
             if len(buf) < start + size + 2:
-                return None
+                break
             out += buf[start : start + size]
-            if len(out) > self.max_body:
-                raise FetchError("too_large", f"over {self.max_body} bytes")
-            pos = self._chunk_pos = start + size + 2
+            pos = start + size + 2
+        if pos > 65536 and buf.__class__ is bytearray:
+            del buf[:pos]  # drop the chunks already copied out (in place, O(1) in CPython)
+            self.body_start = pos = 0
+        self._chunk_pos = pos
+        return None
 
     def _finish(self, body: bytes) -> None:
         w = self.waiter

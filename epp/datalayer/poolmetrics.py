@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from epp.datastore import Datastore
+from epp.labels import safe
 from epp.observability import (
     POOL_AVG_KV_CACHE,
     POOL_AVG_QUEUE,
@@ -63,7 +64,7 @@ class PoolMetricsRefresher:
             waiting = float(snap.waiting[i])
             if np.isnan(waiting):
                 continue
-            pod = snap.endpoints[i].name
+            pod = safe(snap.endpoints[i].name)
             pods.add(pod)
             POOL_PER_POD_QUEUE.labels(name=name, model_server_pod=pod).set(waiting)
         for pod in self._pods - pods:

@@ -38,12 +38,15 @@ import aiohttp
 from epp.datastore import Datastore, Endpoint, EndpointMetrics, host_port
 from epp.datalayer.engines import EngineConfig, EngineRegistry, MetricsError
 from epp.datalayer.fasthttp import FetchError, RawHttpClient, decode_metrics_body
+from epp.labels import safe
 from epp.observability import SCRAPE_ERRORS
+from epp.passivehealth import PassiveHealth
 from epp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+OVERSIZE_BACKOFF = 2.0
 ClientKind = Literal["auto", "aiohttp", "raw"]
 
 
@@ -79,6 +82,7 @@ class Scraper:
         max_body_bytes: int = MAX_BODY_BYTES,
         flush_delay: float | None = None,
         max_polls_per_second: float | None = None,
+        health: PassiveHealth | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be positive")
@@ -93,6 +97,7 @@ class Scraper:
         if not path.startswith("/"):
             path = "/" + path
         self.datastore = datastore
+        self.health = health
         self.interval = interval
         self.timeout = timeout
         self.scheme = scheme
@@ -222,6 +227,10 @@ class Scraper:
                 await self._poll_once(st, raw)
                 next_at += self.effective_interval()
                 now = loop.time()
+                if st.last_reason == "too_large":
+                    # Reading a page up to the limit costs ~50 ms of CPU for 16 MB: an
+                    # endpoint that serves endless pages is asked again rarely.
+                    next_at = max(next_at, now + OVERSIZE_BACKOFF)
                 if next_at < now:  # this endpoint was slow: go on from now, no burst
                     next_at = now
                 await asyncio.sleep(next_at - now)
@@ -253,6 +262,8 @@ class Scraper:
             self._failed(st, reason, detail)
             return
         self._store(name, metrics)
+        if self.health is not None:
+            self.health.probe_ok(name)
         if st.last_reason is not None:
             log.info("scrape %s (%s): recovered after %s", name, st.url, st.last_reason)
         elif not st.ever_ok:
@@ -305,7 +316,9 @@ class Scraper:
         earlier = self._pending.pop(name, None)
         if earlier is not None:  # keep the order: that good scrape came first
             self.datastore.update_metrics(name, earlier)
-        SCRAPE_ERRORS.labels(endpoint=name, reason=reason).inc()
+        SCRAPE_ERRORS.labels(endpoint=safe(name), reason=reason).inc()
+        if reason == "connection_refused" and self.health is not None:
+            self.health.connection_refused(name)
         if st.reasons_seen is None:
             st.reasons_seen = set()
         st.reasons_seen.add(reason)
@@ -323,7 +336,7 @@ class Scraper:
             return
         for reason in st.reasons_seen:
             try:
-                SCRAPE_ERRORS.remove(st.endpoint.name, reason)
+                SCRAPE_ERRORS.remove(safe(st.endpoint.name), reason)
             except KeyError:
                 pass
 

@@ -27,17 +27,20 @@ import grpc
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from google.protobuf.message import DecodeError
 
 from epp import observability as obs
 from epp.director import Director, RoutingDecision
 from epp.errors import EppError, ErrorCode
+from epp.labels import for_log
+from epp.ratelog import RateLimitedLog
 from epp.request import (
     DESTINATION_HEADER,
     REQUEST_ID_HEADER,
     InferenceRequest,
     ResponseReader,
     Usage,
-    parse_body,
+    parse_request_body,
 )
 from epp.server import envoy_messages as msgs
 
@@ -73,45 +76,176 @@ SERVICE_NAME = ep.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
 """`envoy.service.ext_proc.v3.ExternalProcessor`, for reflection and health."""
 
 
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """Bounds on ext_proc streams, so that idle or abandoned streams cannot pile up (3,000
+    idle streams were once held open with no timeout)."""
+
+    max_streams: int = 8192
+    """Concurrent streams; more are refused with RESOURCE_EXHAUSTED."""
+    request_idle: float = 30.0
+    """Longest wait for the next message until the request is routed (from the stream's
+    start: for its headers, then between body chunks)."""
+    response_idle: float = 600.0
+    """Longest wait for the next message after routing: the response headers (a non-streamed
+    completion sends them only when done) and each response chunk."""
+
+
 def add_to_server(server: grpc.aio.Server, director: Director, *,
-                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> "ExtProcServicer":
+                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                  limits: StreamLimits = StreamLimits()) -> "ExtProcServicer":
     """Serve ext_proc on a grpc.aio server (call before `server.start()`)."""
-    servicer = ExtProcServicer(director, max_body_bytes=max_body_bytes)
+    servicer = ExtProcServicer(director, max_body_bytes=max_body_bytes, limits=limits)
     ep_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
     return servicer
+
+
+_log_fault = RateLimitedLog(log)
 
 
 class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
     """`envoy.service.ext_proc.v3.ExternalProcessor`; one `_Stream` per call."""
 
-    def __init__(self, director: Director, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    def __init__(self, director: Director, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 limits: StreamLimits = StreamLimits()):
         self.director = director
         self.max_body_bytes = max_body_bytes
+        self.limits = limits
+        self.active = 0
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ep.ProcessingResponse]:
+        limits = self.limits
+        if self.active >= limits.max_streams:
+            obs.EXTPROC_STREAMS_REFUSED.inc()
+            _log_fault("refused", logging.WARNING,
+                       "ext_proc stream refused: %d streams open (--extproc-max-streams)",
+                       self.active)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"endpoint picker at its ext_proc stream limit ({limits.max_streams})")
+        self.active += 1
+        obs.EXTPROC_STREAMS.inc()
         stream = _Stream(self.director, self.max_body_bytes)
+        messages = request_iterator.__aiter__()
+        watch = _IdleWatch()
+        phase = "request"
         try:
-            async for msg in request_iterator:
+            # The idle deadline runs only while waiting for Envoy's next message, never
+            # while the request waits for admission or a reply is being sent.
+            while True:
+                routed = stream.decision is not None
+                phase = "response" if routed else "request"
+                watch.waiting(limits.response_idle if routed else limits.request_idle)
+                try:
+                    msg = await messages.__anext__()
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    watch.raise_if_idle()
+                    raise
+                watch.received()
                 for out in await stream.handle(msg):
                     yield out
                 if stream.done:
                     return
+        except _IdleTimeout:
+            obs.EXTPROC_STREAM_TIMEOUTS.labels(phase).inc()
+            _log_fault(f"idle {phase}", logging.INFO,
+                       "ext_proc stream %s idle too long in the %s phase: closed",
+                       for_log(stream.request_id or "-"), phase)
+            if phase == "request":
+                if stream.saw_headers:  # Envoy waits for an answer: a clear one
+                    yield msgs.immediate_response(EppError(
+                        ErrorCode.RequestTimeout, "request body not received in time"))
+                    return
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    "no ext_proc message received in time")
+            # After routing, the request went on its way: just let go of the stream.
         except ProtocolError as e:
-            obs.EXTPROC_STREAM_ERRORS.labels(e.reason).inc()
-            log.warning("ext_proc stream %s ended: %s", stream.request_id or "-", e)
+            self._reject(e.reason, str(e), stream)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except DecodeError as e:
+            # Not a ProcessingRequest (corrupt wire format, bad UTF-8 in a string field):
+            # the peer's fault, so no traceback and not INTERNAL.
+            reason = "bad_utf8" if "UTF-8" in str(e) else "undecodable"
+            self._reject(reason, "ext_proc message could not be decoded", stream)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"ext_proc message could not be decoded ({reason})")
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except grpc.aio.AbortError:
             raise
         except Exception:
             obs.EXTPROC_STREAM_ERRORS.labels("internal").inc()
-            log.exception("ext_proc stream %s failed", stream.request_id or "-")
+            log.exception("ext_proc stream %s failed", for_log(stream.request_id or "-"))
             await context.abort(grpc.StatusCode.INTERNAL, "internal error in endpoint picker")
         finally:
+            watch.close()
+            self.active -= 1
+            obs.EXTPROC_STREAMS.dec()
             stream.close()
+
+    @staticmethod
+    def _reject(reason: str, message: str, stream: "_Stream") -> None:
+        obs.EXTPROC_STREAM_ERRORS.labels(reason).inc()
+        _log_fault(reason, logging.WARNING, "ext_proc stream %s ended (%s): %s",
+                   for_log(stream.request_id or "-"), reason, message)
+
+
+class _IdleTimeout(Exception):
+    pass
+
+
+class _IdleWatch:
+    """Ends a stream's wait for Envoy's next message after a timeout.
+
+    One timer per stream, re-armed only when it fires while time is left, and two
+    attribute writes per message: asyncio.timeout rescheduled per message cost ~50 µs a
+    message here, more than handling the message."""
+
+    __slots__ = ("loop", "task", "timeout", "since", "is_waiting", "fired", "handle")
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.timeout = 0.0
+        self.since = 0.0
+        self.is_waiting = False
+        self.fired = False
+        self.handle: asyncio.TimerHandle | None = None
+
+    def waiting(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.since = self.loop.time()
+        self.is_waiting = True
+        if self.handle is None:
+            self.handle = self.loop.call_at(self.since + timeout, self._check)
+
+    def received(self) -> None:
+        self.is_waiting = False
+
+    def raise_if_idle(self) -> None:
+        """In the CancelledError handler of the wait: the cancel was this watch's."""
+        if self.fired and self.task is not None:
+            self.task.uncancel()
+            raise _IdleTimeout from None
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def _check(self) -> None:
+        self.handle = None
+        if not self.is_waiting or self.task is None:
+            return  # re-armed by the next wait
+        deadline = self.since + self.timeout
+        if self.loop.time() < deadline:
+            self.handle = self.loop.call_at(deadline, self._check)
+            return
+        self.fired = True
+        self.task.cancel()
 
 
 class _Stream:
@@ -231,13 +365,13 @@ class _Stream:
         body = b"".join(self.chunks)
         req.body = body
         try:
-            if body:
-                req.parsed = parse_body(req.path, body)
+            req.parsed = parse_request_body(req.path, body)
             decision = await self.director.route(req)
         except EppError as e:
             if req.parsed is None:
                 obs.REQUEST_ERROR_TOTAL.labels("", "", e.code.name).inc()
-            log.info("request %s rejected: %s", req.request_id, e.body)
+            _log_fault(f"rejected {e.code.name}", logging.INFO, "request %s rejected: %s",
+                       for_log(req.request_id), for_log(e.body, 300))
             return self._immediate(e)
         self.decision = decision
         self.response = ResponseReader(decision.target_model, decision.model)
@@ -293,6 +427,8 @@ class _Stream:
         # 413 for a body over its buffer limit): pass it through untouched.
         self.saw_response = True
         self.status = msgs.response_status(msg)
+        if self.decision is not None:
+            self.director.response_status(self.decision, self.status)
         common = ep.CommonResponse()
         if self.response.rewrites and self.modes.response_body != Mode.NONE:
             # The body may change length when the model name is restored.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -19,6 +20,7 @@ import grpc
 
 from epp.datastore import Endpoint
 from epp.errors import EppError, ErrorCode, bad_request
+from epp.passivehealth import PassiveHealth
 from epp.request import REQUEST_ID_HEADER, InferenceRequest, parse_body
 from epp.scheduling.interface import Explanation
 from epp.v1 import pick_pb2, pick_pb2_grpc
@@ -121,9 +123,11 @@ def explanation_to_proto(e: Explanation) -> pick_pb2.Explanation:
 class PickService(pick_pb2_grpc.PickerServicer):
     """`epp.v1.Picker` over a routing callable (the director's `route`)."""
 
-    def __init__(self, route: Route, *, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, route: Route, *, max_body_bytes: int = MAX_BODY_BYTES,
+                 health: PassiveHealth | None = None) -> None:
         self._route = route
         self._max_body = max_body_bytes
+        self._health = health
 
     async def Pick(self, request: pick_pb2.PickRequest, context: Any) -> pick_pb2.PickResponse:
         req, decision = await self._decide(request, context, explain=False)
@@ -137,6 +141,11 @@ class PickService(pick_pb2_grpc.PickerServicer):
         expl = getattr(decision, "explanation", None)
         if isinstance(expl, Explanation):
             out.explanation.CopyFrom(explanation_to_proto(expl))
+        if self._health is not None:
+            now = time.monotonic()
+            for ej in self._health.ejected():
+                out.explanation.ejected.add(endpoint_name=ej.endpoint, reason=ej.reason,
+                                            cooldown_left_seconds=max(0.0, ej.until - now))
         return out
 
     @staticmethod
@@ -164,8 +173,9 @@ class PickService(pick_pb2_grpc.PickerServicer):
         raise AssertionError("unreachable")  # context.abort raises
 
 
-def add_to_server(server: Any, route: Route, *, max_body_bytes: int = MAX_BODY_BYTES) -> PickService:
+def add_to_server(server: Any, route: Route, *, max_body_bytes: int = MAX_BODY_BYTES,
+                  health: PassiveHealth | None = None) -> PickService:
     """Serve `epp.v1.Picker` on a grpc.aio server (call before `server.start()`)."""
-    service = PickService(route, max_body_bytes=max_body_bytes)
+    service = PickService(route, max_body_bytes=max_body_bytes, health=health)
     pick_pb2_grpc.add_PickerServicer_to_server(service, server)
     return service

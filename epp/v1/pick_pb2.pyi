@@ -112,14 +112,26 @@ class ProfileExplanation(_message.Message):
     def __init__(self, profile: _Optional[str] = ..., candidates: _Optional[_Iterable[str]] = ..., filters: _Optional[_Iterable[_Union[FilterStep, _Mapping]]] = ..., scorers: _Optional[_Iterable[_Union[ScorerInfo, _Mapping]]] = ..., scores: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., picker: _Optional[str] = ..., picked: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Explanation(_message.Message):
-    __slots__ = ("primary_profile", "profiles", "picked")
+    __slots__ = ("primary_profile", "profiles", "picked", "ejected")
     PRIMARY_PROFILE_FIELD_NUMBER: _ClassVar[int]
     PROFILES_FIELD_NUMBER: _ClassVar[int]
     PICKED_FIELD_NUMBER: _ClassVar[int]
+    EJECTED_FIELD_NUMBER: _ClassVar[int]
     primary_profile: str
     profiles: _containers.RepeatedCompositeFieldContainer[ProfileExplanation]
     picked: str
-    def __init__(self, primary_profile: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[ProfileExplanation, _Mapping]]] = ..., picked: _Optional[str] = ...) -> None: ...
+    ejected: _containers.RepeatedCompositeFieldContainer[EjectedEndpoint]
+    def __init__(self, primary_profile: _Optional[str] = ..., profiles: _Optional[_Iterable[_Union[ProfileExplanation, _Mapping]]] = ..., picked: _Optional[str] = ..., ejected: _Optional[_Iterable[_Union[EjectedEndpoint, _Mapping]]] = ...) -> None: ...
+
+class EjectedEndpoint(_message.Message):
+    __slots__ = ("endpoint_name", "reason", "cooldown_left_seconds")
+    ENDPOINT_NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_LEFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    endpoint_name: str
+    reason: str
+    cooldown_left_seconds: float
+    def __init__(self, endpoint_name: _Optional[str] = ..., reason: _Optional[str] = ..., cooldown_left_seconds: _Optional[float] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("pick", "explanation")

@@ -15,11 +15,11 @@ from tests.support import (
     EnvoyProcess,
     EppProcess,
     UpstreamFleet,
+    endpoints_file_for,
+    idle_pair,
     post_json,
-    scratch_dir,
     start_envoy,
     start_epp,
-    vllm_page,
     wait_until,
 )
 
@@ -52,20 +52,13 @@ def report_served_endpoint(cfg: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[UpstreamFleet]:
-    with UpstreamFleet(2) as f:
-        for u in f.upstreams:
-            u.metrics_page = vllm_page(waiting=0, running=0, kv=0.2)
+    with idle_pair() as f:
         yield f
 
 
 @pytest.fixture(scope="module")
 def epp(pair: UpstreamFleet) -> Iterator[EppProcess]:
-    import yaml
-
-    path = scratch_dir() / "protocol-endpoints.yaml"
-    path.write_text(yaml.safe_dump(
-        [{"name": u.name, "address": "127.0.0.1", "port": u.port} for u in pair.upstreams]))
-    p = start_epp(endpoints_file=str(path))
+    p = start_epp(endpoints_file=endpoints_file_for(pair, "protocol-endpoints.yaml"))
     yield p
     p.proc.stop()
 

@@ -196,7 +196,7 @@ async def test_response_usage_is_read_and_the_model_name_restored(stub) -> None:
 
 @pytest.mark.parametrize("msgs", [
     [chunk(COMPLETION, True)],                        # body before headers
-    [headers(eos=True), headers(eos=True)],           # headers twice
+    [headers("/v1/models", eos=True), headers("/v1/models", eos=True)],  # headers twice
     [ep.ProcessingRequest()],                         # nothing set
 ])
 async def test_protocol_violations_end_only_their_stream(stub, msgs) -> None:

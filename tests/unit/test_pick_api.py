@@ -145,6 +145,8 @@ async def test_route_errors_map_to_grpc_status(api, error, status) -> None:
         pick_pb2.PickRequest(body=b'{"prompt": "x"}'),
         pick_pb2.PickRequest(body=b'{"model": "a", "prompt": "x"}', model="b"),
         pick_pb2.PickRequest(body=b'{"model": "a", "prompt": "x"}', prompt="both"),
+        # valid JSON, but no UTF-8 string can carry it: it answered UNKNOWN (issue 12)
+        pick_pb2.PickRequest(body=b'{"model": "bad\\ud800model", "prompt": "x"}'),
     ],
 )
 async def test_bad_requests_are_invalid_argument(api, request_) -> None:

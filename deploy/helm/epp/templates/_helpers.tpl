@@ -59,7 +59,7 @@ inferencepool: {{ include "epp.name" . }}
 {{/* This EPP's flags (epp --help). tests/unit/test_deploy_manifests.py keeps the list
 equal to the parser's. */}}
 {{- define "epp.knownFlags" -}}
-{{- list "grpc-port" "grpc-health-port" "metrics-port" "metrics-endpoint-auth" "bind-address" "secure-serving" "cert-path" "pool-name" "pool-namespace" "pool-group" "config-file" "config-text" "v" "endpoints" "endpoints-file" "endpoint-selector" "endpoint-target-ports" "kubeconfig" "ha-enable-leader-election" "objectives-file" "refresh-metrics-interval" "metrics-staleness-threshold" "refresh-prometheus-metrics-interval" "model-server-metrics-scheme" "model-server-metrics-path" "model-server-metrics-port" "model-server-metrics-https-insecure-skip-verify" "max-body-bytes" "drain-timeout" | toJson -}}
+{{- list "grpc-port" "grpc-health-port" "metrics-port" "metrics-endpoint-auth" "bind-address" "secure-serving" "cert-path" "pool-name" "pool-namespace" "pool-group" "config-file" "config-text" "v" "endpoints" "endpoints-file" "endpoint-selector" "endpoint-target-ports" "kubeconfig" "ha-enable-leader-election" "objectives-file" "refresh-metrics-interval" "metrics-staleness-threshold" "refresh-prometheus-metrics-interval" "model-server-metrics-scheme" "model-server-metrics-path" "model-server-metrics-port" "model-server-metrics-https-insecure-skip-verify" "max-body-bytes" "drain-timeout" "metrics-label-cap" "passive-health-consecutive-failures" "passive-health-cooldown" "extproc-max-streams" "extproc-request-idle-timeout" "extproc-response-idle-timeout" | toJson -}}
 {{- end -}}
 
 {{/* Flags the chart sets itself, with the value to set instead. */}}
