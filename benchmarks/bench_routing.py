@@ -32,13 +32,15 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.routing.client import replay
 from benchmarks.routing.report import markdown_table, median_of, plot, summarize
-from benchmarks.routing.stack import STRATEGIES, Stack, machine_busy
+from benchmarks.routing.stack import STRATEGIES, Stack, ensure_tokenizer, machine_busy
 from benchmarks.routing.workload import (
     LoraShape,
     Request,
     SharedPrefixShape,
+    StalePrefixShape,
     lora_schedule,
     shared_prefix_schedule,
+    stale_prefix_schedule,
 )
 from epp.sim.config import SimConfig
 
@@ -61,6 +63,19 @@ def fleet(time_scale: float, replicas: int = 8, lora: LoraShape | None = None,
     if lora is not None:
         base = replace(base, lora_modules={a: f"/adapters/{a}" for a in lora.adapters},
                        max_loras=max_loras, lora_load_time=0.1)
+    return [replace(base, name=f"sim-{i}", seed=i).validate() for i in range(replicas)]
+
+
+# The stale-prefix shape: pods that tokenize (the project's tiny tokenizer), publish KV
+# events, and have a quarter of the KV cache above (512 blocks = 8k tokens: ~4 of the 150
+# groups' system prompts each), so the fleet holds ~20% of the working set.
+STALE_GPU = replace(GPU, num_gpu_blocks=512, max_model_len=4096)
+
+
+def stale_fleet(time_scale: float, replicas: int = 8) -> list[SimConfig]:
+    tok = str(ensure_tokenizer())
+    base = replace(STALE_GPU, time_scale=time_scale, tokenizer=tok, kv_events_port=0,
+                   kv_events_replay_port=0)
     return [replace(base, name=f"sim-{i}", seed=i).validate() for i in range(replicas)]
 
 
@@ -102,7 +117,7 @@ def run_sweep(shape_name: str, strategies: list[str], qps_list: list[float], cou
     (about 10 simulated seconds of arrivals, at least `min_count`)."""
     points = []
     lora = LoraShape() if shape_name == "lora" else None
-    sims = fleet(time_scale, lora=lora)
+    sims = stale_fleet(time_scale) if shape_name == "stale-prefix" else fleet(time_scale, lora=lora)
     for qps in qps_list:
         n = min(count, max(min_count, int(qps * 10)))
         for name in strategies:
@@ -110,6 +125,9 @@ def run_sweep(shape_name: str, strategies: list[str], qps_list: list[float], cou
             for rep in range(repeat):
                 if lora is not None:
                     sched = lora_schedule(lora, qps, n, seed=seed + rep)
+                elif shape_name == "stale-prefix":
+                    sched = stale_prefix_schedule(StalePrefixShape(), qps, n, seed=seed + rep,
+                                                  model=MODEL)
                 else:
                     sched = shared_prefix_schedule(SharedPrefixShape(), qps, n, seed=seed + rep,
                                                    model=MODEL)
@@ -163,12 +181,38 @@ def verdict(points: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def stale_verdict(points: list[dict[str, Any]]) -> list[str]:
+    """Issue 14's target on the stale-prefix sweep: at the highest load where round-robin's
+    p90 TTFT is 10x its light-load value (saturated), precise p90 TTFT <= 0.5x the
+    approximate (default) profile's, and a higher prefix-cache hit rate."""
+    rr = sorted((p for p in points if p["strategy"] == "round-robin" and p["ttft_p90"]),
+                key=lambda p: p["qps"])
+    if len(rr) < 2:
+        return ["target: needs round-robin at two or more loads"]
+    light = rr[0]["ttft_p90"]
+    heavy = [p for p in rr if p["ttft_p90"] > 10 * light]
+    at = max(heavy, key=lambda p: p["qps"]) if heavy else rr[-1]
+    by = {p["strategy"]: p for p in points if p["qps"] == at["qps"]}
+    lines = [f"evaluated at QPS {at['qps']:g} (round-robin p90 TTFT {at['ttft_p90']:.3f} s, "
+             f"light load {light:.3f} s{'' if heavy else '; round-robin never saturated'})"]
+    a, p = by.get("default"), by.get("precise")
+    if a and p and a["ttft_p90"] and p["ttft_p90"]:
+        ratio = p["ttft_p90"] / a["ttft_p90"]
+        ha, hp = a["prefix_hit_rate"] or 0.0, p["prefix_hit_rate"] or 0.0
+        ok = ratio <= 0.5 and hp > ha
+        lines.append(f"  precise p90 TTFT {p['ttft_p90']:.3f} s vs approximate "
+                     f"{a['ttft_p90']:.3f} s: {ratio:.2f}x (want <= 0.5); hit rate "
+                     f"{hp:.3f} vs {ha:.3f}: {'MET' if ok else 'not met'}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="CI size: shared prefix only, round-robin vs default, 2 loads")
     ap.add_argument("--shapes", nargs="+", default=["shared-prefix", "lora"],
-                    choices=["shared-prefix", "lora"])
+                    choices=["shared-prefix", "lora", "stale-prefix"])
+    ap.add_argument("--stale-qps", type=float, nargs="+")
     ap.add_argument("--strategies", nargs="+", choices=sorted(STRATEGIES))
     ap.add_argument("--qps", type=float, nargs="+", help="offered loads, simulated req/s")
     ap.add_argument("--lora-qps", type=float, nargs="+")
@@ -212,9 +256,27 @@ def main(argv: list[str] | None = None) -> int:
         "strategies": {s: STRATEGIES[s].note for s in dict.fromkeys(sp_strategies + lora_strategies)},
         "sweeps": {}}
     t0 = time.perf_counter()
+    stale_strategies = args.strategies or ["round-robin", "default", "precise"]
+    stale_qps = args.stale_qps or ([6, 14] if quick else [4, 8, 12, 16])
     for shape in shapes:
         sp = shape == "shared-prefix"
         count = sp_count if sp else lora_count
+        if shape == "stale-prefix":
+            points = run_sweep(shape, stale_strategies, stale_qps, sp_count, repeat,
+                               args.time_scale, args.seed, log, min_count, args.refresh_interval)
+            doc["stale_prefix_shape"] = asdict(StalePrefixShape())
+            doc["stale_sim"] = asdict(STALE_GPU) | {"lora_modules": {}}
+            doc["sweeps"][shape] = points
+            print(f"\n### {shape}\n")
+            print(markdown_table(points))
+            doc["stale_verdict"] = stale_verdict(points)
+            print("\n" + "\n".join(doc["stale_verdict"]))
+            if not args.no_plot:
+                png = out.with_name(out.stem + f"-{shape}.png")
+                plot(points, png, f"{shape}: 8 simulated pods through Envoy "
+                                  f"({sp_count}+ requests per point, median of {repeat})")
+                print(f"\nplot: {png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}")
+            continue
         points = run_sweep(shape, sp_strategies if sp else lora_strategies,
                            qps if sp else lora_qps, count, repeat, args.time_scale, args.seed,
                            log, min_count, args.refresh_interval)

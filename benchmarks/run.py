@@ -67,6 +67,11 @@ BENCHES = (
     Bench("compare", "bench_compare.py", None, out_flag="--out",
           note="beside the upstream Go EPP v1.5.0 and a kube-apiserver (full mode only; "
                "`make bench-compare` builds both first)"),
+    Bench("kvevents", "bench_kvevents.py", ("--quick",)),
+    Bench("routing-stale", "bench_routing.py", None,
+          ("--shapes", "stale-prefix", "--repeat", "2"), out_flag="--out",
+          note="exact vs approximate prefix-cache routing where the approximate index goes "
+               "stale (full mode only)"),
 )
 
 

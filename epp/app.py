@@ -182,6 +182,11 @@ class EppApp:
         await scraper.start()
         self._tasks.append(scraper)
         await self._await_first_scrape(timeout=2.0)
+        for plugin in self.config.plugins.values():
+            start = getattr(plugin, "start_background", None)  # e.g. KV-event intake
+            if start is not None:
+                await start(self.datastore)
+                self._tasks.append(plugin)
         refresher = PoolMetricsRefresher(self.datastore, s.pool_name,
                                          interval=s.refresh_prometheus_metrics_interval)
         await refresher.start()

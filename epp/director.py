@@ -195,6 +195,9 @@ class Director:
                 if latest is not snapshot:  # it waited in a queue while the pool changed
                     snapshot, cands = latest, self.candidates(req, latest)
             sreq = self._scheduling_request(req, res)
+            prepare = getattr(self.scheduler, "prepare", None)
+            if prepare is not None:
+                await prepare(sreq)
             result = self.scheduler.schedule(sreq, snapshot, cands, explain=explain)
             body = None
             if req.parsed is not None and res.target_model != model:
@@ -245,6 +248,8 @@ class Director:
             headers=req.headers,
             priority=res.priority,
             prompt_source=(lambda: parsed.prompt_text) if parsed is not None else None,
+            api=parsed.api.value if parsed is not None else "",
+            body=parsed.data if parsed is not None else None,
         )
 
     async def route_detached(self, req: InferenceRequest) -> RoutingDecision:

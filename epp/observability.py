@@ -201,3 +201,32 @@ FLOW_DISPATCH_CYCLE = Histogram(
     buckets=_FAST_BUCKETS,
     registry=REGISTRY,
 )
+
+# -- precise prefix-cache routing (model servers' KV-cache events) ------------------
+
+KV_EVENTS = Counter(
+    "inference_extension_kv_events_total",
+    "KV-cache events (BlockStored, BlockRemoved, AllBlocksCleared) applied to the block index.",
+    registry=REGISTRY,
+)
+KV_EVENTS_ERRORS = Counter(
+    "inference_extension_kv_events_errors_total",
+    "Faults in KV-cache event intake: garbage, bad_frame, unknown_event, unknown_parent, "
+    "sequence_gap, sequence_reset, replay_timeout, publisher_gone, block_size_mismatch, "
+    "bad_address.",
+    ["reason"],
+    registry=REGISTRY,
+)
+KV_INDEX_BLOCKS = Gauge(
+    "inference_extension_kv_index_blocks",
+    "(block, endpoint) entries in the KV-event block index (bounded by maxIndexedBlocks).",
+    registry=REGISTRY,
+)
+PRECISE_PREFIX_FALLBACKS = Counter(
+    "inference_extension_precise_prefix_fallbacks_total",
+    "Requests the precise-prefix-cache-scorer scored with the approximate index instead: "
+    "no_tokenizer, tokenizer_missing, tokenizer_corrupt, no_chat_template, "
+    "chat_template_error, no_text.",
+    ["reason"],
+    registry=REGISTRY,
+)

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from epp.flowcontrol.saturation import ConcurrencyDetector, UtilizationDetector
 from epp.scheduling import filters, pickers, scorers
+from epp.scheduling.precise_prefix import PrecisePrefixCacheScorer
 from epp.scheduling.profile import SingleProfileHandler
 
 _BUILTIN: tuple[type[Any], ...] = (
@@ -26,6 +27,7 @@ _BUILTIN: tuple[type[Any], ...] = (
     scorers.KVCacheUtilizationScorer,
     scorers.LoraAffinityScorer,
     scorers.PrefixCacheScorer,
+    PrecisePrefixCacheScorer,
     # pickers
     pickers.MaxScorePicker,
     pickers.RandomPicker,

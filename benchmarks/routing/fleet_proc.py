@@ -28,7 +28,10 @@ from epp.sim.fleet import start_fleet
 async def main(configs: list[SimConfig]) -> int:
     fleet = await start_fleet(configs)
     try:
-        print(json.dumps({"ports": [r.port for r in fleet.replicas]}), flush=True)
+        print(json.dumps({"ports": [r.port for r in fleet.replicas],
+                          "kv_events": [[r.kv_events.port, r.kv_events.replay_port]
+                                        if r.kv_events is not None else None
+                                        for r in fleet.replicas]}), flush=True)
         while True:
             line = await asyncio.to_thread(sys.stdin.readline)
             cmd = line.strip()

@@ -28,6 +28,14 @@ from epp.sim.config import SimConfig
 from tests.support import EnvoyProcess, EppProcess, start_envoy, start_epp
 
 ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER_DIR = Path(tempfile.gettempdir()) / "epp-bench-tinytok"
+"""The project's tiny tokenizer (epp.sim.tinytok), for shapes whose pods tokenize."""
+
+
+def ensure_tokenizer() -> Path:
+    from epp.sim import tinytok
+
+    return tinytok.write(TOKENIZER_DIR)
 TICKS = os.sysconf("SC_CLK_TCK")
 
 _HEAD = """\
@@ -56,6 +64,8 @@ class Strategy:
     """EndpointPickerConfig YAML for 'epp' (None: the default profile)."""
     inflight: bool = True
     """False runs the EPP with its in-flight accounting switched off (epp_proc.py)."""
+    kv_events: bool = False
+    """The EPP subscribes to the pods' KV-cache events (their ports go in endpoint labels)."""
     note: str = ""
 
 
@@ -71,6 +81,30 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              profile({"queue-scorer": 2, "kv-cache-utilization-scorer": 2,
                       "prefix-cache-scorer": 6, "lora-affinity-scorer": 1}),
              note="EPP: queue 2, kv 2, prefix 6, lora 1"),
+    Strategy("precise", "epp", _HEAD + f"""\
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: precise-prefix-cache-scorer
+  parameters:
+    blockSize: 16
+    tokenizers: {{"meta-llama/Llama-3.1-8B-Instruct": "{TOKENIZER_DIR}"}}
+- type: lora-affinity-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: precise-prefix-cache-scorer
+    weight: 3
+  - pluginRef: lora-affinity-scorer
+    weight: 1
+  - pluginRef: max-score-picker
+""", kv_events=True,
+             note="EPP default with precise-prefix-cache-scorer (KV events) for prefix-cache-scorer"),
     Strategy("default-no-inflight", "epp", None, inflight=False,
              note="EPP default profile, in-flight accounting off"),
     Strategy("queue+kv-no-inflight", "epp",
@@ -107,7 +141,9 @@ class Fleet:
         if not line:
             self.stop()
             raise RuntimeError("simulated fleet did not start")
-        self.ports: list[int] = json.loads(line)["ports"]
+        info = json.loads(line)
+        self.ports: list[int] = info["ports"]
+        self.kv_events: list[list[int] | None] = info.get("kv_events") or [None] * len(self.ports)
 
     @property
     def hostports(self) -> list[str]:
@@ -176,7 +212,11 @@ class Stack:
                 args = ["--refresh-metrics-interval", f"{refresh_interval}s", "-v", "-1"]
                 if strategy.config is not None:
                     args += ["--config-text", strategy.config]
-                self.epp = _start_epp(args, ",".join(self.fleet.hostports), strategy.inflight)
+                if strategy.kv_events:
+                    args += ["--endpoints-file", self._endpoints_file()]
+                    self.epp = _start_epp(args, None, strategy.inflight)
+                else:
+                    self.epp = _start_epp(args, ",".join(self.fleet.hostports), strategy.inflight)
                 self.envoy = start_envoy(self.epp.grpc_port)
             else:
                 lb = {"round-robin": "ROUND_ROBIN", "random": "RANDOM"}[strategy.kind]
@@ -184,6 +224,21 @@ class Stack:
         except BaseException:
             self.stop()
             raise
+
+    def _endpoints_file(self) -> str:
+        """The pods with their KV-event ports as labels."""
+        eps = []
+        for i, (port, kv) in enumerate(zip(self.fleet.ports, self.fleet.kv_events)):
+            if kv is None:
+                raise RuntimeError("strategy needs KV events but the pods publish none")
+            eps.append({"name": f"sim-{i}", "address": "127.0.0.1", "port": port,
+                        "labels": {"kv-events.epp/port": str(kv[0]),
+                                   "kv-events.epp/replay-port": str(kv[1] or 0)}})
+        with tempfile.NamedTemporaryFile("w", prefix="endpoints-", suffix=".json",
+                                         delete=False) as f:
+            json.dump(eps, f)  # JSON is YAML
+        self._tmp = f.name
+        return f.name
 
     @property
     def url(self) -> str:
@@ -207,9 +262,12 @@ class Stack:
         if self.epp is not None:
             self.epp.proc.stop()
         self.fleet.stop()
+        tmp = getattr(self, "_tmp", None)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
 
 
-def _start_epp(args: list[str], endpoints: str, inflight: bool) -> EppProcess:
+def _start_epp(args: list[str], endpoints: str | None, inflight: bool) -> EppProcess:
     if inflight:
         return start_epp(*args, endpoints=endpoints)
     # The same EPP with in-flight accounting off, through the ablation launcher.

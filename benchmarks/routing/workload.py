@@ -50,6 +50,24 @@ class SharedPrefixShape:
 
 
 @dataclass(frozen=True)
+class StalePrefixShape:
+    """Where an approximate prefix index goes stale: more groups than the fleet's KV caches
+    hold, long system prompts so that eviction never stops, Zipf-skewed popularity (a
+    few hot groups, a long tail that keeps evicting). Lengths in ~4-character tokens."""
+
+    num_groups: int = 150
+    prompts_per_group: int = 8
+    system_prompt_len: int = 1500
+    question_len: int = 60
+    output_len: int = 16
+    zipf_s: float = 1.0
+
+    def shared(self) -> SharedPrefixShape:
+        return SharedPrefixShape(self.num_groups, self.prompts_per_group, self.system_prompt_len,
+                                 self.question_len, self.output_len).validate()
+
+
+@dataclass(frozen=True)
 class LoraShape:
     """Requests spread over adapters of Zipf popularity (lengths in tokens)."""
 
@@ -162,3 +180,19 @@ def lora_schedule(shape: LoraShape, qps: float, count: int, seed: int = 0) -> li
         out.append(Request(at=t, model=names[k], prompt=prompt,
                            max_tokens=shape.output_len, group=k))
     return out
+
+
+def stale_prefix_schedule(shape: StalePrefixShape, qps: float, count: int, seed: int = 0,
+                          model: str = "meta-llama/Llama-3.1-8B-Instruct") -> list[Request]:
+    """`count` requests of Zipf-popular groups (rank k with weight 1 / (k+1)**s)."""
+    base = shape.shared()
+    rng = random.Random(seed)
+    systems = [random_text(base.system_prompt_len, rng, head=f"[group {g}]")
+               for g in range(base.num_groups)]
+    questions = [[random_text(base.question_len, rng, head=f"[q {g}.{q}]")
+                  for q in range(base.prompts_per_group)] for g in range(base.num_groups)]
+    weights = [1.0 / (k + 1) ** shape.zipf_s for k in range(base.num_groups)]
+    times = poisson_arrivals(qps, count, rng)
+    groups = rng.choices(range(base.num_groups), weights=weights, k=count)
+    return [Request(at=t, model=model, prompt=systems[g] + questions[g][rng.randrange(base.prompts_per_group)],
+                    max_tokens=base.output_len, group=g) for t, g in zip(times, groups)]

@@ -14,7 +14,7 @@ of built-in types. The data types here are what a cycle takes in and gives back.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -41,6 +41,13 @@ class SchedulingRequest:
     prompt_source: Callable[[], str] | None = None
     """Derives `prompt_text` when a plugin first asks (`prompt()`), so that requests
     scheduled by profiles without a prefix plugin never serialise their prompt."""
+    api: str = ""
+    """The OpenAI API called ("completions", "chat/completions", ...), "" when unknown."""
+    body: Mapping[str, Any] | None = None
+    """The decoded request body (read-only), for plugins that need more than the prompt
+    text (a chat template renders the messages)."""
+    prepared: dict[str, Any] = field(default_factory=dict)
+    """Per-plugin data computed before the cycle by `Scheduler.prepare` (token ids)."""
 
     def prompt(self) -> str:
         if self.prompt_source is not None:

@@ -68,6 +68,7 @@ class Scheduler:
             for name, prof in self.profiles.items()
         }
         self._forgetters = [p for p in learners if isinstance(p, EndpointForgetter)]
+        self._preparers = [p for p in learners if hasattr(p, "prepare_request_data")]
 
     @classmethod
     def from_config(cls, config: EppConfig, **kwargs: Any) -> "Scheduler":
@@ -87,6 +88,12 @@ class Scheduler:
                 p.forget_endpoint(name)
 
     # -- the cycle -----------------------------------------------------------------
+
+    async def prepare(self, req: SchedulingRequest) -> None:
+        """Let plugins compute request data the cycle needs and that may take a while
+        (tokenizing), before the synchronous cycle; a dry run may skip this."""
+        for p in self._preparers:
+            await p.prepare_request_data(req)
 
     def derived(self, snapshot: Snapshot) -> Derived:
         d = self._derived

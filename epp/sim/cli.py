@@ -70,8 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=_D.seed, help="random seed (replica i uses seed + i)")
     a("--legacy-cache-metric", action="store_true",
       help="emit vllm:gpu_cache_usage_perc (older vLLM) instead of vllm:kv_cache_usage_perc")
+    a("--tokenizer", default=None, metavar="DIR",
+      help="directory with tokenizer.json (+ tokenizer_config.json): tokenize prompts as "
+           "vLLM does (build a small one with `python -m epp.sim.tinytok DIR`)")
+    a("--kv-events-port", type=int, default=None,
+      help="publish KV-cache events on this ZeroMQ PUB port, like vLLM's --kv-events-config "
+           "(0: any free port; needs --tokenizer; replica i uses port + 2i)")
+    a("--kv-events-replay-port", type=int, default=None,
+      help="ROUTER port replaying past event batches (default: events port + 1 when events are on)")
     a("--log-level", default="INFO", help="logging level (default %(default)s)")
     return p
+
+
+def _replay_port(args: argparse.Namespace) -> int | None:
+    if args.kv_events_replay_port is not None:
+        return int(args.kv_events_replay_port)
+    if args.kv_events_port is None:
+        return None
+    return 0 if args.kv_events_port == 0 else args.kv_events_port + 1
 
 
 def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
@@ -88,7 +104,9 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
         decode_time_per_kv_token=args.decode_time_per_kv_token,
         prefill_time_per_token=args.prefill_time_per_token,
         default_max_tokens=args.default_max_tokens, time_scale=args.time_scale,
-        seed=args.seed, legacy_cache_metric=args.legacy_cache_metric)
+        seed=args.seed, legacy_cache_metric=args.legacy_cache_metric,
+        tokenizer=args.tokenizer, kv_events_port=args.kv_events_port,
+        kv_events_replay_port=_replay_port(args))
     if args.fleet_config is None and args.replicas == 1 and args.base_port is None:
         return [base.validate()]
     return fleet_configs(base, args.replicas, args.base_port, args.fleet_config)
@@ -107,7 +125,10 @@ async def serve(configs: list[SimConfig]) -> None:
     try:
         for r in fleet.replicas:
             adapters = ",".join(sorted(r.adapters)) or "-"
-            print(f"epp-sim: {r.name} {r.url} model={r.cfg.model} adapters={adapters}",
+            events = ""
+            if r.kv_events is not None:
+                events = f" kv-events={r.kv_events.port} kv-events-replay={r.kv_events.replay_port}"
+            print(f"epp-sim: {r.name} {r.url} model={r.cfg.model} adapters={adapters}{events}",
                   flush=True)
         print(f"epp-sim: ready ({len(fleet.replicas)} replicas)", flush=True)
         await stop.wait()

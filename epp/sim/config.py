@@ -69,6 +69,16 @@ class SimConfig:
     legacy_cache_metric: bool = False
     """Emit vllm:gpu_cache_usage_perc (older vLLM) instead of vllm:kv_cache_usage_perc."""
     engine_label: str = "0"
+    tokenizer: str | None = None
+    """Directory with tokenizer.json (and tokenizer_config.json for the chat template):
+    prompts are then tokenized as vLLM does, instead of ~4 characters a token."""
+    kv_events_port: int | None = None
+    """Publish KV-cache events on this ZeroMQ PUB port, as vLLM's --kv-events-config
+    does (0: any free port; None: off). Needs `tokenizer` (events carry token ids)."""
+    kv_events_replay_port: int | None = None
+    """The ROUTER port that replays past event batches (0: any free port; None: none)."""
+    kv_events_layout: str = "array"
+    """How events are encoded: "array" (positional, vLLM until mid-2026) or "map"."""
 
     @property
     def lora_enabled(self) -> bool:
@@ -100,6 +110,15 @@ class SimConfig:
             raise ConfigError(f"{self.name}: model must be non-empty")
         if self.lora_modules and self.enable_lora is False:
             raise ConfigError(f"{self.name}: lora_modules given but enable_lora is false")
+        for name in ("kv_events_port", "kv_events_replay_port"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= 65535:
+                raise ConfigError(f"{self.name}: {name} {v} out of range")
+        if self.kv_events_port is not None and not self.tokenizer:
+            raise ConfigError(f"{self.name}: kv_events_port needs a tokenizer (events carry "
+                              f"token ids)")
+        if self.kv_events_layout not in ("array", "map"):
+            raise ConfigError(f"{self.name}: kv_events_layout must be 'array' or 'map'")
         if self.model in self.lora_modules:
             raise ConfigError(f"{self.name}: adapter name {self.model!r} equals the base model")
         return self
@@ -157,6 +176,12 @@ def apply_overrides(base: SimConfig, overrides: Mapping[str, Any], where: str) -
                 if isinstance(value, bool):
                     raise TypeError
                 changes[key] = float(value)
+            elif want in ("int | None", "str | None") and value is None:
+                changes[key] = None
+            elif want == "int | None":
+                if isinstance(value, bool) or not isinstance(value, (int, str)):
+                    raise TypeError
+                changes[key] = int(value)
             elif want in ("bool", "bool | None"):
                 if not isinstance(value, bool) and not (want != "bool" and value is None):
                     raise TypeError
@@ -191,8 +216,17 @@ def fleet_configs(
     out = []
     for i in range(replicas):
         port = 0 if start == 0 else start + i
-        out.append(replace(base, name=f"sim-{i}", port=port, seed=base.seed + i).validate())
+        out.append(_events_ports(replace(base, name=f"sim-{i}", port=port, seed=base.seed + i),
+                                 i).validate())
     return out
+
+
+def _events_ports(cfg: SimConfig, i: int) -> SimConfig:
+    """Replica i of a fleet publishes KV events on port + 2i and replays on replay + 2i
+    (0, any free port, stays 0)."""
+    p, r = cfg.kv_events_port, cfg.kv_events_replay_port
+    return replace(cfg, kv_events_port=p + 2 * i if p else p,
+                   kv_events_replay_port=r + 2 * i if r else r)
 
 
 def load_fleet_file(
@@ -243,7 +277,7 @@ def fleet_from_dict(
         if not isinstance(entry, Mapping):
             raise ConfigError(f"{where}: replicas[{i}] must be a mapping")
         port = 0 if start == 0 else start + i
-        cfg = replace(common, name=f"sim-{i}", port=port, seed=common.seed + i)
+        cfg = _events_ports(replace(common, name=f"sim-{i}", port=port, seed=common.seed + i), i)
         out.append(apply_overrides(cfg, entry, f"{where}: replicas[{i}]").validate())
     names = [c.name for c in out]
     if len(set(names)) != len(names):

@@ -117,6 +117,8 @@ class Engine:
         """Called once per request when it finishes (stop, length or abort)."""
         self.on_step: Callable[[int, list[tuple[Sequence, float]]], None] | None = None
         """Called after each step with (tokens in the step, [(seq, inter-token gap)])."""
+        self.on_kv_events: Callable[[list[object]], None] | None = None
+        """Called after each step with the KV events of the step (see kvcache.py)."""
         self.on_lora_change: Callable[[], None] | None = None
         """Called when the running or waiting adapter sets may have changed."""
         self._wake = asyncio.Event()
@@ -356,7 +358,8 @@ class Engine:
             if seq.computed < seq.context_len:
                 continue  # more prefill chunks to go
             if not seq.committed:  # the prompt's KV is now complete: cache its blocks
-                self.kv.commit(seq.blocks, seq.prompt.block_hashes)
+                self.kv.commit(seq.blocks, seq.prompt.block_hashes, seq.prompt.token_ids,
+                               seq.adapter)
                 seq.committed = True
             # a token is produced: the first one after prefill, or the next decode token
             gap = end - seq.last_token_at if seq.last_token_at is not None else -1.0
@@ -377,6 +380,10 @@ class Engine:
             self._finish(seq, seq.finish_reason_at_end, end)
         if self.on_step is not None:
             self.on_step(tokens_in_step, emitted)
+        if self.on_kv_events is not None:
+            events = self.kv.take_events()
+            if events:
+                self.on_kv_events(events)
         if finished:
             self._lora_changed()
 

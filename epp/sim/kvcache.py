@@ -7,11 +7,20 @@ the head of the queue and drops the hash: that is the LRU eviction. Sequences re
 their blocks tail-first, so the ends of prompts are evicted before their shared starts.
 
 Usage, as vLLM reports it, counts only held blocks: cached-but-free blocks are free.
+
+With `record_events` on, the cache keeps the KV events vLLM would publish, in order:
+`BlockStored` when blocks become findable (with their token ids and the parent block's
+hash), `BlockRemoved` when eviction drops a hash, `AllBlocksCleared` on a reset; the
+engine hands them to the publisher after each step (`take_events`).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from epp.kvevents.decode import AllBlocksCleared, BlockRemoved, BlockStored
 
 
 class KVCache:
@@ -23,6 +32,8 @@ class KVCache:
         self._hash_of: list[int | None] = [None] * num_blocks
         self._by_hash: dict[int, int] = {}
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.events: list[Any] | None = None
+        """Pending KV events, or None when not recording."""
 
     # -- queries -------------------------------------------------------------------
 
@@ -91,18 +102,51 @@ class KVCache:
             self._hash_of[b] = None
             if self._by_hash.get(h) == b:
                 del self._by_hash[h]
+                if self.events is not None:
+                    last = self.events[-1] if self.events else None
+                    if isinstance(last, BlockRemoved):
+                        last.block_hashes.append(h)
+                    else:
+                        self.events.append(BlockRemoved([h], "GPU"))
         self._ref[b] = 1
         return b
 
-    def commit(self, blocks: list[int], hashes: tuple[int, ...]) -> None:
+    def commit(self, blocks: list[int], hashes: tuple[int, ...],
+               token_ids: Sequence[int] | None = None, lora_name: str | None = None) -> None:
         """Make the first len(hashes) of `blocks` findable by hash (their KV is computed)."""
         if not self.enable_prefix_caching:
             return
-        for b, h in zip(blocks, hashes):
+        stored: list[int] = []
+        first = 0
+        for i, (b, h) in enumerate(zip(blocks, hashes)):
             if self._hash_of[b] is not None or h in self._by_hash:
+                self._stored_event(hashes, first, stored, token_ids, lora_name)
+                stored = []
+                first = i + 1
                 continue  # already cached (possibly another block with the same content)
             self._hash_of[b] = h
             self._by_hash[h] = b
+            stored.append(h)
+        self._stored_event(hashes, first, stored, token_ids, lora_name)
+
+    def _stored_event(self, hashes: tuple[int, ...], first: int, stored: list[int],
+                      token_ids: Sequence[int] | None, lora_name: str | None) -> None:
+        """One BlockStored for the run of blocks first..first+len(stored)-1."""
+        if self.events is None or not stored or token_ids is None:
+            return
+        bs = self.block_size
+        self.events.append(BlockStored(
+            block_hashes=stored, parent_block_hash=hashes[first - 1] if first else None,
+            token_ids=list(token_ids[first * bs:(first + len(stored)) * bs]), block_size=bs,
+            medium="GPU", lora_name=lora_name))
+
+    def take_events(self) -> list[Any]:
+        """The events recorded since the last call (empty when not recording)."""
+        ev = self.events
+        if not ev:
+            return []
+        self.events = []
+        return ev
 
     def free(self, blocks: list[int]) -> None:
         """Release a sequence's blocks, last block first (it is the first to evict)."""
@@ -119,3 +163,5 @@ class KVCache:
         for h, b in list(self._by_hash.items()):
             self._hash_of[b] = None
         self._by_hash.clear()
+        if self.events is not None:
+            self.events.append(AllBlocksCleared())

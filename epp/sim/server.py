@@ -21,8 +21,10 @@ from aiohttp import web
 
 from epp.sim.config import SimConfig
 from epp.sim.engine import Engine, QueueFull, Sequence
+from epp.sim.kvpublisher import KVEventPublisher
 from epp.sim.metrics import CONTENT_TYPE, SimMetrics
 from epp.sim.tokens import Prompt, TextGenerator, chat_template, ids_prompt, text_prompt
+from epp.tokenization import ModelTokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,21 @@ class Replica:
         self._created = int(time.time())
         self._runner: web.AppRunner | None = None
         self.port = cfg.port
+        self.tokenizer: ModelTokenizer | None = None
+        if cfg.tokenizer:
+            try:
+                self.tokenizer = ModelTokenizer(cfg.model, cfg.tokenizer)
+            except TokenizerError as e:
+                from epp.sim.config import ConfigError
+
+                raise ConfigError(f"{cfg.name}: tokenizer: {e}") from None
+        self.kv_events: KVEventPublisher | None = None
+        if cfg.kv_events_port is not None:
+            self.kv_events = KVEventPublisher(
+                cfg.host, cfg.kv_events_port, cfg.kv_events_replay_port,
+                topic=f"kv@{cfg.name}@{cfg.model}", layout=cfg.kv_events_layout)
+            self.engine.kv.events = []
+            self.engine.on_kv_events = self.kv_events.publish
         self.app = self._make_app()
 
     @property
@@ -84,6 +101,8 @@ class Replica:
 
     async def start(self) -> None:
         """Start the engine loop and listen; `port` is the bound port afterwards."""
+        if self.kv_events is not None:
+            self.kv_events.start()
         self.engine.start()
         # handler_cancellation: a client that hangs up cancels its handler, which aborts
         # the request in the engine, as vLLM aborts requests of closed connections.
@@ -96,6 +115,8 @@ class Replica:
         except OSError:
             await runner.cleanup()
             await self.engine.stop()
+            if self.kv_events is not None:
+                await self.kv_events.stop()
             raise
         self._runner = runner
         if runner.addresses:  # the bound port, which matters when port 0 was asked for
@@ -108,6 +129,8 @@ class Replica:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.kv_events is not None:
+            await self.kv_events.stop()
 
     # -- app ------------------------------------------------------------------------
 
@@ -208,7 +231,18 @@ class Replica:
             c = m.get("content")
             if c is not None and not isinstance(c, (str, list)):
                 raise _bad("message content must be a string or a list of parts", "messages")
-        prompt = text_prompt(chat_template(messages), self.cfg.block_size, adapter or "")
+        if self.tokenizer is not None and self.tokenizer.template is not None:
+            try:
+                text = self.tokenizer.render_chat(messages)
+            except TokenizerError as e:
+                raise _bad(str(e), "messages") from None
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            prompt = ids_prompt(ids, self.cfg.block_size, adapter or "")
+        elif self.tokenizer is not None:
+            ids = self.tokenizer.encode(chat_template(messages), add_special_tokens=False)
+            prompt = ids_prompt(ids, self.cfg.block_size, adapter or "")
+        else:
+            prompt = text_prompt(chat_template(messages), self.cfg.block_size, adapter or "")
         return await self._generate(request, body, model, adapter, prompt, chat=True)
 
     def _resolve_model(self, body: dict[str, Any]) -> tuple[str, str | None]:
@@ -231,6 +265,8 @@ class Replica:
         if p == "" or p == []:
             raise _bad("The prompt cannot be empty.", "prompt")
         if isinstance(p, str):
+            if self.tokenizer is not None:
+                return ids_prompt(self.tokenizer.encode(p, add_special_tokens=True), bs, salt)
             return text_prompt(p, bs, salt)
         if isinstance(p, list) and p and all(
                 isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in p):

@@ -36,6 +36,8 @@ class Prompt:
 
     num_tokens: int
     block_hashes: tuple[int, ...]
+    token_ids: Sequence[int] | None = None
+    """The ids, when known (a token-id prompt, or text with a tokenizer): KV events carry them."""
 
 
 def count_text_tokens(text: str) -> int:
@@ -62,7 +64,7 @@ def ids_prompt(ids: Sequence[int], block_size: int, salt: str = "") -> Prompt:
     raw = arr.tobytes()
     width = block_size * arr.itemsize
     chunks = [raw[i * width:(i + 1) * width] for i in range(n // block_size)]
-    return Prompt(n, _chain(chunks, salt))
+    return Prompt(n, _chain(chunks, salt), ids)
 
 
 def _chain(chunks: list[bytes], salt: str) -> tuple[int, ...]:

@@ -121,3 +121,16 @@ def test_random_text_is_exactly_sized() -> None:
     for n in (1, 7, 100):
         assert len(random_text(n, rng, head="[x]")) == n * CHARS_PER_TOKEN
     assert random_text(3, rng, head="[head]").startswith("[head]")
+
+
+def test_stale_prefix_schedule_is_skewed_over_many_groups() -> None:
+    from benchmarks.routing.workload import StalePrefixShape, stale_prefix_schedule
+
+    shape = StalePrefixShape(num_groups=150, system_prompt_len=50, question_len=5)
+    sched = stale_prefix_schedule(shape, qps=10, count=2000, seed=3)
+    counts = Counter(r.group for r in sched)
+    assert counts[0] > 5 * counts.get(20, 0) > 0  # Zipf: the head is hot...
+    assert len(counts) > 100                       # ...and the tail long
+    assert stale_prefix_schedule(shape, 10, 2000, seed=3) == sched  # deterministic
+    same_group = [r.prompt for r in sched if r.group == 0]
+    assert all(p.startswith(same_group[0][:200]) for p in same_group)

@@ -21,3 +21,13 @@ def test_every_flag_in_the_table_exists() -> None:
     known = {o for a in build_parser()._actions for o in a.option_strings}
     for row in re.findall(r"^\| `(--[a-z-]+)`", README, re.M):
         assert row in known, row
+
+
+def test_precise_prefix_example_loads() -> None:
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", README, re.S)
+                if "precise-prefix-cache-scorer" in b]
+    cfg = load_config("apiVersion: inference.networking.x-k8s.io/v1alpha1\n"
+                      "kind: EndpointPickerConfig\nplugins:\n" + block)
+    scorer = cfg.plugin("precise-prefix-cache-scorer")
+    # The example's tokenizer directory does not exist here: loading falls back, no crash.
+    assert scorer.block_size == 16 and scorer.subscriber.replay_port == 5558

@@ -1,0 +1,273 @@
+"""Cost of exact prefix-cache routing: event intake, the scorer's pick, tokenization.
+
+Run: .venv/bin/python benchmarks/bench_kvevents.py [--quick]
+
+1. Intake: N endpoints (64) each publishing R events/s (2,000) over real ZeroMQ from a
+   child process (vLLM's framing: topic, 8-byte sequence, msgpack EventBatch), in
+   batches of 40 events (one engine step every 20 ms). Events are half `BlockStored` of
+   1-4 blocks of 16 tokens chained on the endpoint's earlier blocks, half `BlockRemoved`
+   of the oldest blocks, so the index stays at a steady size. Measured: the CPU time of
+   this process (the EPP's intake: SUB sockets, decoding, indexing) per wall second,
+   i.e. cores, and whether every event arrived.
+2. Pick: one `Scheduler.schedule()` with the precise-prefix-cache-scorer alone and with
+   the approximate prefix-cache-scorer alone (the baseline, same run), 64 endpoints whose
+   indexes hold 16 shared 2 KB system prompts at varied depths, 4 KB prompts, tokens
+   prepared before the cycle (tokenization is measured separately).
+3. Tokenization: the project's tiny byte-level BPE tokenizer (`epp.sim.tinytok`; a real
+   model's tokenizer has a larger vocabulary and costs differ), µs per KB of prompt, and the
+   chat template rendering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from epp.datastore import Datastore, Endpoint, EndpointMetrics  # noqa: E402
+from epp.kvevents.decode import BlockRemoved, BlockStored, encode_batch, encode_seq  # noqa: E402
+from epp.kvevents.index import KVBlockIndex  # noqa: E402
+from epp.kvevents.subscriber import PORT_LABEL, REPLAY_PORT_LABEL, KVEventsSubscriber  # noqa: E402
+from epp.scheduling import Scheduler, SchedulingRequest  # noqa: E402
+from epp.scheduling.pickers import MaxScorePicker  # noqa: E402
+from epp.scheduling.profile import Profile  # noqa: E402
+from epp.scheduling.precise_prefix import PrecisePrefixCacheScorer  # noqa: E402
+from epp.scheduling.scorers import PrefixCacheScorer  # noqa: E402
+from epp.sim import tinytok  # noqa: E402
+from epp.tokenization import ModelTokenizer  # noqa: E402
+
+BS = 16
+BATCH_EVENTS = 40
+MODEL = "m"
+
+
+def _stream(batches: int, seed: int = 0) -> list[bytes]:
+    """One endpoint's payloads: stored chains and removals of the oldest blocks."""
+    rng = random.Random(seed)
+    held: list[int] = []
+    tail: int | None = None
+    next_hash = 1
+    out = []
+    for _ in range(batches):
+        events: list[Any] = []
+        for k in range(BATCH_EVENTS):
+            if k % 2 == 0 or not held:
+                n = rng.randint(1, 4)
+                hashes = tuple(range(next_hash, next_hash + n))
+                next_hash += n
+                tokens = [rng.randrange(50_000) for _ in range(n * BS)]
+                if rng.random() < 0.1:
+                    tail = None  # a new prompt from the root
+                events.append(BlockStored(hashes, tail, tokens, BS, None, "GPU"))
+                held.extend(hashes)
+                tail = hashes[-1]
+            else:
+                n = min(len(held) - 1, rng.randint(1, 4)) if len(held) > 1 else 0
+                gone, held[:] = held[:n], held[n:]
+                events.append(BlockRemoved(tuple(gone), "GPU"))
+        out.append(encode_batch(time.time(), events))
+    return out
+
+
+def _publisher(ports: list[int], payloads: list[bytes], rate_batches: float, ready: Any,
+               go: Any) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    socks = []
+    for p in ports:
+        s = ctx.socket(zmq.PUB)
+        s.setsockopt(zmq.SNDHWM, 1_000_000)
+        s.bind(f"tcp://127.0.0.1:{p}")
+        socks.append(s)
+    ready.set()
+    go.wait()
+    t0 = time.perf_counter()
+    for i, payload in enumerate(payloads):
+        target = t0 + i / rate_batches
+        delay = target - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        seq = encode_seq(i)
+        for s in socks:
+            s.send_multipart([b"kv", seq, payload])
+    time.sleep(0.5)
+    for s in socks:
+        s.close(linger=1000)
+    ctx.term()
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    out, keep = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        keep.append(s)
+        out.append(s.getsockname()[1])
+    for s in keep:
+        s.close()
+    return out
+
+
+async def bench_intake(endpoints: int, rate: float, seconds: float) -> dict[str, Any]:
+    batches = int(seconds * rate / BATCH_EVENTS)
+    payloads = _stream(batches)
+    ports = free_ports(endpoints)
+    mpctx = mp.get_context("spawn")
+    ready, go = mpctx.Event(), mpctx.Event()
+    pub = mpctx.Process(target=_publisher, args=(ports, payloads, rate / BATCH_EVENTS, ready, go))
+    pub.start()
+    ready.wait(30)
+    ds = Datastore()
+    ds.set_endpoints([Endpoint(f"pod-{i}", "127.0.0.1", 8000 + i,
+                               {PORT_LABEL: str(p), REPLAY_PORT_LABEL: "0"})
+                      for i, p in enumerate(ports)])
+    index = KVBlockIndex()
+    sub = KVEventsSubscriber(index, block_size=BS)
+    await sub.start(ds)
+    deadline = time.monotonic() + 10
+    while not all(sub.healthy(e.name) for e in ds.endpoints()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # subscriptions reach the publishers
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    go.set()
+    want = batches
+    # Also measure how late the loop runs (what a request would wait for).
+    lags: list[float] = []
+    while time.perf_counter() - wall0 < seconds + 5:
+        t = time.perf_counter()
+        await asyncio.sleep(0.01)
+        lags.append(time.perf_counter() - t - 0.01)
+        if all(s.batches >= want for s in sub.streams.values()):
+            break
+    cpu1, wall1 = time.process_time(), time.perf_counter()
+    got = sum(s.batches for s in sub.streams.values())
+    await sub.stop()
+    pub.join(10)
+    lags.sort()
+    dt = wall1 - wall0
+    return {"endpoints": endpoints, "events_per_s_each": rate, "seconds": round(dt, 2),
+            "batches_sent": want * endpoints, "batches_applied": got,
+            "events_per_s_total": round(got * BATCH_EVENTS / dt),
+            "cores": round((cpu1 - cpu0) / dt, 3),
+            "loop_lag_p99_ms": round(lags[int(len(lags) * 0.99)] * 1000, 2) if lags else None,
+            "index_entries": index.size}
+
+
+def bench_pick(tokdir: Path, n: int, rounds: int) -> dict[str, Any]:
+    rng = random.Random(1)
+    tok = ModelTokenizer(MODEL, tokdir)
+    words = "the model server cache token prefix route queue batch data pod review".split()
+
+    def text(chars: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(chars // 4))[:chars]
+
+    systems = [f"[system {g}] " + text(2048) for g in range(16)]
+    prompts = [systems[i % 16] + text(2048) for i in range(rounds)]
+    ds = Datastore(staleness_threshold=1e9)
+    eps = [Endpoint(f"pod-{i}", f"10.0.{i // 250}.{i % 250 + 1}", 8000) for i in range(n)]
+    ds.set_endpoints(eps)
+    for e in eps:
+        ds.update_metrics(e.name, EndpointMetrics(waiting=0, running=1, kv_usage=0.3,
+                                                  scraped_at=time.monotonic(),
+                                                  models=frozenset({MODEL})))
+    snap = ds.snapshot()
+    precise = PrecisePrefixCacheScorer(block_size=BS, tokenizers={MODEL: str(tokdir)})
+    approx = PrefixCacheScorer()
+    from epp.kvevents.subscriber import EndpointStream, StreamAddress
+
+    for i, e in enumerate(eps):  # each endpoint holds some system prompts, to some depth
+        s = EndpointStream(None, e.name, StreamAddress("tcp://x:1", None), precise.index,  # type: ignore[arg-type]
+                           block_size=BS)
+        s.connected = True
+        precise.subscriber.streams[e.name] = s
+        for g in range(16):
+            if (i + g) % 4:
+                continue
+            ids = tok.encode(systems[g], True)
+            depth = (len(ids) // BS) * (1 + (i % 3)) // 3
+            precise.index.apply(e.name, [BlockStored(
+                tuple(range(g * 1000 + 1, g * 1000 + 1 + depth)), None, ids[: depth * BS], BS,
+                None, "GPU")])
+    out: dict[str, Any] = {"endpoints": n, "prompt_bytes": len(prompts[0].encode())}
+    for label, scorer in (("precise", precise), ("approximate", approx)):
+        sched = Scheduler([Profile("p", scorers=[(scorer, 1.0)],
+                                   picker=MaxScorePicker("max-score-picker"))],
+                          plugin_metrics_every=1_000_000)
+        reqs = []
+        for i, p in enumerate(prompts):
+            r = SchedulingRequest(f"r{i}", MODEL, p, api="completions", body={"prompt": p})
+            if scorer is precise:
+                r.prepared[precise.name] = tok.encode(p, True)
+            reqs.append(r)
+        times = []
+        for r in reqs:
+            t0 = time.perf_counter()
+            sched.schedule(r, snap)
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        out[f"{label}_p50_us"] = round(statistics.median(times) * 1e6, 1)
+        out[f"{label}_p99_us"] = round(times[int(len(times) * 0.99)] * 1e6, 1)
+    return out
+
+
+def bench_tokenize(tokdir: Path, rounds: int) -> dict[str, Any]:
+    tok = ModelTokenizer(MODEL, tokdir)
+    rng = random.Random(2)
+    words = "the model server cache token prefix route queue batch data pod review".split()
+    out: dict[str, Any] = {}
+    for kb in (1, 4, 16, 64):
+        s = " ".join(rng.choice(words) for _ in range(kb * 250))[: kb * 1024]
+        tok.encode(s, True)
+        times = []
+        for _ in range(max(3, rounds // kb)):
+            t0 = time.perf_counter()
+            tok.encode(s, True)
+            times.append(time.perf_counter() - t0)
+        out[f"encode_{kb}kb_us_per_kb"] = round(statistics.median(times) * 1e6 / kb, 1)
+    msgs = [{"role": "system", "content": "x" * 2000}, {"role": "user", "content": "y" * 2000}]
+    tok.render_chat(msgs)
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        tok.render_chat(msgs)
+        times.append(time.perf_counter() - t0)
+    out["chat_template_render_4kb_us"] = round(statistics.median(times) * 1e6, 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short: CI")
+    ap.add_argument("--endpoints", type=int, default=64)
+    ap.add_argument("--rate", type=float, default=2000.0, help="events/s per endpoint")
+    ap.add_argument("--seconds", type=float, default=None)
+    args = ap.parse_args(argv)
+    seconds = args.seconds or (3.0 if args.quick else 10.0)
+    rounds = 200 if args.quick else 2000
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.1f}; python {platform.python_version()}")
+    with tempfile.TemporaryDirectory() as d:
+        tokdir = tinytok.write(d)
+        intake = asyncio.run(bench_intake(args.endpoints, args.rate, seconds))
+        print("intake:", intake)
+        print("pick:", bench_pick(tokdir, args.endpoints, rounds))
+        print("tokenize:", bench_tokenize(tokdir, rounds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""Model servers' own KV-cache events: decoding (`decode`), the block index (`index`) and
+the ZeroMQ intake that keeps it current (`subscriber`)."""

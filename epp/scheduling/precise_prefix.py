@@ -1,0 +1,293 @@
+"""`precise-prefix-cache-scorer`: prefix-cache affinity from what the model servers report.
+
+The approximate `prefix-cache-scorer` guesses which endpoint holds a prompt's KV blocks
+from where the EPP sent it, and cannot see evictions. This scorer reads the engines' own
+KV-cache events (`epp.kvevents`), tokenizes the request as the engine will
+(`epp.tokenization`), keys its blocks the same way the index keys the engines' blocks, and
+scores each endpoint by the longest run of leading blocks it really holds / the prompt's
+blocks.
+
+"Unknown" is never scored as "holds nothing": for an endpoint whose event stream is not
+healthy (not connected yet, publisher gone, block size mismatch) the score is the
+approximate scorer's for that endpoint, and for a request whose model has no usable
+tokenizer (none configured, file missing or corrupt, no chat template) the whole request
+is scored by the approximate scorer; each reason is counted in
+`inference_extension_precise_prefix_fallbacks_total` and logged once. The approximate
+index keeps learning from picks for that purpose.
+
+Parameters:
+
+```yaml
+- type: precise-prefix-cache-scorer
+  parameters:
+    blockSize: 16                  # tokens per KV block; must equal the engines' --block-size
+    maxPrefixBlocksToMatch: 256
+    kvEventsPort: 5557             # per endpoint override: label kv-events.epp/port
+    kvEventsReplayPort: 5558       # 0: engines have no replay socket; label kv-events.epp/replay-port
+    maxIndexedBlocks: 2000000      # (block, endpoint) entries, LRU beyond
+    tokenizers:                    # model name -> directory with tokenizer.json
+      meta-llama/Llama-3.1-8B-Instruct: /models/llama-3.1-8b
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from itertools import count
+from typing import Any, Mapping
+
+import numpy as np
+
+from epp import observability as obs
+from epp.datastore import Snapshot
+from epp.kvevents.index import DEFAULT_MAX_ENTRIES, KVBlockIndex, block_keys, root_key
+from epp.kvevents.subscriber import DEFAULT_PORT, DEFAULT_REPLAY_PORT, KVEventsSubscriber
+from epp.plugins import check_params, param_int
+from epp.scheduling import prefix as _prefix
+from epp.scheduling.cycle import CycleState
+from epp.scheduling.interface import SchedulingRequest
+from epp.scheduling.scorers import PrefixCacheScorer
+from epp.tokenization import TokenizerError, TokenizerPool, prompt_of
+
+log = logging.getLogger(__name__)
+
+SPECULATIVE_TTL = 2.0
+"""Seconds a pick's blocks count as held on its endpoint before the engine's events
+must confirm them (a prefill of a long prompt under load takes about that long)."""
+
+
+class _Fallback:
+    """Why a request could not be scored precisely (a metric label value)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class PrecisePrefixCacheScorer:
+    """Leading KV blocks an endpoint reports holding / blocks in the prompt."""
+
+    plugin_type = "precise-prefix-cache-scorer"
+    bounded = True
+    PARAMS = ("blockSize", "maxPrefixBlocksToMatch", "kvEventsPort", "kvEventsReplayPort",
+              "maxIndexedBlocks", "tokenizers")
+
+    def __init__(
+        self,
+        name: str = "precise-prefix-cache-scorer",
+        *,
+        block_size: int = _prefix.DEFAULT_BLOCK_TOKENS,
+        max_blocks: int = _prefix.DEFAULT_MAX_BLOCKS,
+        port: int = DEFAULT_PORT,
+        replay_port: int = DEFAULT_REPLAY_PORT,
+        max_indexed_blocks: int = DEFAULT_MAX_ENTRIES,
+        tokenizers: Mapping[str, str] | None = None,
+        replay_timeout: float = 0.5,
+        speculative_ttl: float = SPECULATIVE_TTL,
+    ) -> None:
+        self.name = name
+        self.block_size = block_size
+        self.max_blocks = max_blocks
+        self.index = KVBlockIndex(max_indexed_blocks)
+        self.subscriber = KVEventsSubscriber(self.index, block_size=block_size, port=port,
+                                             replay_port=replay_port,
+                                             replay_timeout=replay_timeout)
+        self.tokenizers = TokenizerPool(tokenizers or {})
+        for model, err in self.tokenizers.load_all().items():
+            obs.PRECISE_PREFIX_FALLBACKS.labels(err.reason).inc(0)  # the series exists at once
+        self.approx = PrefixCacheScorer(f"{name}/approximate", block_tokens=block_size,
+                                        max_blocks=max_blocks)
+        self.producer = self.approx
+        """The approximate index learns from every pick (the scheduler records it), so
+        that endpoints and models we cannot score precisely still get its estimate."""
+        self._said: set[str] = set()
+        self._view: Any = None
+        self.speculative = KVBlockIndex(max_indexed_blocks)
+        """Blocks of recent picks, until the engine's events confirm them (or not): a
+        burst of one prompt then goes where its first request went, instead of being
+        spread before the first one's blocks are stored."""
+        self.speculative_ttl = speculative_ttl
+        self._pending: deque[tuple[float, str, list[int], int]] = deque()
+        self._pick_ids = count()
+
+    @classmethod
+    def from_params(cls, name: str, params: dict[str, Any]) -> "PrecisePrefixCacheScorer":
+        check_params(params, cls.PARAMS)
+        toks = params.get("tokenizers") or {}
+        if not isinstance(toks, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) and k and v for k, v in toks.items()):
+            raise ValueError("parameter 'tokenizers' must map model names to directories")
+        port = param_int(params, "kvEventsPort", DEFAULT_PORT, minimum=1)
+        replay = param_int(params, "kvEventsReplayPort", DEFAULT_REPLAY_PORT, minimum=0)
+        if port > 65535 or replay > 65535:
+            raise ValueError("kvEventsPort and kvEventsReplayPort must be <= 65535")
+        return cls(
+            name,
+            block_size=param_int(params, "blockSize", _prefix.DEFAULT_BLOCK_TOKENS, minimum=1),
+            max_blocks=param_int(params, "maxPrefixBlocksToMatch", _prefix.DEFAULT_MAX_BLOCKS,
+                                 minimum=1),
+            port=port,
+            replay_port=replay,
+            max_indexed_blocks=param_int(params, "maxIndexedBlocks", DEFAULT_MAX_ENTRIES,
+                                         minimum=1),
+            tokenizers=dict(toks),
+        )
+
+    # -- lifecycle (the app starts and stops it) ------------------------------------
+
+    async def start_background(self, datastore: Any) -> None:
+        await self.subscriber.start(datastore)
+
+    async def stop(self) -> None:
+        await self.subscriber.stop()
+        self.tokenizers.close()
+
+    # -- tokens ----------------------------------------------------------------------
+
+    def _prompt(self, req: SchedulingRequest) -> tuple[Any, Any] | _Fallback:
+        try:
+            tok = self.tokenizers.get(req.target_model)
+            prompt = prompt_of(tok, req.api, req.body, req.prompt())
+        except TokenizerError as e:
+            return self._fallback(e.reason, req.target_model)
+        if prompt is None or not prompt.text:
+            return self._fallback("no_text", req.target_model)
+        return tok, prompt
+
+    async def prepare_request_data(self, req: SchedulingRequest) -> None:
+        """Tokenize before the (synchronous) cycle, long prompts off the event loop."""
+        got = self._prompt(req)
+        if isinstance(got, _Fallback):
+            req.prepared[self.name] = got
+            return
+        _tok, prompt = got
+        try:
+            req.prepared[self.name] = await self.tokenizers.encode_async(req.target_model, prompt)
+        except TokenizerError as e:
+            req.prepared[self.name] = self._fallback(e.reason, req.target_model)
+
+    def tokens(self, req: SchedulingRequest) -> list[int] | _Fallback:
+        """The request's token ids (prepared, or computed now for a dry run)."""
+        v = req.prepared.get(self.name)
+        if v is not None:
+            return v  # type: ignore[no-any-return]
+        got = self._prompt(req)
+        if isinstance(got, _Fallback):
+            v = got
+        else:
+            try:
+                v = self.tokenizers.encode(req.target_model, got[1])
+            except TokenizerError as e:
+                v = self._fallback(e.reason, req.target_model)
+        req.prepared[self.name] = v
+        return v
+
+    def _fallback(self, reason: str, model: str) -> _Fallback:
+        obs.PRECISE_PREFIX_FALLBACKS.labels(reason).inc()
+        if reason not in self._said:
+            self._said.add(reason)
+            log.warning("%s: scoring requests for model %r with the approximate prefix "
+                        "index (%s); said once per reason", self.name, model[:200], reason)
+        return _Fallback(reason)
+
+    # -- scoring ---------------------------------------------------------------------
+
+    def keys(self, state: CycleState, lora: str | None) -> list[int]:
+        ids = self.tokens(state.request)
+        assert not isinstance(ids, _Fallback)
+        return state.memo(  # type: ignore[no-any-return]
+            ("precise-keys", id(self), lora),
+            lambda: block_keys(ids, self.block_size, root_key(lora), self.max_blocks))
+
+    def match_scores(self, state: CycleState) -> np.ndarray | None:
+        """Full-pool scores for this request, or None when it falls back entirely."""
+        return state.memo(("precise-scores", id(self)), lambda: self._match_scores(state))  # type: ignore[no-any-return]
+
+    def _match_scores(self, state: CycleState) -> np.ndarray | None:
+        if isinstance(self.tokens(state.request), _Fallback):
+            return None
+        self._expire(state.now)
+        snap: Snapshot = state.snapshot
+        by_name = snap.by_name
+        unknown, base = self._pool_view(state)
+        out = np.zeros(len(snap))
+        for lora, members in ((None, base), (state.request.target_model, ~base)):
+            if not members.any():
+                continue
+            keys = self.keys(state, lora)
+            if not keys:
+                continue
+            total = len(keys)
+            for name, k in self.index.match(keys).items():
+                i = by_name.get(name)
+                if i is not None and members[i]:
+                    out[i] = k / total
+            if self._pending:
+                for name, k in self.speculative.match(keys).items():
+                    i = by_name.get(name)
+                    if i is not None and members[i] and k / total > out[i]:
+                        out[i] = k / total
+        if unknown.any():
+            out[unknown] = 0.0
+            approx = self.approx.match_scores(state)
+            if approx is not None:
+                out[unknown] = approx[unknown]
+        return out
+
+    def _pool_view(self, state: CycleState) -> tuple[np.ndarray, np.ndarray]:
+        """Per endpoint: stream unknown (not healthy); request runs on the base model there
+        (else under the adapter it names). Cached per snapshot, health and model."""
+        snap: Snapshot = state.snapshot
+        model = state.request.target_model
+        key = (id(snap), self.subscriber.health_version, model)
+        cached = self._view
+        if cached is not None and cached[0] == key and cached[1] is snap:
+            return cached[2]
+        healthy = self.subscriber.healthy
+        unknown = np.fromiter((not healthy(e.name) for e in snap.endpoints), np.bool_, len(snap))
+        base = np.fromiter((self._is_base(snap, i, model) for i in range(len(snap))),
+                           np.bool_, len(snap))
+        self._view = (key, snap, (unknown, base))
+        return unknown, base
+
+    def _is_base(self, snap: Snapshot, i: int, model: str) -> bool:
+        """Whether a request for `model` runs on endpoint i's base model (no adapter)."""
+        models = snap.models[i] if snap.models else frozenset()
+        if model in models:
+            return True
+        return not models and model in self.tokenizers.paths
+
+    # -- learning --------------------------------------------------------------------
+
+    def post_pick(self, state: CycleState, index: int) -> None:
+        """The picked endpoint will store this prompt's blocks: count them as held there
+        for `speculative_ttl` seconds (the approximate index learns separately)."""
+        self._expire(state.now)
+        if isinstance(self.tokens(state.request), _Fallback):
+            return
+        _unknown, base = self._pool_view(state)
+        keys = self.keys(state, None if base[index] else state.request.target_model)
+        if not keys:
+            return
+        name = state.snapshot.endpoints[index].name
+        tag = next(self._pick_ids)
+        self.speculative.store_keys(name, keys, tag)
+        self._pending.append((state.now + self.speculative_ttl, name, keys, tag))
+
+    def _expire(self, now: float) -> None:
+        pending = self._pending
+        while pending and pending[0][0] <= now:
+            _, name, keys, tag = pending.popleft()
+            self.speculative.remove_keys(name, keys, tag)
+
+    def forget_endpoint(self, name: str) -> None:
+        self.speculative.forget(name)
+
+    def score(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
+        full = self.match_scores(state)
+        if full is None:
+            return self.approx.score(state, candidates)
+        return state.take(full, candidates)

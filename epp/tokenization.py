@@ -1,0 +1,281 @@
+"""Token ids for a request, as the model server will compute them.
+
+Exact prefix-cache routing compares a request's KV blocks with the blocks model servers
+report, and blocks are cut from token ids. So the EPP tokenizes like vLLM: with the
+model's own `tokenizer.json` (the `tokenizers` library), and for chat requests after
+rendering the messages with the model's chat template from `tokenizer_config.json`
+(Jinja2, sandboxed, `add_generation_prompt=True`; the template carries the BOS token, so
+no special tokens are added), while completion prompts get the tokenizer's special tokens.
+
+Tokenizers are loaded from local directories (model name -> directory; in Kubernetes a
+mounted volume), never downloaded. A directory that is missing or corrupt is logged once
+and reported by `TokenizerError.reason`; callers fall back to approximate routing.
+
+`Tokenizer.encode` holds the GIL (measured: a spinning thread got ~7% of its idle rate),
+`encode_batch_fast` releases it, so `encode_async` runs long prompts in one worker thread
+and short ones inline, where a thread hop would cost more than the work. Results are kept
+in a small LRU keyed by the exact text: retries, Explain after a pick, and identical
+prompts (benchmarks, health probes) hit it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+INLINE_MAX_CHARS = 2048
+"""Prompts up to this length are tokenized on the calling thread (see module docstring)."""
+CACHE_MAX_TOKENS = 2_000_000
+"""Bound of the LRU of tokenized prompts, in token ids held (~8 bytes each in arrays)."""
+
+
+class TokenizerError(Exception):
+    """A tokenizer that cannot be used; `reason` is a bounded metric label value."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTemplate:
+    source: str
+    bos_token: str = ""
+    eos_token: str = ""
+
+
+def _token_text(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, Mapping) and isinstance(v.get("content"), str):
+        return v["content"]
+    return ""
+
+
+def _template_source(cfg: Mapping[str, Any]) -> str | None:
+    t = cfg.get("chat_template")
+    if isinstance(t, str):
+        return t
+    if isinstance(t, list):  # [{name, template}, ...]: vLLM uses "default"
+        for entry in t:
+            if isinstance(entry, Mapping) and entry.get("name") == "default":
+                src = entry.get("template")
+                return src if isinstance(src, str) else None
+    return None
+
+
+class ModelTokenizer:
+    """One model's tokenizer and chat template, loaded from a directory."""
+
+    def __init__(self, model: str, directory: str | Path) -> None:
+        from tokenizers import Tokenizer  # heavy import, only when a tokenizer is configured
+
+        self.model = model
+        d = Path(directory)
+        path = d / TOKENIZER_FILE
+        if not path.is_file():
+            raise TokenizerError("tokenizer_missing", f"{path} does not exist")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises plain Exception on bad JSON
+            raise TokenizerError("tokenizer_corrupt", f"{path}: {e}") from None
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self.template: ChatTemplate | None = None
+        cfg_path = d / CONFIG_FILE
+        if cfg_path.is_file():
+            try:
+                cfg = json.loads(cfg_path.read_text())
+            except (OSError, ValueError) as e:
+                raise TokenizerError("tokenizer_corrupt", f"{cfg_path}: {e}") from None
+            if not isinstance(cfg, dict):
+                raise TokenizerError("tokenizer_corrupt", f"{cfg_path}: not a JSON object")
+            src = _template_source(cfg)
+            if src is not None:
+                self.template = ChatTemplate(src, _token_text(cfg.get("bos_token")),
+                                             _token_text(cfg.get("eos_token")))
+        self._compiled: Any = None
+        self._lock = threading.Lock()
+
+    # -- rendering -------------------------------------------------------------------
+
+    def render_chat(self, messages: Sequence[Any], extra: Mapping[str, Any] | None = None) -> str:
+        """The prompt text vLLM builds from chat messages (raises TokenizerError)."""
+        if self.template is None:
+            raise TokenizerError("no_chat_template", f"model {self.model!r} has no chat template")
+        tmpl = self._template()
+        ctx: dict[str, Any] = dict(extra or {})
+        ctx.update(messages=list(messages), add_generation_prompt=True,
+                   bos_token=self.template.bos_token, eos_token=self.template.eos_token)
+        try:
+            return str(tmpl.render(**ctx))
+        except Exception as e:  # template errors, raise_exception(), sandbox violations
+            raise TokenizerError("chat_template_error", f"chat template: {e}") from None
+
+    def _template(self) -> Any:
+        if self._compiled is None:
+            from jinja2.exceptions import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message: str) -> None:
+                raise TemplateError(message)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            assert self.template is not None
+            try:
+                self._compiled = env.from_string(self.template.source)
+            except Exception as e:
+                raise TokenizerError("chat_template_error", f"chat template: {e}") from None
+        return self._compiled
+
+    # -- tokenizing ------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of `text` on this thread (holds the GIL)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids  # type: ignore[no-any-return]
+
+    def encode_unlocked(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Token ids, releasing the GIL while the Rust side works (for a worker thread)."""
+        return self._tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """What to tokenize: the text and whether the tokenizer adds its special tokens."""
+
+    text: str
+    add_special_tokens: bool
+
+
+def prompt_of(tok: ModelTokenizer, api: str, body: Mapping[str, Any] | None,
+              fallback_text: str) -> Prompt | None:
+    """The text vLLM would tokenize for a request body, or None when there is none.
+
+    Chat requests are rendered with the chat template (and `chat_template_kwargs`);
+    completion prompts as given (token-id prompts are not text: None).
+    """
+    if api == "chat/completions" and body is not None:
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return None
+        kwargs = body.get("chat_template_kwargs")
+        extra = dict(kwargs) if isinstance(kwargs, Mapping) else {}
+        tools = body.get("tools")
+        if tools is not None:
+            extra.setdefault("tools", tools)
+        return Prompt(tok.render_chat(messages, extra), False)
+    if api == "completions" and body is not None:
+        p = body.get("prompt")
+        if isinstance(p, list) and len(p) == 1:
+            p = p[0]
+        return Prompt(p, True) if isinstance(p, str) else None
+    return Prompt(fallback_text, True) if fallback_text else None
+
+
+class TokenizerPool:
+    """Tokenizers by model name, a cache of results, and one worker thread."""
+
+    def __init__(self, paths: Mapping[str, str], *, cache_max_tokens: int = CACHE_MAX_TOKENS,
+                 inline_max_chars: int = INLINE_MAX_CHARS) -> None:
+        self.paths = dict(paths)
+        self._loaded: dict[str, ModelTokenizer] = {}
+        self._errors: dict[str, TokenizerError] = {}
+        self._cache: OrderedDict[tuple[str, str, bool], list[int]] = OrderedDict()
+        self._cached_tokens = 0
+        self.cache_max_tokens = cache_max_tokens
+        self.inline_max_chars = inline_max_chars
+        self._pool: ThreadPoolExecutor | None = None
+
+    def load_all(self) -> dict[str, TokenizerError]:
+        """Load every configured tokenizer now; returns the failures by model."""
+        for model in self.paths:
+            try:
+                self.get(model)
+            except TokenizerError:
+                pass  # kept in _errors and logged once
+        return dict(self._errors)
+
+    def get(self, model: str) -> ModelTokenizer:
+        """The tokenizer for `model` (raises TokenizerError, once loaded or failed: cached).
+
+        A model without its own entry uses the only configured tokenizer when there is
+        exactly one (adapters share their base model's tokenizer).
+        """
+        tok = self._loaded.get(model)
+        if tok is not None:
+            return tok
+        err = self._errors.get(model)
+        if err is not None:
+            raise err
+        path = self.paths.get(model)
+        if path is None:
+            if len(self.paths) == 1:
+                only = next(iter(self.paths))
+                return self.get(only)
+            raise TokenizerError("no_tokenizer", f"no tokenizer configured for model {model!r}")
+        try:
+            tok = self._loaded[model] = ModelTokenizer(model, path)
+        except TokenizerError as e:
+            self._errors[model] = e
+            log.warning("tokenizer for model %r unusable (%s): %s; prefix routing for it falls "
+                        "back to the approximate scorer", model, e.reason, e)
+            raise
+        return tok
+
+    def cached(self, model: str, prompt: Prompt) -> list[int] | None:
+        key = (model, prompt.text, prompt.add_special_tokens)
+        ids = self._cache.get(key)
+        if ids is not None:
+            self._cache.move_to_end(key)
+        return ids
+
+    def _remember(self, model: str, prompt: Prompt, ids: list[int]) -> None:
+        key = (model, prompt.text, prompt.add_special_tokens)
+        if key in self._cache or len(ids) > self.cache_max_tokens // 4:
+            return
+        self._cache[key] = ids
+        self._cached_tokens += len(ids)
+        while self._cached_tokens > self.cache_max_tokens:
+            _, old = self._cache.popitem(last=False)
+            self._cached_tokens -= len(old)
+
+    def encode(self, model: str, prompt: Prompt) -> list[int]:
+        """Token ids on this thread (for Explain and callers that cannot await)."""
+        ids = self.cached(model, prompt)
+        if ids is None:
+            ids = self.get(model).encode(prompt.text, prompt.add_special_tokens)
+            self._remember(model, prompt, ids)
+        return ids
+
+    async def encode_async(self, model: str, prompt: Prompt) -> list[int]:
+        """Token ids; long prompts are tokenized in the worker thread."""
+        ids = self.cached(model, prompt)
+        if ids is not None:
+            return ids
+        tok = self.get(model)
+        if len(prompt.text) <= self.inline_max_chars:
+            ids = tok.encode(prompt.text, prompt.add_special_tokens)
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="epp-tokenize")
+            ids = await asyncio.get_running_loop().run_in_executor(
+                self._pool, tok.encode_unlocked, prompt.text, prompt.add_special_tokens)
+        self._remember(model, prompt, ids)
+        return ids
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None

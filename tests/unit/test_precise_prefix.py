@@ -1,0 +1,216 @@
+"""The precise-prefix-cache-scorer on known indexes: what engines report wins over guesses,
+and "unknown" falls back to the approximate index instead of scoring as "holds nothing"."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from epp import observability as obs
+from epp.config import load_config
+from epp.datastore import Datastore, Endpoint, EndpointMetrics, Snapshot
+from epp.kvevents.decode import BlockStored
+from epp.kvevents.subscriber import EndpointStream, StreamAddress
+from epp.director import Director
+from epp.objectives import Resolution
+from epp.request import InferenceRequest, parse_body
+from epp.scheduling import Scheduler, SchedulingRequest
+from epp.scheduling.precise_prefix import PrecisePrefixCacheScorer
+from epp.sim import tinytok
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+NOW = 1000.0
+SYSTEM = "You are a helpful assistant. Answer the question below in one short paragraph. " * 6
+MESSAGES = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is a pod?"}]
+
+
+@pytest.fixture(scope="module")
+def tokdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tinytok.write(tmp_path_factory.mktemp("tok"))
+
+
+def pool(*names: str) -> Snapshot:
+    ds = Datastore(staleness_threshold=1e9)
+    ds.set_endpoints([Endpoint(n, f"10.0.0.{i + 1}", 8000) for i, n in enumerate(names)])
+    for n in names:
+        ds.update_metrics(n, EndpointMetrics(waiting=0, running=0, kv_usage=0.1, scraped_at=NOW,
+                                             models=frozenset({MODEL})))
+    return ds.snapshot()
+
+
+def live(scorer: PrecisePrefixCacheScorer, *names: str) -> None:
+    """Mark endpoints' event streams healthy, as a connected subscription would be."""
+    for n in names:
+        s = EndpointStream(None, n, StreamAddress("tcp://x:1", None), scorer.index,  # type: ignore[arg-type]
+                           block_size=scorer.block_size)
+        s.connected = True
+        scorer.subscriber.streams[n] = s
+
+
+def engine_holds(scorer: PrecisePrefixCacheScorer, name: str, ids: list[int], blocks: int) -> None:
+    """What an engine's BlockStored event says after caching `blocks` blocks of `ids`."""
+    bs = scorer.block_size
+    hashes = [hash((name, i)) & 0xFFFFFFFF for i in range(blocks)]
+    scorer.index.apply(name, [BlockStored(hashes, None, ids[: blocks * bs], bs, None, "GPU")])
+
+
+def request(path: str, body: dict) -> SchedulingRequest:
+    """As the director builds it from a parsed body."""
+    raw = json.dumps(body).encode()
+    req = InferenceRequest("r", path, body=raw, parsed=parse_body(path, raw))
+    return Director._scheduling_request(req, Resolution(req.model, 0, None))
+
+
+def chat_request() -> SchedulingRequest:
+    return request("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES})
+
+
+def chat_ids(scorer: PrecisePrefixCacheScorer) -> list[int]:
+    tok = scorer.tokenizers.get(MODEL)
+    return tok.encode(tok.render_chat(MESSAGES), add_special_tokens=False)
+
+
+def test_scores_are_leading_blocks_held_over_prompt_blocks(tokdir: Path) -> None:
+    scorer = PrecisePrefixCacheScorer(block_size=16, tokenizers={MODEL: str(tokdir)})
+    snap = pool("a", "b", "c")
+    live(scorer, "a", "b", "c")
+    ids = chat_ids(scorer)
+    total = len(ids) // 16
+    assert total >= 4
+    engine_holds(scorer, "a", ids, 2)
+    engine_holds(scorer, "b", ids, total)
+    sched = Scheduler([_profile(scorer)])
+    res = sched.schedule(chat_request(), snap, explain=True, now=NOW)
+    assert res.endpoint.name == "b"
+    raw = {c.endpoint: c.raw[scorer.name] for c in res.explanation.profiles[0].scores}
+    assert raw == {"a": pytest.approx(2 / total), "b": 1.0, "c": 0.0}
+
+
+async def test_prepare_tokenizes_before_the_cycle(tokdir: Path) -> None:
+    scorer = PrecisePrefixCacheScorer(block_size=16, tokenizers={MODEL: str(tokdir)})
+    scorer.tokenizers.inline_max_chars = 10  # this prompt goes to the worker thread
+    req = chat_request()
+    sched = Scheduler([_profile(scorer)])
+    await sched.prepare(req)
+    assert req.prepared[scorer.name] == chat_ids(scorer)
+    scorer.tokenizers.close()
+
+
+def test_unknown_endpoints_get_the_approximate_score_not_zero(tokdir: Path) -> None:
+    scorer = PrecisePrefixCacheScorer(block_size=16, tokenizers={MODEL: str(tokdir)})
+    snap = pool("a", "b")
+    live(scorer, "b")  # a's stream is down
+    sched = Scheduler([_profile(scorer)])
+    # The approximate index learns from a pick (the gateway's subset hint allowed only a).
+    assert sched.schedule(chat_request(), snap, [0], now=NOW).endpoint.name == "a"
+    res = sched.schedule(chat_request(), snap, explain=True, now=NOW)
+    raw = {c.endpoint: c.raw[scorer.name] for c in res.explanation.profiles[0].scores}
+    assert raw["a"] > 0.9 and raw["b"] == 0.0
+
+
+def test_without_a_tokenizer_it_is_the_approximate_scorer(tokdir: Path, tmp_path: Path) -> None:
+    before = obs.REGISTRY.get_sample_value("inference_extension_precise_prefix_fallbacks_total",
+                                           {"reason": "tokenizer_missing"}) or 0.0
+    scorer = PrecisePrefixCacheScorer(block_size=16, tokenizers={MODEL: str(tmp_path / "gone")})
+    snap = pool("a", "b")
+    live(scorer, "a", "b")
+    sched = Scheduler([_profile(scorer)])
+    sched.schedule(chat_request(), snap, [0], now=NOW)
+    res = sched.schedule(chat_request(), snap, explain=True, now=NOW)
+    raw = {c.endpoint: c.raw[scorer.name] for c in res.explanation.profiles[0].scores}
+    assert raw["a"] > 0.9 and raw["b"] == 0.0  # the approximate index's guess
+    after = obs.REGISTRY.get_sample_value("inference_extension_precise_prefix_fallbacks_total",
+                                          {"reason": "tokenizer_missing"})
+    assert after == before + 2
+
+
+def test_adapters_are_other_blocks(tokdir: Path) -> None:
+    scorer = PrecisePrefixCacheScorer(block_size=16, tokenizers={MODEL: str(tokdir)})
+    snap = pool("a", "b")
+    live(scorer, "a", "b")
+    tok = scorer.tokenizers.get(MODEL)
+    ids = tok.encode("The model server keeps a cache " * 10, True)
+    engine_holds(scorer, "a", ids, 3)  # base model blocks
+    bs = 16
+    scorer.index.apply("b", [BlockStored([1, 2, 3], None, ids[:48], bs, medium="GPU",
+                                         lora_name="food-review")])
+    req = request("/v1/completions", {"model": "food-review",
+                                      "prompt": "The model server keeps a cache " * 10})
+    res = Scheduler([_profile(scorer)]).schedule(req, snap, explain=True, now=NOW)
+    raw = {c.endpoint: c.raw[scorer.name] for c in res.explanation.profiles[0].scores}
+    assert raw["a"] == 0.0 and raw["b"] > 0
+    assert res.endpoint.name == "b"
+
+
+def test_config_parameters(tokdir: Path) -> None:
+    cfg = load_config(f"""
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: precise-prefix-cache-scorer
+  parameters:
+    blockSize: 32
+    maxPrefixBlocksToMatch: 64
+    kvEventsPort: 6000
+    kvEventsReplayPort: 0
+    maxIndexedBlocks: 1000
+    tokenizers: {{"{MODEL}": "{tokdir}"}}
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: precise-prefix-cache-scorer
+    weight: 3
+  - pluginRef: max-score-picker
+""")
+    p = cfg.plugin("precise-prefix-cache-scorer")
+    assert isinstance(p, PrecisePrefixCacheScorer)
+    assert (p.block_size, p.max_blocks, p.subscriber.port, p.subscriber.replay_port,
+            p.index.max_entries) == (32, 64, 6000, 0, 1000)
+    for bad in ("blockSize: 0", "kvEventsPort: 70000", "tokenizers: [a]", "typo: 1"):
+        with pytest.raises(ValueError):
+            load_config(f"""
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: precise-prefix-cache-scorer
+  parameters: {{{bad}}}
+""")
+
+
+def _profile(scorer: PrecisePrefixCacheScorer):  # type: ignore[no-untyped-def]
+    from epp.scheduling.pickers import MaxScorePicker
+    from epp.scheduling.profile import Profile
+
+    return Profile("default", scorers=[(scorer, 1.0)], picker=MaxScorePicker("max-score-picker"))
+
+
+def test_scores_are_numpy_and_bounded(tokdir: Path) -> None:
+    scorer = PrecisePrefixCacheScorer(block_size=16, tokenizers={MODEL: str(tokdir)})
+    snap = pool("a")
+    live(scorer, "a")
+    engine_holds(scorer, "a", chat_ids(scorer), 1)
+    from epp.scheduling.cycle import CycleState, Derived
+
+    st = CycleState(Derived(snap), chat_request(), NOW, None)
+    s = scorer.score(st, st.derived.all)
+    assert isinstance(s, np.ndarray) and 0 < s[0] <= 1
+
+
+def test_a_pick_counts_until_events_confirm_it_or_its_ttl_ends(tokdir: Path) -> None:
+    scorer = PrecisePrefixCacheScorer(block_size=16, tokenizers={MODEL: str(tokdir)},
+                                      speculative_ttl=2.0)
+    snap = pool("a", "b")
+    live(scorer, "a", "b")
+    sched = Scheduler([_profile(scorer)])
+    sched.schedule(chat_request(), snap, [1], now=NOW)  # b is prefilling the prompt
+    res = sched.schedule(chat_request(), snap, explain=True, now=NOW + 0.5, learn=False)
+    raw = {c.endpoint: c.raw[scorer.name] for c in res.explanation.profiles[0].scores}
+    assert raw == {"a": 0.0, "b": 1.0} and res.endpoint.name == "b"
+    # No event came: after the TTL the guess is gone.
+    res = sched.schedule(chat_request(), snap, explain=True, now=NOW + 2.5, learn=False)
+    raw = {c.endpoint: c.raw[scorer.name] for c in res.explanation.profiles[0].scores}
+    assert raw == {"a": 0.0, "b": 0.0} and scorer.speculative.size == 0
