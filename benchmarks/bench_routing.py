@@ -248,44 +248,34 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    stale_strategies = args.strategies or ["round-robin", "default", "precise"]
+    stale_qps = args.stale_qps or ([6, 14] if quick else [4, 8, 12, 16])
     doc: dict[str, Any] = {
         "command": "benchmarks/bench_routing.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "time_scale": args.time_scale, "refresh_interval": args.refresh_interval,
         "sim": asdict(GPU) | {"lora_modules": {}},
         "shared_prefix_shape": asdict(SharedPrefixShape()), "lora_shape": asdict(LoraShape()),
-        "strategies": {s: STRATEGIES[s].note for s in dict.fromkeys(sp_strategies + lora_strategies)},
+        "strategies": {s: STRATEGIES[s].note for s in dict.fromkeys(sp_strategies + lora_strategies + stale_strategies)},
         "sweeps": {}}
     t0 = time.perf_counter()
-    stale_strategies = args.strategies or ["round-robin", "default", "precise"]
-    stale_qps = args.stale_qps or ([6, 14] if quick else [4, 8, 12, 16])
+    plans = {  # shape -> (strategies, loads, requests per run, verdict key and function)
+        "shared-prefix": (sp_strategies, qps, sp_count, "verdict", verdict),
+        "lora": (lora_strategies, lora_qps, lora_count, None, None),
+        "stale-prefix": (stale_strategies, stale_qps, sp_count, "stale_verdict", stale_verdict),
+    }
+    if "stale-prefix" in shapes:
+        doc["stale_prefix_shape"] = asdict(StalePrefixShape())
+        doc["stale_sim"] = asdict(STALE_GPU) | {"lora_modules": {}}
     for shape in shapes:
-        sp = shape == "shared-prefix"
-        count = sp_count if sp else lora_count
-        if shape == "stale-prefix":
-            points = run_sweep(shape, stale_strategies, stale_qps, sp_count, repeat,
-                               args.time_scale, args.seed, log, min_count, args.refresh_interval)
-            doc["stale_prefix_shape"] = asdict(StalePrefixShape())
-            doc["stale_sim"] = asdict(STALE_GPU) | {"lora_modules": {}}
-            doc["sweeps"][shape] = points
-            print(f"\n### {shape}\n")
-            print(markdown_table(points))
-            doc["stale_verdict"] = stale_verdict(points)
-            print("\n" + "\n".join(doc["stale_verdict"]))
-            if not args.no_plot:
-                png = out.with_name(out.stem + f"-{shape}.png")
-                plot(points, png, f"{shape}: 8 simulated pods through Envoy "
-                                  f"({sp_count}+ requests per point, median of {repeat})")
-                print(f"\nplot: {png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}")
-            continue
-        points = run_sweep(shape, sp_strategies if sp else lora_strategies,
-                           qps if sp else lora_qps, count, repeat, args.time_scale, args.seed,
+        strategies, loads, count, verdict_key, judge = plans[shape]
+        points = run_sweep(shape, strategies, loads, count, repeat, args.time_scale, args.seed,
                            log, min_count, args.refresh_interval)
         doc["sweeps"][shape] = points
         print(f"\n### {shape}\n")
         print(markdown_table(points))
-        if shape == "shared-prefix":
-            doc["verdict"] = verdict(points)
-            print("\n" + "\n".join(doc["verdict"]))
+        if verdict_key is not None and judge is not None:
+            doc[verdict_key] = judge(points)
+            print("\n" + "\n".join(doc[verdict_key]))
         if not args.no_plot:
             png = out.with_name(out.stem + f"-{shape}.png")
             plot(points, png, f"{shape}: 8 simulated pods through Envoy "

@@ -28,6 +28,7 @@ from epp.sim.config import SimConfig
 from tests.support import EnvoyProcess, EppProcess, start_envoy, start_epp
 
 ROOT = Path(__file__).resolve().parents[2]
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 TOKENIZER_DIR = Path(tempfile.gettempdir()) / "epp-bench-tinytok"
 """The project's tiny tokenizer (epp.sim.tinytok), for shapes whose pods tokenize."""
 
@@ -44,10 +45,16 @@ kind: EndpointPickerConfig
 """
 
 
-def profile(weights: dict[str, float], picker: str = "max-score-picker") -> str:
-    """An EndpointPickerConfig with one profile of these scorer weights."""
+def profile(weights: dict[str, float], picker: str = "max-score-picker",
+            params: dict[str, str] | None = None) -> str:
+    """An EndpointPickerConfig with one profile of these scorer weights; `params` gives a
+    type's `parameters` as flow-style YAML."""
     lines = [_HEAD + "plugins:"]
-    lines += [f"- type: {t}" for t in weights] + [f"- type: {picker}"]
+    for t in weights:
+        lines.append(f"- type: {t}")
+        if params and t in params:
+            lines.append(f"  parameters: {params[t]}")
+    lines.append(f"- type: {picker}")
     lines += ["schedulingProfiles:", "- name: default", "  plugins:"]
     for t, w in weights.items():
         lines += [f"  - pluginRef: {t}", f"    weight: {w:g}"]
@@ -81,29 +88,12 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              profile({"queue-scorer": 2, "kv-cache-utilization-scorer": 2,
                       "prefix-cache-scorer": 6, "lora-affinity-scorer": 1}),
              note="EPP: queue 2, kv 2, prefix 6, lora 1"),
-    Strategy("precise", "epp", _HEAD + f"""\
-plugins:
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: precise-prefix-cache-scorer
-  parameters:
-    blockSize: 16
-    tokenizers: {{"meta-llama/Llama-3.1-8B-Instruct": "{TOKENIZER_DIR}"}}
-- type: lora-affinity-scorer
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: queue-scorer
-    weight: 2
-  - pluginRef: kv-cache-utilization-scorer
-    weight: 2
-  - pluginRef: precise-prefix-cache-scorer
-    weight: 3
-  - pluginRef: lora-affinity-scorer
-    weight: 1
-  - pluginRef: max-score-picker
-""", kv_events=True,
+    Strategy("precise", "epp",
+             profile({"queue-scorer": 2, "kv-cache-utilization-scorer": 2,
+                      "precise-prefix-cache-scorer": 3, "lora-affinity-scorer": 1},
+                     params={"precise-prefix-cache-scorer":
+                             f'{{blockSize: 16, tokenizers: {{"{MODEL}": "{TOKENIZER_DIR}"}}}}'}),
+             kv_events=True,
              note="EPP default with precise-prefix-cache-scorer (KV events) for prefix-cache-scorer"),
     Strategy("default-no-inflight", "epp", None, inflight=False,
              note="EPP default profile, in-flight accounting off"),

@@ -36,6 +36,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from epp import observability as obs
 from epp.datastore import Endpoint
+from epp.tasks import cancel_and_wait
 from epp.kvevents.decode import (
     END_OF_REPLAY,
     BlockStored,
@@ -168,13 +169,8 @@ class EndpointStream:
         loop.call_soon(self._on_readable)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._sub is not None:
             loop = asyncio.get_running_loop()
             loop.remove_reader(self._sub.FD)
@@ -456,9 +452,8 @@ class KVEventsSubscriber:
             await asyncio.sleep(1.0)
 
     async def stop(self) -> None:
-        if self._gauge_task is not None:
-            self._gauge_task.cancel()
-            self._gauge_task = None
+        await cancel_and_wait(self._gauge_task)
+        self._gauge_task = None
         for s in list(self.streams.values()):
             await s.stop()
         self.streams.clear()

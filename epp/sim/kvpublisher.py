@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from epp.kvevents.decode import END_OF_REPLAY, encode_batch, encode_seq
+from epp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +93,8 @@ class KVEventPublisher:
             await self._router.send_multipart([ident, b"", encode_seq(END_OF_REPLAY), b""])
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         for s in (self._pub, self._router):
             if s is not None:
                 s.close(linger=0)
