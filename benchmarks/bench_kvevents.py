@@ -7,8 +7,12 @@ Run: .venv/bin/python benchmarks/bench_kvevents.py [--quick]
    batches of 40 events (one engine step every 20 ms). Events are half `BlockStored` of
    1-4 blocks of 16 tokens chained on the endpoint's earlier blocks, half `BlockRemoved`
    of the oldest blocks, so the index stays at a steady size. Measured: the CPU time of
-   this process (the EPP's intake: SUB sockets, decoding, indexing) per wall second,
-   i.e. cores, and whether every event arrived.
+   this process (the EPP's intake: SUB sockets and libzmq's I/O thread, decoding,
+   indexing) per wall second and per event, whether every event arrived, how late the
+   event loop ran (what a request would wait), and, as the same-run baseline, decoding and
+   indexing the same batches without sockets. `cores_at_target_rate` = CPU per event x the
+   offered rate: on a machine too busy to give the process the CPU it needs, the offered
+   rate is not reached and `cores` alone understates the cost.
 2. Pick: one `Scheduler.schedule()` with the precise-prefix-cache-scorer alone and with
    the approximate prefix-cache-scorer alone (the baseline, same run), 64 endpoints whose
    indexes hold 16 shared 2 KB system prompts at varied depths, 4 KB prompts, tokens
@@ -36,7 +40,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from epp.datastore import Datastore, Endpoint, EndpointMetrics  # noqa: E402
-from epp.kvevents.decode import BlockRemoved, BlockStored, encode_batch, encode_seq  # noqa: E402
+from epp.kvevents.decode import (  # noqa: E402
+    BlockRemoved,
+    BlockStored,
+    decode_batch,
+    encode_batch,
+    encode_seq,
+)
 from epp.kvevents.index import KVBlockIndex  # noqa: E402
 from epp.kvevents.subscriber import PORT_LABEL, REPLAY_PORT_LABEL, KVEventsSubscriber  # noqa: E402
 from epp.scheduling import Scheduler, SchedulingRequest  # noqa: E402
@@ -159,10 +169,22 @@ async def bench_intake(endpoints: int, rate: float, seconds: float) -> dict[str,
     pub.join(10)
     lags.sort()
     dt = wall1 - wall0
+    events = got * BATCH_EVENTS
+    us_per_event = (cpu1 - cpu0) / max(1, events) * 1e6
+    # Baseline in the same run: decoding and indexing the same batches without sockets.
+    base_index = KVBlockIndex()
+    c0 = time.process_time()
+    for i, p in enumerate(payloads):
+        base_index.apply("pod", decode_batch(i, p).events)
+    base_us = (time.process_time() - c0) / (len(payloads) * BATCH_EVENTS) * 1e6
+    target = endpoints * rate
     return {"endpoints": endpoints, "events_per_s_each": rate, "seconds": round(dt, 2),
             "batches_sent": want * endpoints, "batches_applied": got,
-            "events_per_s_total": round(got * BATCH_EVENTS / dt),
+            "events_per_s_total": round(events / dt),
             "cores": round((cpu1 - cpu0) / dt, 3),
+            "cpu_us_per_event": round(us_per_event, 2),
+            "baseline_decode_index_us_per_event": round(base_us, 2),
+            "cores_at_target_rate": round(us_per_event * target / 1e6, 3),
             "loop_lag_p99_ms": round(lags[int(len(lags) * 0.99)] * 1000, 2) if lags else None,
             "index_entries": index.size}
 

@@ -59,7 +59,9 @@ DEFAULT_PORT = 5557
 DEFAULT_REPLAY_PORT = 5558
 RECV_HWM = 100_000
 SLICE_SECONDS = 0.001
-"""Intake yields to other tasks (requests) after this much work."""
+"""Intake work between two chances for requests to run, over all endpoints together:
+each stream gets an equal share (at least `MIN_SLICE_SECONDS`) before it yields."""
+MIN_SLICE_SECONDS = 0.00005
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,8 @@ class EndpointStream:
         self.block_size = block_size
         self.replay_timeout = replay_timeout
         self._ctx = ctx
+        self.slice_seconds = SLICE_SECONDS
+        """This stream's share of the loop (the subscriber divides SLICE_SECONDS)."""
         self._connected = False
         self._block_size_ok = True
         self.on_health_change: Any = None
@@ -198,7 +202,7 @@ class EndpointStream:
         if sub is None or self._task is not None:
             return  # stopped, or a catch-up is running and resumes reading when done
         clock = time.perf_counter
-        until = clock() + SLICE_SECONDS
+        until = clock() + self.slice_seconds
         try:
             while sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 try:
@@ -437,6 +441,9 @@ class KVEventsSubscriber:
             s.on_health_change = self._health_changed
             self._health_changed()
             s.start()
+        share = max(MIN_SLICE_SECONDS, SLICE_SECONDS / max(1, len(self.streams)))
+        for s in self.streams.values():
+            s.slice_seconds = share
 
     def _drop(self, name: str) -> None:
         s = self.streams.pop(name)
