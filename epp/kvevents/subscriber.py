@@ -19,7 +19,7 @@ Sequence numbers make the stream reliable:
 
 While an endpoint is unknown its prefix score is the approximate scorer's, never "holds
 nothing". Every fault is counted in `inference_extension_kv_events_errors_total{reason}`
-and logged once per endpoint and reason (again only after the stream was healthy again).
+and logged once per endpoint and reason (again after the endpoint reconnects).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ SLICE_SECONDS = 0.001
 """Intake work between two chances for requests to run, over all endpoints together:
 each stream gets an equal share (at least `MIN_SLICE_SECONDS`) before it yields."""
 MIN_SLICE_SECONDS = 0.00005
+HEARTBEAT_MS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +166,9 @@ class EndpointStream:
         sub.setsockopt(zmq.RECONNECT_IVL, 100)
         sub.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sub.setsockopt(zmq.LINGER, 0)
+        # ZMTP heartbeats: a publisher whose host vanished (no TCP close) is noticed too.
+        sub.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+        sub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
         self._mon = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         loop.add_reader(sub.FD, self._on_readable)
         loop.add_reader(self._mon.FD, self._on_monitor_readable)
@@ -240,6 +244,7 @@ class EndpointStream:
                 self.index.clear(self.name)
                 self.next_seq = None
                 self.live_high = None
+                self.faults.recovered()  # a fault that comes back is logged again
             self.connected = True
         elif event == zmq.EVENT_DISCONNECTED and self.connected:
             self.connected = False

@@ -43,7 +43,7 @@ def errors(reason: str) -> float:
                                          {"reason": reason}) or 0.0
 
 
-async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+async def until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not cond():
         if asyncio.get_running_loop().time() > deadline:
