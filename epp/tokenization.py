@@ -159,12 +159,13 @@ class Prompt:
     add_special_tokens: bool
 
 
-def prompt_of(tok: ModelTokenizer, api: str, body: Mapping[str, Any] | None,
-              fallback_text: str) -> Prompt | None:
+def prompt_of(tok: ModelTokenizer, api: str, body: Mapping[str, Any] | None) -> Prompt | None:
     """The text vLLM would tokenize for a request body, or None when there is none.
 
     Chat requests are rendered with the chat template (and `chat_template_kwargs`);
-    completion prompts as given (token-id prompts are not text: None).
+    completion prompts as given. Token-id prompts, and the other APIs (responses,
+    embeddings: their rendering is not reproduced here), give None: the caller then
+    routes approximately.
     """
     if api == "chat/completions" and body is not None:
         messages = body.get("messages")
@@ -181,7 +182,7 @@ def prompt_of(tok: ModelTokenizer, api: str, body: Mapping[str, Any] | None,
         if isinstance(p, list) and len(p) == 1:
             p = p[0]
         return Prompt(p, True) if isinstance(p, str) else None
-    return Prompt(fallback_text, True) if fallback_text else None
+    return None
 
 
 class TokenizerPool:

@@ -67,6 +67,23 @@ class _Fallback:
         self.reason = reason
 
 
+_GIVEN = object()
+"""Stands for the tokenizer when the request carries its token ids itself."""
+
+
+def _token_id_prompt(req: SchedulingRequest) -> list[int] | None:
+    """A completions prompt given as token ids (vLLM uses them as they are)."""
+    if req.api != "completions" or req.body is None:
+        return None
+    p = req.body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], list):
+        p = p[0]
+    if isinstance(p, list) and p and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**63 for t in p):
+        return p
+    return None
+
+
 class PrecisePrefixCacheScorer:
     """Leading KV blocks an endpoint reports holding / blocks in the prompt."""
 
@@ -148,9 +165,12 @@ class PrecisePrefixCacheScorer:
     # -- tokens ----------------------------------------------------------------------
 
     def _prompt(self, req: SchedulingRequest) -> tuple[Any, Any] | _Fallback:
+        ids = _token_id_prompt(req)
+        if ids is not None:
+            return _GIVEN, ids
         try:
             tok = self.tokenizers.get(req.target_model)
-            prompt = prompt_of(tok, req.api, req.body, req.prompt())
+            prompt = prompt_of(tok, req.api, req.body)
         except TokenizerError as e:
             return self._fallback(e.reason, req.target_model)
         if prompt is None or not prompt.text:
@@ -163,7 +183,10 @@ class PrecisePrefixCacheScorer:
         if isinstance(got, _Fallback):
             req.prepared[self.name] = got
             return
-        _tok, prompt = got
+        tok, prompt = got
+        if tok is _GIVEN:
+            req.prepared[self.name] = prompt
+            return
         try:
             req.prepared[self.name] = await self.tokenizers.encode_async(req.target_model, prompt)
         except TokenizerError as e:
@@ -177,6 +200,8 @@ class PrecisePrefixCacheScorer:
         got = self._prompt(req)
         if isinstance(got, _Fallback):
             v = got
+        elif got[0] is _GIVEN:
+            v = got[1]
         else:
             try:
                 v = self.tokenizers.encode(req.target_model, got[1])

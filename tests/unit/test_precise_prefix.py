@@ -214,3 +214,15 @@ def test_a_pick_counts_until_events_confirm_it_or_its_ttl_ends(tokdir: Path) -> 
     res = sched.schedule(chat_request(), snap, explain=True, now=NOW + 2.5, learn=False)
     raw = {c.endpoint: c.raw[scorer.name] for c in res.explanation.profiles[0].scores}
     assert raw == {"a": 0.0, "b": 0.0} and scorer.speculative.size == 0
+
+
+def test_token_id_prompts_need_no_tokenizer(tmp_path: Path) -> None:
+    scorer = PrecisePrefixCacheScorer(block_size=16, tokenizers={})  # none configured
+    snap = pool("a", "b")
+    live(scorer, "a", "b")
+    ids = list(range(1000, 1064))
+    engine_holds(scorer, "b", ids, 4)
+    req = request("/v1/completions", {"model": MODEL, "prompt": ids})
+    res = Scheduler([_profile(scorer)]).schedule(req, snap, explain=True, now=NOW)
+    raw = {c.endpoint: c.raw[scorer.name] for c in res.explanation.profiles[0].scores}
+    assert raw == {"a": 0.0, "b": 1.0}

@@ -45,14 +45,15 @@ def test_chat_is_rendered_with_the_template_then_tokenized_without_extra_special
 
 def test_prompt_of_request_bodies(tokdir: Path) -> None:
     tok = ModelTokenizer(MODEL, tokdir)
-    chat = prompt_of(tok, "chat/completions", {"messages": [{"role": "user", "content": "x"}]}, "")
+    chat = prompt_of(tok, "chat/completions", {"messages": [{"role": "user", "content": "x"}]})
     assert chat is not None and not chat.add_special_tokens and chat.text.endswith("\n\n")
-    assert prompt_of(tok, "completions", {"prompt": "abc"}, "abc") == Prompt("abc", True)
-    assert prompt_of(tok, "completions", {"prompt": ["abc"]}, "abc") == Prompt("abc", True)
-    assert prompt_of(tok, "completions", {"prompt": [1, 2, 3]}, "1 2 3") is None
+    assert prompt_of(tok, "completions", {"prompt": "abc"}) == Prompt("abc", True)
+    assert prompt_of(tok, "completions", {"prompt": ["abc"]}) == Prompt("abc", True)
+    assert prompt_of(tok, "completions", {"prompt": [1, 2, 3]}) is None
+    assert prompt_of(tok, "responses", {"input": "abc"}) is None
     # chat_template_kwargs reach the template, but cannot replace the messages.
     kw = prompt_of(tok, "chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                              "chat_template_kwargs": {"messages": "oops"}}, "")
+                                              "chat_template_kwargs": {"messages": "oops"}})
     assert kw == chat
 
 
