@@ -113,7 +113,7 @@ class PrecisePrefixCacheScorer:
                                              replay_port=replay_port,
                                              replay_timeout=replay_timeout)
         self.tokenizers = TokenizerPool(tokenizers or {})
-        for model, err in self.tokenizers.load_all().items():
+        for err in self.tokenizers.load_all().values():
             obs.PRECISE_PREFIX_FALLBACKS.labels(err.reason).inc(0)  # the series exists at once
         self.approx = PrefixCacheScorer(f"{name}/approximate", block_tokens=block_size,
                                         max_blocks=max_blocks)
