@@ -25,6 +25,7 @@ Parameters:
     kvEventsPort: 5557             # per endpoint override: label kv-events.epp/port
     kvEventsReplayPort: 5558       # 0: engines have no replay socket; label kv-events.epp/replay-port
     maxIndexedBlocks: 2000000      # (block, endpoint) entries, LRU beyond
+    speculativeTTLSeconds: 10      # a pick's blocks count as held until events confirm them
     tokenizers:                    # model name -> directory with tokenizer.json
       meta-llama/Llama-3.1-8B-Instruct: /models/llama-3.1-8b
 ```
@@ -44,7 +45,7 @@ from epp import observability as obs
 from epp.datastore import Snapshot
 from epp.kvevents.index import DEFAULT_MAX_ENTRIES, KVBlockIndex, block_keys, root_key
 from epp.kvevents.subscriber import DEFAULT_PORT, DEFAULT_REPLAY_PORT, KVEventsSubscriber
-from epp.plugins import check_params, param_int
+from epp.plugins import check_params, param_float, param_int
 from epp.scheduling import prefix as _prefix
 from epp.scheduling.cycle import CycleState
 from epp.scheduling.interface import SchedulingRequest
@@ -53,9 +54,10 @@ from epp.tokenization import TokenizerError, TokenizerPool, prompt_of
 
 log = logging.getLogger(__name__)
 
-SPECULATIVE_TTL = 2.0
+SPECULATIVE_TTL = 10.0
 """Seconds a pick's blocks count as held on its endpoint before the engine's events
-must confirm them (a prefill of a long prompt under load takes about that long)."""
+must confirm them: blocks are stored only when the prefill ends, which under load (a
+queue, chunked prefill of a long prompt) takes seconds."""
 
 
 class _Fallback:
@@ -90,7 +92,7 @@ class PrecisePrefixCacheScorer:
     plugin_type = "precise-prefix-cache-scorer"
     bounded = True
     PARAMS = ("blockSize", "maxPrefixBlocksToMatch", "kvEventsPort", "kvEventsReplayPort",
-              "maxIndexedBlocks", "tokenizers")
+              "maxIndexedBlocks", "tokenizers", "speculativeTTLSeconds")
 
     def __init__(
         self,
@@ -151,6 +153,8 @@ class PrecisePrefixCacheScorer:
             max_indexed_blocks=param_int(params, "maxIndexedBlocks", DEFAULT_MAX_ENTRIES,
                                          minimum=1),
             tokenizers=dict(toks),
+            speculative_ttl=param_float(params, "speculativeTTLSeconds", SPECULATIVE_TTL,
+                                        minimum=0.0, maximum=3600.0),
         )
 
     # -- lifecycle (the app starts and stops it) ------------------------------------

@@ -83,6 +83,7 @@ plugins:
 - type: precise-prefix-cache-scorer
   parameters:
     blockSize: 16
+    speculativeTTLSeconds: 0           # every precise score below comes from events
     tokenizers: {{"{MODEL}": "{tok}"}}
 - type: max-score-picker
 schedulingProfiles:

@@ -157,6 +157,7 @@ plugins:
     kvEventsPort: 6000
     kvEventsReplayPort: 0
     maxIndexedBlocks: 1000
+    speculativeTTLSeconds: 3
     tokenizers: {{"{MODEL}": "{tokdir}"}}
 - type: max-score-picker
 schedulingProfiles:
@@ -169,7 +170,7 @@ schedulingProfiles:
     p = cfg.plugin("precise-prefix-cache-scorer")
     assert isinstance(p, PrecisePrefixCacheScorer)
     assert (p.block_size, p.max_blocks, p.subscriber.port, p.subscriber.replay_port,
-            p.index.max_entries) == (32, 64, 6000, 0, 1000)
+            p.index.max_entries, p.speculative_ttl) == (32, 64, 6000, 0, 1000, 3.0)
     for bad in ("blockSize: 0", "kvEventsPort: 70000", "tokenizers: [a]", "typo: 1"):
         with pytest.raises(ValueError):
             load_config(f"""
