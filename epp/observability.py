@@ -226,7 +226,7 @@ PRECISE_PREFIX_FALLBACKS = Counter(
     "inference_extension_precise_prefix_fallbacks_total",
     "Requests the precise-prefix-cache-scorer scored with the approximate index instead: "
     "no_tokenizer, tokenizer_missing, tokenizer_corrupt, no_chat_template, "
-    "chat_template_error, no_text.",
+    "chat_template_error, untokenizable, no_text.",
     ["reason"],
     registry=REGISTRY,
 )

@@ -143,12 +143,20 @@ class ModelTokenizer:
     # -- tokenizing ------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        """Token ids of `text` on this thread (holds the GIL)."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids  # type: ignore[no-any-return]
+        """Token ids of `text` on this thread (holds the GIL); TokenizerError for text the
+        tokenizer cannot take (lone surrogates, legal in JSON strings)."""
+        try:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids  # type: ignore[no-any-return]
+        except Exception as e:  # the Rust side raises TypeError/Exception
+            raise TokenizerError("untokenizable", f"cannot tokenize the prompt: {e}") from None
 
     def encode_unlocked(self, text: str, add_special_tokens: bool) -> list[int]:
         """Token ids, releasing the GIL while the Rust side works (for a worker thread)."""
-        return self._tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids  # type: ignore[no-any-return]
+        try:
+            return self._tok.encode_batch_fast(  # type: ignore[no-any-return]
+                [text], add_special_tokens=add_special_tokens)[0].ids
+        except Exception as e:
+            raise TokenizerError("untokenizable", f"cannot tokenize the prompt: {e}") from None
 
 
 @dataclass(frozen=True, slots=True)

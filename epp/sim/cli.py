@@ -147,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         asyncio.run(serve(configs))
+    except ConfigError as e:  # found when a replica is built (an unusable tokenizer)
+        print(f"epp-sim: {e}", file=sys.stderr)
+        return 2
     except OSError as e:  # typically: the port is taken
         print(f"epp-sim: cannot listen: {e}", file=sys.stderr)
         return 1

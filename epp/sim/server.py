@@ -236,14 +236,20 @@ class Replica:
                 text = self.tokenizer.render_chat(messages)
             except TokenizerError as e:
                 raise _bad(str(e), "messages") from None
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-            prompt = ids_prompt(ids, self.cfg.block_size, adapter or "")
+            prompt = ids_prompt(self._encode(text, False), self.cfg.block_size, adapter or "")
         elif self.tokenizer is not None:
-            ids = self.tokenizer.encode(chat_template(messages), add_special_tokens=False)
-            prompt = ids_prompt(ids, self.cfg.block_size, adapter or "")
+            prompt = ids_prompt(self._encode(chat_template(messages), False), self.cfg.block_size,
+                                adapter or "")
         else:
             prompt = text_prompt(chat_template(messages), self.cfg.block_size, adapter or "")
         return await self._generate(request, body, model, adapter, prompt, chat=True)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        assert self.tokenizer is not None
+        try:
+            return self.tokenizer.encode(text, add_special_tokens)
+        except TokenizerError as e:
+            raise _bad(str(e), "prompt") from None
 
     def _resolve_model(self, body: dict[str, Any]) -> tuple[str, str | None]:
         model = body.get("model", self.cfg.model)
@@ -266,7 +272,7 @@ class Replica:
             raise _bad("The prompt cannot be empty.", "prompt")
         if isinstance(p, str):
             if self.tokenizer is not None:
-                return ids_prompt(self.tokenizer.encode(p, add_special_tokens=True), bs, salt)
+                return ids_prompt(self._encode(p, True), bs, salt)
             return text_prompt(p, bs, salt)
         if isinstance(p, list) and p and all(
                 isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in p):

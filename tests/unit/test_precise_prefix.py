@@ -227,3 +227,14 @@ def test_token_id_prompts_need_no_tokenizer(tmp_path: Path) -> None:
     res = Scheduler([_profile(scorer)]).schedule(req, snap, explain=True, now=NOW)
     raw = {c.endpoint: c.raw[scorer.name] for c in res.explanation.profiles[0].scores}
     assert raw == {"a": 0.0, "b": 1.0}
+
+
+async def test_a_prompt_the_tokenizer_refuses_falls_back(tokdir: Path) -> None:
+    scorer = PrecisePrefixCacheScorer(block_size=16, tokenizers={MODEL: str(tokdir)})
+    snap = pool("a", "b")
+    live(scorer, "a", "b")
+    sched = Scheduler([_profile(scorer)])
+    req = request("/v1/completions", {"model": MODEL, "prompt": "lone \ud800 surrogate " * 30})
+    await sched.prepare(req)
+    assert sched.schedule(req, snap, now=NOW).endpoint.name in ("a", "b")
+    scorer.tokenizers.close()

@@ -118,3 +118,15 @@ async def test_pool_loads_once_caches_and_offloads_long_prompts(tokdir: Path, tm
     # One tokenizer serves every model name (adapters use their base model's).
     single = TokenizerPool({MODEL: str(tokdir)})
     assert single.get("food-review") is single.get(MODEL)
+
+
+async def test_text_the_tokenizer_cannot_take_is_a_tokenizer_error(tokdir: Path) -> None:
+    # "\ud800" is a legal JSON string escape; the Rust tokenizer refuses lone surrogates.
+    pool = TokenizerPool({MODEL: str(tokdir)}, inline_max_chars=4)
+    try:
+        for p in (Prompt("a\ud800b", True), Prompt("long \ud800 text", True)):
+            with pytest.raises(TokenizerError) as e:
+                await pool.encode_async(MODEL, p)
+            assert e.value.reason == "untokenizable"
+    finally:
+        pool.close()
