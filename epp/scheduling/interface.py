@@ -200,6 +200,15 @@ class PostPick(Protocol):
 
 
 @runtime_checkable
+class PrepareData(Protocol):
+    """Computes request data before the synchronous cycle and may await while doing so
+    (the precise prefix scorer tokenizes long prompts in a worker thread); upstream's
+    PrepareDataPlugin. The result goes in `request.prepared[plugin name]`."""
+
+    async def prepare_request_data(self, request: SchedulingRequest) -> None: ...
+
+
+@runtime_checkable
 class EndpointForgetter(Protocol):
     """Keeps per-endpoint state that must go when the endpoint leaves the pool."""
 

@@ -25,6 +25,7 @@ from epp.scheduling.interface import (
     EndpointForgetter,
     Explanation,
     PostPick,
+    PrepareData,
     ProfileHandler,
     ProfileResult,
     SchedulingRequest,
@@ -68,7 +69,7 @@ class Scheduler:
             for name, prof in self.profiles.items()
         }
         self._forgetters = [p for p in learners if isinstance(p, EndpointForgetter)]
-        self._preparers = [p for p in learners if hasattr(p, "prepare_request_data")]
+        self._preparers = [p for p in learners if isinstance(p, PrepareData)]
 
     @classmethod
     def from_config(cls, config: EppConfig, **kwargs: Any) -> "Scheduler":
