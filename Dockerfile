@@ -3,7 +3,10 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY epp ./epp
-RUN pip install --no-cache-dir --prefix=/install .
+RUN pip install --no-cache-dir --prefix=/install . && \
+    # xds-protos overwrites opentelemetry/proto with an old copy; put the real one back
+    pip install --no-cache-dir --prefix=/install --no-deps --force-reinstall \
+      "$(pip list --path /install/lib/python3.11/site-packages --format=freeze | grep '^opentelemetry-proto==')"
 
 FROM python:3.11-slim
 RUN useradd --system --uid 65532 --no-create-home epp

@@ -7,12 +7,18 @@ STAMP := $(VENV)/.installed
 TOOLS := $(HOME)/.cache/epp-tools/bin
 GHZ_VERSION := v0.120.0
 
-.PHONY: venv test test-k8s fuzz demo bench bench-full bench-tools bench-compare protos clean
+# xds-protos ships an old copy of the opentelemetry/proto package; whichever installs last
+# wins. Reinstall opentelemetry-proto (same version) so the OTLP exporter finds its messages.
+OTEL_PROTO_FIX = $(PY) -m pip install -q --no-deps --force-reinstall \
+	"$$($(PY) -m pip list --format=freeze | grep '^opentelemetry-proto==')"
+
+.PHONY: venv test test-k8s test-tools fuzz demo bench bench-full bench-tools bench-compare protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench]'
+	$(OTEL_PROTO_FIX)
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -23,6 +29,13 @@ test: $(STAMP)
 # Property tests with a deep budget (tests/fuzz/conftest.py); `make test` runs them small.
 fuzz: $(STAMP)
 	EPP_FUZZ=deep $(PY) -m pytest -q tests/fuzz
+# For the observability tests: headless Chromium (Debian's package) for the status page,
+# a real Prometheus built from its Go module (cached in ~/.cache/epp-prometheus) for the
+# dashboard. Without them those tests skip; .ci/run makes sure they exist.
+test-tools:
+	@command -v chromium >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium)
+	bash tests/e2e/build_prometheus.sh
 
 test-k8s: $(STAMP)
 	$(PY) -m pytest -q -m k8s tests/k8s

@@ -53,6 +53,8 @@ BENCHES = (
     Bench("sim", "bench_sim.py", ("--requests", "150", "--rounds", "1"),
           ("--requests", "1500", "--rounds", "3"),
           note="no --quick flag: quick mode passes small --requests/--rounds"),
+    Bench("observe", "bench_observe.py", ("--requests", "300", "--rounds", "2"),
+          note="no --quick flag: quick mode passes small --requests/--rounds"),
     Bench("extproc", "bench_extproc.py", ("--quick",), out_flag="--out"),
     Bench("routing", "bench_routing.py", ("--quick",), out_flag="--out"),
     Bench("endless-page", "bench_endless_page.py", ("--polls", "5"), ("--polls", "40"),

@@ -32,10 +32,13 @@ from epp.scheduling import InFlightTracker, Scheduler
 from epp.server import extproc, reflection, tls
 from epp.server.health import HealthService
 from epp.server.metrics_http import MetricsAuth, MetricsServer, kubernetes_auth
+from epp.server.status_page import StatusPage, StatusSource
 from epp.server.pick_api import SERVICE_NAME as PICK_SERVICE_NAME
 from epp.server.pick_api import add_to_server as add_pick_api
 from epp.settings import Settings
 from epp.sources import EndpointsFileSource, parse_endpoint_list
+from epp.telemetry import RequestObserver
+from epp.telemetry.tracing import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ class EppApp:
                                                plugin_metrics_every=16)
         self.scheduler.attach(self.datastore)
         detector = detector_from_config(self.config.saturation_detector, self.config.plugins)
+        self.detector = detector
+        self.tracer = Tracer.from_env() if settings.tracing else None
         self.admission = admission_from_config(
             self.config.feature_gates, self.config.flow_control, detector, self.datastore.snapshot)
         self.director = Director(
@@ -83,6 +88,7 @@ class EppApp:
             labels=LabelFolder(known_names(self.datastore, self.objectives),
                                cap=settings.metrics_label_cap),
             health=self.passive_health,
+            observer=self._observer(),
         )
         self.engines = EngineRegistry.from_config(self.config.data or None)
         self.k8s: KubernetesSource | None = None
@@ -93,6 +99,11 @@ class EppApp:
         self.metrics_port = 0
         self._metrics_server: MetricsServer | None = None
         self._tasks: list[Any] = []  # objects with async stop()
+
+    def _observer(self) -> RequestObserver:
+        s = self.settings
+        return RequestObserver(tracer=self.tracer, log_decisions=s.verbosity >= 4,
+                               namespace=s.pool_namespace if s.pool_name else "")
 
     async def start(self) -> None:
         s = self.settings
@@ -120,7 +131,11 @@ class EppApp:
             elif s.metrics_endpoint_auth:
                 log.info("metrics endpoint auth is off: no Kubernetes API server to ask "
                          "(standalone endpoints)")
-            self._metrics_server = MetricsServer(obs.REGISTRY, auth=auth)
+            page = StatusPage(StatusSource(
+                datastore=self.datastore, observer=self.director.observer, config=self.config,
+                objectives=self.objectives, inflight=self.inflight,
+                detector=self.detector, pool_name=s.pool_name), asyncio.get_running_loop())
+            self._metrics_server = MetricsServer(obs.REGISTRY, auth=auth, status_page=page.html)
             self.metrics_port = self._metrics_server.start(s.bind_address, s.metrics_port)
         if self.k8s is not None:
             # Ready only after the first full sync and, with HA, only on the leader.
@@ -214,6 +229,8 @@ class EppApp:
         await self.health.stop(0)
         if self._metrics_server is not None:
             self._metrics_server.stop()
+        if self.tracer is not None:  # export what is queued, bounded; off the loop
+            await asyncio.to_thread(self.tracer.shutdown)
 
 
 async def serve(settings: Settings, on_started: Callable[[], None] | None = None) -> int:

@@ -8,14 +8,7 @@ import os
 import sys
 
 from epp.settings import parse_settings
-
-
-def _setup_logging(verbosity: int) -> None:
-    level = logging.DEBUG if verbosity >= 4 else logging.INFO if verbosity >= 0 else logging.WARNING
-    logging.basicConfig(
-        level=level, stream=sys.stderr,
-        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
-    )
+from epp.telemetry.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return envoy_config_main(argv[1:])
     settings = parse_settings(argv)
-    _setup_logging(settings.verbosity)
+    setup_logging(settings.verbosity, settings.log_format)
     from epp import tuning
     from epp.app import serve
 

@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m epp.demo", description=__doc__.split("\n")[0])
     p.add_argument("--once", action="store_true", help="send the requests, then stop (for tests)")
     p.add_argument("--free-ports", action="store_true", help="pick free ports instead of the defaults")
+    p.add_argument("--tracing", action="store_true",
+                   help="run the EPP with --tracing (OTLP endpoint and sampler from OTEL_* variables)")
     args = p.parse_args(argv)
 
     fleet = yaml.safe_load(FLEET.read_text())
@@ -197,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                             "--metrics-port", str(metrics_port), "--pool-name", POOL,
                             "--endpoints-file", str(logdir / "endpoints.yaml"),
                             "--config-file", str(DEPLOY / "epp-config.yaml"),
-                            "--objectives-file", str(DEPLOY / "objectives.yaml")])
+                            "--objectives-file", str(DEPLOY / "objectives.yaml"),
+                            *(["--tracing"] if args.tracing else [])])
         _wait(stack, "EPP readiness", lambda: _ready(health_port))
         print("demo: starting Envoy")
         cfg = subprocess.run([py, "-m", "epp", "envoy-config", "--epp-tls=false",
@@ -231,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print("demo: running. Try it yourself:")
         print(f"  curl {url}/v1/completions -H 'content-type: application/json' \\")
         print("    -d '{\"model\": \"food-review\", \"prompt\": \"Write as if you were a critic: San Francisco\", \"max_tokens\": 100}'")
+        print(f"  EPP status:    http://127.0.0.1:{metrics_port}/debug/status")
         print(f"  EPP metrics:   http://127.0.0.1:{metrics_port}/metrics")
         print(f"  pod metrics:   http://127.0.0.1:{sim_ports[0]}/metrics")
         print(f"  Envoy admin:   http://127.0.0.1:{admin_port}/")

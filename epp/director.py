@@ -73,6 +73,8 @@ class RoutingDecision:
     """What the scheduler saw and chose, for learning the endpoint that really served."""
     served: str = ""
     """ip:port of the endpoint the data plane reports having used, when it differs."""
+    watch: Any = None
+    """The observer's record of this request (epp.telemetry), when it keeps one."""
 
     @property
     def hostport(self) -> str:
@@ -134,12 +136,15 @@ class Director:
         rng: random.Random | None = None,
         labels: LabelFolder | None = None,
         health: PassiveHealth | None = None,
+        observer: Any = None,
     ) -> None:
         self.datastore = datastore
         self.scheduler = scheduler
         self.resolver = resolver
         self.admission = admission
         self.inflight = inflight
+        self.observer = observer
+        """An epp.telemetry.RequestObserver: metrics, traces and logs of each decision."""
         self._rng = rng or random.Random()
         self.labels = labels or LabelFolder()
         self.health = health
@@ -179,12 +184,15 @@ class Director:
         gives the admission lease back; after a successful return the lease travels with
         the decision until `finished`.
         """
+        watch = self.observer.begin(req.request_id, req.headers) if self.observer else None
         res = self.resolve(req)
         model = req.model
         metrics = self._metrics_for(model, res.target_model, res.priority)
         metrics.total.inc()
         lease: Lease | None = None
         try:
+            if watch is not None:
+                watch.lap("resolve")
             snapshot = self.datastore.snapshot()
             if len(snapshot) == 0:
                 raise unavailable("no endpoints in the pool")
@@ -194,11 +202,15 @@ class Director:
                 latest = self.datastore.snapshot()
                 if latest is not snapshot:  # it waited in a queue while the pool changed
                     snapshot, cands = latest, self.candidates(req, latest)
+            if watch is not None:
+                watch.lap("admit")
             sreq = self._scheduling_request(req, res)
             prepare = getattr(self.scheduler, "prepare", None)
             if prepare is not None:
                 await prepare(sreq)
-            result = self.scheduler.schedule(sreq, snapshot, cands, explain=explain)
+            result = self.scheduler.schedule(sreq, snapshot, cands, explain=explain or watch is not None)
+            if watch is not None:
+                watch.lap("schedule")
             body = None
             if req.parsed is not None and res.target_model != model:
                 body = with_model(req.parsed, res.target_model)
@@ -209,6 +221,8 @@ class Director:
             _release(lease)
             if isinstance(e, EppError):
                 self._count_error(model, res.target_model, e.code.name)
+            if self.observer is not None:
+                self.observer.failed(watch, req, res, e)
             raise
         decision = RoutingDecision(
             endpoint=result.endpoint,
@@ -220,7 +234,10 @@ class Director:
             explanation=result.explanation,
             lease=lease,
             scheduled=(sreq, result),
+            watch=watch,
         )
+        if self.observer is not None:
+            self.observer.routed(watch, req, res, decision)
         if self.inflight is not None:
             self._seq += 1
             decision.inflight_key = f"{req.request_id}#{self._seq}"
@@ -261,6 +278,8 @@ class Director:
         """
         decision = await self.route(req)
         _release(decision.lease)
+        if self.observer is not None:
+            self.observer.finished(decision.watch, None, None, None)
         self._metrics_for(decision.model, decision.target_model, decision.priority).running.dec()
         return decision
 
@@ -330,6 +349,8 @@ class Director:
         metrics = self._metrics_for(m, t, decision.priority)
         metrics.running.dec()
         error = model_server_error(status)
+        if self.observer is not None:
+            self.observer.finished(decision.watch, usage, status, error)
         if error is not None:
             self._count_error(m, t, error)
             log.debug("model server %s answered %s for model %r",

@@ -100,6 +100,19 @@ POOL_PER_POD_QUEUE = Gauge(
     ["name", "model_server_pod"],
     registry=REGISTRY,
 )
+# Not in the upstream EPP: per-endpoint KV and running, named like its per-pod queue gauge.
+POOL_PER_POD_KV_CACHE = Gauge(
+    "inference_pool_per_pod_kv_cache_utilization",
+    "KV-cache utilization per endpoint (0-1).",
+    ["name", "model_server_pod"],
+    registry=REGISTRY,
+)
+POOL_PER_POD_RUNNING = Gauge(
+    "inference_pool_per_pod_running_requests",
+    "Running requests per endpoint.",
+    ["name", "model_server_pod"],
+    registry=REGISTRY,
+)
 
 # -- the EPP itself ----------------------------------------------------------------
 
@@ -107,6 +120,18 @@ SCHEDULER_E2E_DURATION = Histogram(
     "inference_extension_scheduler_e2e_duration_seconds",
     "Time to run one scheduling cycle.",
     buckets=_FAST_BUCKETS,
+    registry=REGISTRY,
+)
+SCHEDULER_ATTEMPTS = Counter(
+    "inference_extension_scheduler_attempts_total",
+    "Scheduling attempts by outcome (success, failure), with the endpoint picked.",
+    ["status", "target_model_name", "pod_name", "namespace", "port"],
+    registry=REGISTRY,
+)
+PREFIX_HIT_RATIO = Histogram(
+    "inference_extension_prefix_indexer_hit_ratio",
+    "Share of the prompt's prefix blocks the picked endpoint already held (0-1).",
+    buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
     registry=REGISTRY,
 )
 PLUGIN_DURATION = Histogram(
@@ -166,6 +191,11 @@ PASSIVE_HEALTH_EJECTED = Gauge(
 PASSIVE_HEALTH_PANIC = Counter(
     "inference_extension_passive_health_panic_total",
     "Picks that ignored ejections because every candidate was ejected.",
+    registry=REGISTRY,
+)
+TRACING_SPANS_DROPPED = Counter(
+    "inference_extension_tracing_spans_dropped_total",
+    "Finished spans dropped because the export queue was full (collector down or slow).",
     registry=REGISTRY,
 )
 

@@ -56,6 +56,8 @@ class Settings:
     config_file: str | None = None
     config_text: str | None = None
     verbosity: int = 0
+    log_format: str = "text"
+    tracing: bool = False
     endpoints: str | None = None
     endpoints_file: str | None = None
     endpoint_selector: str | None = None
@@ -104,7 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
       help="API group of the pool: inference.networking.k8s.io or inference.networking.x-k8s.io")
     a("--config-file", default=None, help="EndpointPickerConfig YAML")
     a("--config-text", default=None, help="EndpointPickerConfig YAML given inline")
-    a("-v", "--v", dest="verbosity", type=_verbosity, default=0, help="log verbosity (0-5)")
+    a("-v", "--v", dest="verbosity", type=_verbosity, default=0,
+      help="log verbosity (0-5); 4 logs one line per routing decision")
+    a("--log-format", default=d.log_format, choices=["text", "json"],
+      help="json: one JSON object per line, with request_id on a request's lines")
+    a("--tracing", default=d.tracing, **b,
+      help="export OpenTelemetry traces over OTLP, configured by the standard OTEL_* "
+           "variables (default sampler: parent-based, 10%% of new traces)")
     a("--endpoints", default=None, help="standalone: comma-separated ip:port list")
     a("--endpoints-file", default=None, help="standalone: YAML list of name/address/port/labels, re-read on change")
     a("--endpoint-selector", default=None, help="standalone on Kubernetes: pod label selector, e.g. app=vllm")

@@ -23,7 +23,9 @@ from epp.observability import (
     POOL_AVG_KV_CACHE,
     POOL_AVG_QUEUE,
     POOL_AVG_RUNNING,
+    POOL_PER_POD_KV_CACHE,
     POOL_PER_POD_QUEUE,
+    POOL_PER_POD_RUNNING,
     POOL_READY_PODS,
 )
 from epp.tasks import cancel_and_wait
@@ -67,11 +69,16 @@ class PoolMetricsRefresher:
             pod = safe(snap.endpoints[i].name)
             pods.add(pod)
             POOL_PER_POD_QUEUE.labels(name=name, model_server_pod=pod).set(waiting)
+            for gauge, value in ((POOL_PER_POD_KV_CACHE, snap.kv_usage[i]),
+                                 (POOL_PER_POD_RUNNING, snap.running[i])):
+                if not np.isnan(value):
+                    gauge.labels(name=name, model_server_pod=pod).set(float(value))
         for pod in self._pods - pods:
-            try:
-                POOL_PER_POD_QUEUE.remove(name, pod)
-            except KeyError:
-                pass
+            for gauge in (POOL_PER_POD_QUEUE, POOL_PER_POD_KV_CACHE, POOL_PER_POD_RUNNING):
+                try:
+                    gauge.remove(name, pod)
+                except KeyError:
+                    pass
         self._pods = pods
 
     async def start(self) -> None:

@@ -77,6 +77,13 @@ class InFlightTracker:
             self._start[i] = -math.inf
             self._rids[i] = None
 
+    def open_by_endpoint(self) -> dict[str, int]:
+        """Requests started and not finished, per endpoint name (for the status page)."""
+        n = self._n
+        slots = self._ep_slot[:n][self._start[:n] > -math.inf]
+        counts = np.bincount(slots, minlength=self._nslots)
+        return {name: int(counts[s]) for name, s in self._slot_of.items() if counts[s]}
+
     def endpoint_of(self, request_id: str) -> str | None:
         i = self._pos.get(request_id)
         if i is None:

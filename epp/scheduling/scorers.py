@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from epp.datastore import Snapshot
+from epp.observability import PREFIX_HIT_RATIO
 from epp.plugins import NoParams, check_params, param_bool, param_int
 from epp.scheduling import prefix as _prefix
 from epp.scheduling.cycle import MISSING, CycleState
@@ -323,6 +324,7 @@ class PrefixCacheScorer:
             return
         name = state.snapshot.endpoints[index].name
         held = self.match(state, chars).get(name, 0)
+        PREFIX_HIT_RATIO.observe(held / len(hashes))
         cap = self.lru_capacity
         if self.auto_tune:
             gpu_blocks = int(state.snapshot.num_gpu_blocks[index])

@@ -43,6 +43,7 @@ from epp.request import (
     parse_request_body,
 )
 from epp.server import envoy_messages as msgs
+from epp.telemetry.logs import set_request_id
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +311,7 @@ class _Stream:
             rid = uuid.uuid4().hex
             self.generated_id = True
         self.request_id = rid
+        set_request_id(rid)
         self.req = InferenceRequest(
             request_id=rid,
             path=headers.get(":path", "/"),

@@ -190,24 +190,45 @@ def _bearer(header: str | None) -> str | None:
     return token
 
 
+STATUS_PATH = "/debug/status"
+
+
 class _Handler(MetricsHandler):
     auth: MetricsAuth | None = None
+    status_page: Callable[[], bytes] | None = None
 
     def do_GET(self) -> None:
+        path = urlparse(self.path).path or "/"
         if self.auth is not None:
-            path = urlparse(self.path).path or "/"
             d = self.auth.check(self.headers.get("Authorization"), path, "get")
             if d.status != 200:
-                body = (d.reason + "\n").encode()
-                self.send_response(d.status)
-                if d.status == 401:
-                    self.send_header("WWW-Authenticate", 'Bearer realm="epp-metrics"')
-                self.send_header("Content-Type", "text/plain; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self._plain(d.status, d.reason)
                 return
+        if path == STATUS_PATH and self.status_page is not None:
+            try:
+                body = self.status_page()
+            except Exception as e:  # noqa: BLE001 - the loop is busy or stopping
+                log.warning("status page unavailable: %s", type(e).__name__)
+                self._plain(503, "status page unavailable, try again")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         super().do_GET()
+
+    def _plain(self, status: int, reason: str) -> None:
+        body = (reason + "\n").encode()
+        self.send_response(status)
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="epp-metrics"')
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
 
 class _Server(ThreadingHTTPServer):
@@ -215,18 +236,23 @@ class _Server(ThreadingHTTPServer):
 
 
 class MetricsServer:
-    """Serves `registry` over HTTP on its own threads; `auth=None` serves everyone."""
+    """Serves `registry` over HTTP on its own threads; `auth=None` serves everyone.
+    `status_page`, when given, answers /debug/status (behind the same auth)."""
 
-    def __init__(self, registry: Any, *, auth: MetricsAuth | None = None) -> None:
+    def __init__(self, registry: Any, *, auth: MetricsAuth | None = None,
+                 status_page: Callable[[], bytes] | None = None) -> None:
         self.registry = registry
         self.auth = auth
+        self.status_page = status_page
         self.port = 0
         self._httpd: _Server | None = None
 
     def start(self, host: str, port: int) -> int:
         """Bind and serve in a daemon thread; returns the bound port (raises OSError)."""
-        handler = type("EppMetricsHandler", (_Handler,), {"registry": self.registry,
-                                                          "auth": self.auth})
+        page = self.status_page
+        handler = type("EppMetricsHandler", (_Handler,), {
+            "registry": self.registry, "auth": self.auth,
+            "status_page": staticmethod(page) if page is not None else None})
         family_host = host or "0.0.0.0"
         if ":" in family_host:
             import socket

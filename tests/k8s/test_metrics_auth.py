@@ -98,6 +98,13 @@ async def test_only_the_metrics_reader_may_scrape(epp_metrics, admin: Any, names
     assert status == 403
     assert f"system:serviceaccount:{namespace}:no-metrics-role" in body
 
+    # The status page: the same reviews, for its own non-resource URL (metrics-reader.yaml).
+    page_url = url.replace("/metrics", "/debug/status")
+    assert (await get(page_url))[0] == 401
+    status, page = await get(page_url, sa_token(admin, namespace, READER_SA))
+    assert status == 200 and "EPP status" in page, page
+    assert (await get(page_url, sa_token(admin, namespace, "no-metrics-role")))[0] == 403
+
 
 async def test_auth_off_by_flag_serves_everyone(epp_metrics):
     url = await epp_metrics("--metrics-endpoint-auth=false")

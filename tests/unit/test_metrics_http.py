@@ -103,6 +103,32 @@ async def test_the_role_covers_only_the_path_it_names(server: str):
     assert (await get(f"{server}/debug", "reader-token"))[0] == 403
 
 
+async def test_the_status_page_sits_behind_the_same_auth(registry: CollectorRegistry,
+                                                      reviewer: FakeReviewer):
+    reviewer.allowed.add(("system:serviceaccount:ns:reader", "/debug/status", "get"))
+    srv = MetricsServer(registry, auth=MetricsAuth(reviewer), status_page=lambda: b"<p>pool</p>")
+    url = f"http://127.0.0.1:{srv.start('127.0.0.1', 0)}/debug/status"
+    try:
+        assert (await get(url))[0] == 401
+        assert (await get(url, "other-token"))[0] == 403
+        assert await get(url, "reader-token") == (200, "<p>pool</p>")
+    finally:
+        srv.stop()
+
+
+async def test_a_status_page_that_cannot_be_made_is_503_not_a_crash(registry: CollectorRegistry):
+    def busy() -> bytes:
+        raise TimeoutError
+
+    srv = MetricsServer(registry, status_page=busy)
+    base = f"http://127.0.0.1:{srv.start('127.0.0.1', 0)}"
+    try:
+        assert (await get(base + "/debug/status"))[0] == 503
+        assert (await get(base + "/metrics"))[0] == 200
+    finally:
+        srv.stop()
+
+
 async def test_unreachable_api_server_is_503_and_the_server_keeps_serving(
         server: str, reviewer: FakeReviewer, caplog: pytest.LogCaptureFixture):
     reviewer.down = True

@@ -28,6 +28,16 @@ def test_go_style_flags() -> None:
     assert s.endpoint_target_ports == [8000, 8001]
 
 
+def test_observability_flags_are_off_by_default() -> None:
+    s = parse_settings([])
+    assert (s.tracing, s.log_format) == (False, "text")
+    s = parse_settings(["--tracing", "--log-format", "json"])
+    assert (s.tracing, s.log_format) == (True, "json")
+    assert parse_settings(["--tracing=false"]).tracing is False
+    with pytest.raises(SystemExit):
+        parse_settings(["--log-format", "xml"])
+
+
 @pytest.mark.parametrize("text, seconds", [("50ms", 0.05), ("2s", 2.0), ("1m30s", 90.0), ("0.5", 0.5)])
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
