@@ -21,6 +21,7 @@ from epp import observability as obs
 from epp.config import load_config
 from epp.datastore import Datastore, Endpoint, EndpointMetrics
 from epp.director import Director
+from epp.flowcontrol.admission import AdmissionLease
 from epp.request import InferenceRequest, Usage, parse_body
 from epp.scheduling import Scheduler
 from epp.telemetry import DecisionRing, RequestObserver
@@ -55,10 +56,11 @@ def traced_director(monkeypatch: Any, sampler: str = "parentbased_always_on"
 
 
 class SlowAdmission:
-    """Holds each request in a "queue" for 5 ms."""
+    """Holds each request in a "queue" for 5 ms, then admits it."""
 
-    async def admit(self, request: Any, priority: int, snapshot: Any, candidates: Any) -> None:
+    async def admit(self, ticket: Any, candidates: Any) -> AdmissionLease:
         await asyncio.sleep(0.005)
+        return AdmissionLease(None)
 
 
 async def test_a_routed_and_finished_request_is_one_trace(monkeypatch: Any) -> None:
