@@ -124,7 +124,8 @@ SCHEDULER_E2E_DURATION = Histogram(
 )
 SCHEDULER_ATTEMPTS = Counter(
     "inference_extension_scheduler_attempts_total",
-    "Scheduling attempts by outcome (success, failure), with the endpoint picked.",
+    "Routing attempts: success (labelled with the endpoint picked) or failure (the request "
+    "got no endpoint: none available, shed or rejected by admission, scheduling error).",
     ["status", "target_model_name", "pod_name", "namespace", "port"],
     registry=REGISTRY,
 )
