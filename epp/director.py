@@ -202,8 +202,8 @@ class Director:
                 latest = self.datastore.snapshot()
                 if latest is not snapshot:  # it waited in a queue while the pool changed
                     snapshot, cands = latest, self.candidates(req, latest)
-            if watch is not None:
-                watch.lap("admit")
+                if watch is not None:
+                    watch.lap("admit")
             sreq = self._scheduling_request(req, res)
             prepare = getattr(self.scheduler, "prepare", None)
             if prepare is not None:

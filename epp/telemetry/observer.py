@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from epp import observability as obs
-from epp.telemetry.records import DecisionRecord, decision_record
+from epp.telemetry.records import DecisionRecord, clip, decision_record
 
 log = logging.getLogger("epp.decisions")
 
@@ -41,7 +41,6 @@ class Watch:
     span: Any = None
     """The request's tracing span (see epp.telemetry.tracing), or None."""
     laps: list[tuple[str, int]] = field(default_factory=list)
-    decision: DecisionRecord | None = None
 
     def lap(self, name: str) -> None:
         """A pipeline step ended now (`resolve`, `admit`, `schedule`)."""
@@ -142,7 +141,6 @@ class RequestObserver:
         if watch is None:
             return
         rec = decision_record(watch, req, resolution, decision)
-        watch.decision = rec
         if watch.record:
             self.ring.add(rec)
         if self.log_decisions:
@@ -161,8 +159,9 @@ class RequestObserver:
             return
         if self.log_decisions:
             log.debug("routing failed", extra={"fields": {
-                "request_id": watch.request_id, "error": code,
-                "model": req.model, "target_model": resolution.target_model}})
+                "request_id": watch.request_id, "error.type": code,
+                "gen_ai.request.model": clip(req.model),
+                "inference.target_model": clip(resolution.target_model)}})
         if watch.span is not None:
             self.tracer.failed(watch, code, str(error))
 

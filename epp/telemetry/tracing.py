@@ -213,10 +213,10 @@ class Tracer:
             "inference.objective": rec.objective, "inference.priority": rec.priority,
             "inference.target_model": rec.target_model}, timestamp=t_res)
         # Spans only for steps that take time: a queue wait is one when it happened.
-        if t_adm - t_res >= _QUEUED_NS:
+        if "admit" in laps and t_adm - t_res >= _QUEUED_NS:
             self._child("epp.admission", ctx, t_res, t_adm, {
                 "inference.queue_wait_ms": round(rec.queue_ms, 3)})
-        else:
+        elif "admit" in laps:
             root.add_event("admitted", timestamp=t_adm)
         attrs: dict[str, Any] = {"inference.endpoint": rec.endpoint,
                                  "inference.profile": rec.profile,

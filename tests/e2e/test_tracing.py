@@ -65,11 +65,15 @@ def test_a_request_continues_the_callers_trace_with_one_span_per_step(
     assert r.status == 200
     wait_until(lambda: "epp.route" in spans_of(receiver, TRACE_ID), 15, "the exported spans")
     spans = spans_of(receiver, TRACE_ID)
-    assert set(spans) == {"epp.route", "epp.schedule"}  # no queue wait: no admission span
+    # No queue here; admission gets a span of its own only if it took 1 ms or more (which a
+    # loaded machine can cause), else an event.
+    assert {"epp.route", "epp.schedule"} <= set(spans) <= {"epp.route", "epp.schedule",
+                                                           "epp.admission"}
     root = spans["epp.route"]
     assert root.parent_span_id == PARENT_ID  # Envoy's span, from the traceparent header
     assert root.resource["service.name"] == "epp-test"
-    assert root.events == ["parse", "objective resolved", "admitted", "response"]
+    admitted = [] if "epp.admission" in spans else ["admitted"]
+    assert root.events == ["parse", "objective resolved", *admitted, "response"]
     sched_span = spans["epp.schedule"]
     assert sched_span.parent_span_id == root.span_id
     assert root.start_ns <= sched_span.start_ns <= sched_span.end_ns <= root.end_ns

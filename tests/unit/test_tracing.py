@@ -72,7 +72,7 @@ async def test_a_routed_and_finished_request_is_one_trace(monkeypatch: Any) -> N
     spans = {s.name: s for s in exporter.get_finished_spans()}
     assert set(spans) == {"epp.route", "epp.schedule"}
     root = spans["epp.route"]
-    assert [e.name for e in root.events] == ["parse", "objective resolved", "admitted", "response"]
+    assert [e.name for e in root.events] == ["parse", "objective resolved", "response"]
     assert format(root.context.trace_id, "032x") == TRACE_ID
     assert root.attributes["gen_ai.usage.input_tokens"] == 12
     assert root.attributes["inference.endpoint"] == d.endpoint.name
