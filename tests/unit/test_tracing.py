@@ -19,24 +19,15 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
 from epp import observability as obs
 from epp.config import load_config
-from epp.datastore import Datastore, Endpoint, EndpointMetrics
 from epp.director import Director
 from epp.flowcontrol.admission import AdmissionLease
 from epp.request import InferenceRequest, Usage, parse_body
 from epp.scheduling import Scheduler
 from epp.telemetry import DecisionRing, RequestObserver
 from epp.telemetry.tracing import DroppingBatchProcessor, Tracer
+from tests.unit.test_director import two_pods
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
-
-
-def pool() -> Datastore:
-    ds = Datastore()
-    ds.set_endpoints([Endpoint("a", "10.0.0.1", 8000), Endpoint("b", "10.0.0.2", 8000)])
-    for n in ("a", "b"):
-        ds.update_metrics(n, EndpointMetrics(waiting=0, running=0, kv_usage=0.1,
-                                             scraped_at=time.monotonic()))
-    return ds
 
 
 def request(rid: str, headers: dict[str, str] | None = None) -> InferenceRequest:
@@ -52,7 +43,7 @@ def traced_director(monkeypatch: Any, sampler: str = "parentbased_always_on"
     tracer = Tracer.from_env(exporter)
     observer = RequestObserver(tracer=tracer, ring=DecisionRing(interval=3600))
     scheduler = Scheduler.from_config(load_config(None))
-    return Director(pool(), scheduler, observer=observer), tracer, exporter
+    return Director(two_pods(), scheduler, observer=observer), tracer, exporter
 
 
 class SlowAdmission:
@@ -180,7 +171,7 @@ async def test_a_stuck_collector_makes_the_queue_drop_and_count_never_block() ->
 
 async def test_without_tracing_most_requests_carry_no_watch() -> None:
     observer = RequestObserver(ring=DecisionRing(interval=3600))
-    director = Director(pool(), Scheduler.from_config(load_config(None)), observer=observer)
+    director = Director(two_pods(), Scheduler.from_config(load_config(None)), observer=observer)
     decisions = [await director.route(request(f"r{i}")) for i in range(20)]
     watched = [d for d in decisions if d.watch is not None]
     assert len(watched) == 1  # the first, sampled for the status page; then one per hour
