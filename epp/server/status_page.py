@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jinja2
@@ -56,7 +56,6 @@ class StatusView:
     config_text: str
     decisions: tuple[DecisionRecord, ...]
     refresh: int = REFRESH_SECONDS
-    notes: tuple[str, ...] = field(default=())
 
 
 def _num(v: float, fmt: str = "{:g}") -> str:

@@ -9,7 +9,7 @@ the status page template's job (autoescaped), for JSON the encoder's.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 MAX_TEXT = 200
@@ -47,7 +47,7 @@ class DecisionRecord:
     candidates: tuple[CandidateScores, ...] = ()
     filters: tuple[tuple[str, int], ...] = ()
     """(filter name, survivors) in order."""
-    scorers: tuple[str, ...] = field(default=())
+    scorers: tuple[str, ...] = ()
 
     @property
     def winner(self) -> CandidateScores | None:
