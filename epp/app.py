@@ -77,6 +77,8 @@ class EppApp:
         self.scheduler.attach(self.datastore)
         detector = detector_from_config(self.config.saturation_detector, self.config.plugins)
         self.detector = detector
+        self.labels = LabelFolder(known_names(self.datastore, self.objectives),
+                                  cap=settings.metrics_label_cap)
         self.tracer = Tracer.from_env() if settings.tracing else None
         self.admission = admission_from_config(
             self.config.feature_gates, self.config.flow_control, detector, self.datastore.snapshot)
@@ -85,8 +87,7 @@ class EppApp:
             resolver=self.objectives,
             admission=self.admission,
             inflight=self.inflight,
-            labels=LabelFolder(known_names(self.datastore, self.objectives),
-                               cap=settings.metrics_label_cap),
+            labels=self.labels,
             health=self.passive_health,
             observer=self._observer(),
         )
@@ -103,7 +104,8 @@ class EppApp:
     def _observer(self) -> RequestObserver:
         s = self.settings
         return RequestObserver(tracer=self.tracer, log_decisions=s.verbosity >= 4,
-                               namespace=s.pool_namespace if s.pool_name else "")
+                               namespace=s.pool_namespace if s.pool_name else "",
+                               labels=self.labels)
 
     async def start(self) -> None:
         s = self.settings

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from epp import observability as obs
+from epp.labels import LabelFolder, safe
 from epp.telemetry.records import DecisionRecord, clip, decision_record
 
 log = logging.getLogger("epp.decisions")
@@ -108,8 +109,11 @@ class RequestObserver:
     """
 
     def __init__(self, *, tracer: Any = None, log_decisions: bool = False,
-                 ring: DecisionRing | None = None, namespace: str = "") -> None:
+                 ring: DecisionRing | None = None, namespace: str = "",
+                 labels: LabelFolder | None = None) -> None:
         self.tracer = tracer
+        self.labels = labels or LabelFolder()
+        """Folds client model names into bounded metric labels (shared with the director)."""
         self.log_decisions = log_decisions
         self.ring = ring if ring is not None else DecisionRing()
         self.picks = PickRates()
@@ -135,7 +139,8 @@ class RequestObserver:
             if len(self._attempts) >= _LABEL_CACHE_LIMIT:
                 self._attempts.clear()
             counter = self._attempts[key] = obs.SCHEDULER_ATTEMPTS.labels(
-                "success", decision.target_model, ep.name, self.namespace, str(ep.port))
+                "success", self.labels.label(decision.target_model), safe(ep.name),
+                self.namespace, str(ep.port))
         counter.inc()
         self.picks.picked(ep.name, time.monotonic())
         if watch is None:
@@ -151,8 +156,8 @@ class RequestObserver:
     def failed(self, watch: Watch | None, req: Any, resolution: Any, error: BaseException) -> None:
         code = getattr(getattr(error, "code", None), "name", None)
         if code is not None:  # an EppError; a cancelled stream is no scheduling failure
-            obs.SCHEDULER_ATTEMPTS.labels("failure", resolution.target_model, "",
-                                          self.namespace, "").inc()
+            obs.SCHEDULER_ATTEMPTS.labels("failure", self.labels.label(resolution.target_model),
+                                          "", self.namespace, "").inc()
         else:
             code = type(error).__name__
         if watch is None:

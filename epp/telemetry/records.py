@@ -2,8 +2,9 @@
 the status page all show.
 
 Strings that came from a client (model names, request ids) or a model server (endpoint
-and adapter names) are clipped here, once, to `MAX_TEXT` characters; escaping for HTML is
-the status page template's job (autoescaped), for JSON the encoder's.
+and adapter names) are made safe here, once (`clip`: bounded, no control characters or
+lone surrogates); escaping for HTML is the status page template's job (autoescaped), for
+JSON the encoder's.
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from epp.labels import safe
+
 MAX_TEXT = 200
 MAX_CANDIDATES = 8
 
 
 def clip(value: Any, limit: int = MAX_TEXT) -> str:
-    """`value` as text of at most `limit` characters (an ellipsis marks a cut)."""
-    s = value if isinstance(value, str) else str(value)
-    return s if len(s) <= limit else s[: limit - 1] + "…"
+    """`value` as text of at most `limit` characters, without control characters or lone
+    surrogates (`epp.labels.safe`, the project's one place for hostile strings)."""
+    return safe(value if isinstance(value, str) else str(value), limit)
 
 
 @dataclass(frozen=True, slots=True)

@@ -100,7 +100,22 @@ async def test_very_long_names_are_clipped() -> None:
     await director.route(request("m" * 100_000, "r" * 100_000))
     html = render(source.collect()).decode()
     assert len(html) < 60_000
-    assert "m" * 300 not in html and "…" in html
+    assert "m" * 300 not in html and "m~" in html
+
+
+async def test_control_characters_and_lone_surrogates_cannot_break_the_page() -> None:
+    director, source = setup()
+    # A client's model name with a NUL (lone surrogates there are a 400 in request.py),
+    # and a model server's adapter name with a lone surrogate.
+    raw = b'{"model": "bad\\u0000name<b>", "prompt": "hello hello hello hello"}'
+    req = InferenceRequest("r-odd", "/v1/completions", body=raw,
+                           parsed=parse_body("/v1/completions", raw))
+    source.datastore.update_metrics("pod-a", EndpointMetrics(
+        waiting=0, running=0, kv_usage=0.1, scraped_at=time.monotonic(),
+        active_adapters=frozenset({"ad\ud800apter"}), max_lora=2))
+    await director.route(req)
+    html = render(source.collect()).decode()  # encodes: no lone surrogate survived
+    assert "bad\ufffdname&lt;b&gt;" in html and "ad\ufffdapter" in html
 
 
 async def test_the_page_is_collected_on_the_event_loop_from_another_thread() -> None:
