@@ -1,15 +1,22 @@
-"""Routing quality: the EPP's profiles against round-robin and random, on a simulated fleet.
+"""Routing quality: the EPP's profiles against round-robin, random and an oracle, on a simulated fleet.
 
 For each strategy and offered load, a fresh stack is started (8 simulated vLLM pods, the
 EPP when the strategy uses it, Envoy in front), a Poisson schedule of requests is
 replayed through Envoy with streaming responses, and TTFT / latency / throughput are
 measured by the client; prefix-cache hit rate comes from the pods' /metrics, adapter
-swaps from the simulator's engine counters. Times are in *simulated* seconds: the
+swaps from the simulator's engine counters. The `oracle` strategy (routing/oracle.py)
+reads every pod's true cache and queue inside the simulator's process and is the
+yardstick: every strategy's p90 TTFT and throughput are also reported as multiples of
+it. Times are in *simulated* seconds: the
 simulator runs `--time-scale` x faster than the wall clock and the client's wall
 timings are multiplied back.
 
     .venv/bin/python benchmarks/bench_routing.py --quick          # CI: ~1 min
     .venv/bin/python benchmarks/bench_routing.py                  # the report's sweep
+
+Shapes: `shared-prefix` (32 groups, uniform), `skewed-prefix` (the same groups with Zipf
+popularity, s = 2: the hottest group needs more than one pod), `lora` (multi-LoRA),
+`stale-prefix` (issue 14).
 
 Results: JSON in benchmarks/results/routing-<time>.json, PNG plots next to it, markdown
 tables on stdout (copy them into benchmarks/RESULTS.md, "## Routing quality").
@@ -31,15 +38,23 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.routing.client import replay
-from benchmarks.routing.report import markdown_table, median_of, plot, summarize
+from benchmarks.routing.report import (
+    hot_group_spread,
+    markdown_table,
+    median_of,
+    oracle_table,
+    plot,
+    summarize,
+)
 from benchmarks.routing.stack import STRATEGIES, Stack, ensure_tokenizer, machine_busy
 from benchmarks.routing.workload import (
+    SHAPES,
+    SKEWED_PREFIX,
     LoraShape,
     Request,
     SharedPrefixShape,
     StalePrefixShape,
-    lora_schedule,
-    shared_prefix_schedule,
+    schedule_for,
     stale_prefix_schedule,
 )
 from epp.sim.config import SimConfig
@@ -100,6 +115,7 @@ def run_point(strategy: str, sims: list[SimConfig], schedule: list[Request],
     finally:
         stack.stop()
     out = summarize(results, time_scale)
+    out.update(hot_group_spread(results, [r.group for r in schedule]))
     out["prefix_hit_rate"] = (h1 - h0) / (q1 - q0) if q1 > q0 else None
     out["adapter_swaps"] = sum(b["lora_loads"] - a["lora_loads"] for a, b in zip(s0, s1))
     out["preemptions"] = sum(b["preemptions"] - a["preemptions"] for a, b in zip(s0, s1))
@@ -123,14 +139,11 @@ def run_sweep(shape_name: str, strategies: list[str], qps_list: list[float], cou
         for name in strategies:
             runs = []
             for rep in range(repeat):
-                if lora is not None:
-                    sched = lora_schedule(lora, qps, n, seed=seed + rep)
-                elif shape_name == "stale-prefix":
+                if shape_name == "stale-prefix":
                     sched = stale_prefix_schedule(StalePrefixShape(), qps, n, seed=seed + rep,
                                                   model=MODEL)
                 else:
-                    sched = shared_prefix_schedule(SharedPrefixShape(), qps, n, seed=seed + rep,
-                                                   model=MODEL)
+                    sched = schedule_for(shape_name, qps, n, seed + rep, MODEL)
                 r = run_point(name, sims, sched, time_scale, refresh)
                 runs.append(r)
                 log(f"{shape_name} {name:>20} qps={qps:<5g} rep={rep} "
@@ -143,7 +156,7 @@ def run_sweep(shape_name: str, strategies: list[str], qps_list: list[float], cou
                                      "requests": n, "runs": runs}
             for key in ("ttft_p50", "ttft_p90", "ttft_p99", "e2e_p50", "e2e_p90",
                         "output_tok_s", "prefix_hit_rate", "adapter_swaps", "errors",
-                        "machine_busy"):
+                        "machine_busy", "hot_pods", "hot_top_share"):
                 point[key] = median_of(runs, key)
             points.append(point)
     return points
@@ -153,22 +166,49 @@ def _s(v: float | None) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
-def verdict(points: list[dict[str, Any]]) -> list[str]:
-    """The issue's target, evaluated on the shared-prefix sweep."""
+def saturation_point(points: list[dict[str, Any]]) -> dict[str, Any] | str:
+    """Round-robin's point at the highest load where its p90 TTFT exceeds 10x its
+    light-load value (the load where it saturates), or why there is none."""
     rr = sorted((p for p in points if p["strategy"] == "round-robin"), key=lambda p: p["qps"])
     if len(rr) < 2 or rr[0]["ttft_p90"] is None:
-        return ["target: needs round-robin at two or more loads"]
+        return "target: needs round-robin at two or more loads"
     light = rr[0]["ttft_p90"]
     heavy = [p for p in rr if p["ttft_p90"] is not None and p["ttft_p90"] > 10 * light]
     if not heavy:
-        return [(f"target: round-robin p90 TTFT never exceeded 10x its light-load value "
-                 f"({light:.3f} s); raise the QPS range")]
-    at = max(heavy, key=lambda p: p["qps"])
+        return (f"target: round-robin p90 TTFT never exceeded 10x its light-load value "
+                f"({light:.3f} s); raise the QPS range")
+    return max(heavy, key=lambda p: p["qps"])
+
+
+def oracle_verdict(points: list[dict[str, Any]], strategy: str = "default",
+                   want: float = 1.5) -> list[str]:
+    """Issue 13's target: `strategy` within `want` x the oracle's p90 TTFT where
+    round-robin saturates (or, without such a load, at the highest load)."""
+    at = saturation_point(points)
+    qps = at["qps"] if isinstance(at, dict) else max((p["qps"] for p in points), default=None)
+    mine = next((p for p in points if p["qps"] == qps and p["strategy"] == strategy), None)
+    ref = next((p for p in points if p["qps"] == qps and p["strategy"] == "oracle"), None)
+    if mine is None or ref is None or not mine["ttft_p90"] or not ref["ttft_p90"]:
+        return [f"oracle target: needs {strategy} and oracle at QPS {qps}"]
+    r = mine["ttft_p90"] / ref["ttft_p90"]
+    where = "where round-robin saturates" if isinstance(at, dict) else "(highest load)"
+    return [f"oracle target at QPS {qps:g} {where}: {strategy} p90 TTFT "
+            f"{mine['ttft_p90']:.3f} s = {r:.2f}x the oracle's {ref['ttft_p90']:.3f} s "
+            f"(want <= {want}): {'MET' if r <= want else 'not met'}"]
+
+
+def verdict(points: list[dict[str, Any]]) -> list[str]:
+    """Issue 8's target, evaluated on the shared-prefix sweep."""
+    at = saturation_point(points)
+    if isinstance(at, str):
+        return [at]
+    light = min((p for p in points if p["strategy"] == "round-robin"),
+                key=lambda p: p["qps"])["ttft_p90"]
     lines = [(f"target evaluated at QPS {at['qps']:g}: round-robin p90 TTFT "
               f"{at['ttft_p90']:.3f} s (light load {light:.3f} s, "
               f"x{at['ttft_p90'] / light:.0f}), {at['output_tok_s']:.0f} output tok/s")]
     for p in points:
-        if p["qps"] != at["qps"] or p["strategy"] in ("round-robin", "random"):
+        if p["qps"] != at["qps"] or p["strategy"] in ("round-robin", "random", "oracle"):
             continue
         if p["ttft_p90"] is None or p["output_tok_s"] is None:
             continue
@@ -210,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="CI size: shared prefix only, round-robin vs default, 2 loads")
-    ap.add_argument("--shapes", nargs="+", default=["shared-prefix", "lora"],
-                    choices=["shared-prefix", "lora", "stale-prefix"])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES),
+                    choices=[*SHAPES, "stale-prefix"])
     ap.add_argument("--stale-qps", type=float, nargs="+")
     ap.add_argument("--strategies", nargs="+", choices=sorted(STRATEGIES))
     ap.add_argument("--qps", type=float, nargs="+", help="offered loads, simulated req/s")
@@ -231,11 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     sp_strategies = args.strategies or (
         ["round-robin", "default"] if quick else
-        ["round-robin", "random", "queue+kv", "default", "prefix-heavy", "default-no-inflight"])
+        ["round-robin", "random", "queue+kv", "oracle", "default", "default-upstream",
+         "prefix-heavy", "default-no-inflight"])
     # Prefix weight and the in-flight ablation are shared-prefix questions.
     lora_strategies = args.strategies or (
-        ["round-robin", "default"] if quick else ["round-robin", "random", "queue+kv", "default"])
-    shapes = ["shared-prefix"] if quick and args.shapes == ["shared-prefix", "lora"] else args.shapes
+        ["round-robin", "default"] if quick else
+        ["round-robin", "random", "queue+kv", "oracle", "default", "default-upstream"])
+    shapes = ["shared-prefix"] if quick and args.shapes == list(SHAPES) else args.shapes
     qps = args.qps or ([4, 40] if quick else [4, 16, 32, 48, 64])
     lora_qps = args.lora_qps or ([8, 24] if quick else [8, 16, 24])
     sp_count = args.requests or (100 if quick else 400)
@@ -254,12 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         "command": "benchmarks/bench_routing.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "time_scale": args.time_scale, "refresh_interval": args.refresh_interval,
         "sim": asdict(GPU) | {"lora_modules": {}},
-        "shared_prefix_shape": asdict(SharedPrefixShape()), "lora_shape": asdict(LoraShape()),
+        "shared_prefix_shape": asdict(SharedPrefixShape()),
+        "skewed_prefix_shape": asdict(SKEWED_PREFIX), "lora_shape": asdict(LoraShape()),
         "strategies": {s: STRATEGIES[s].note for s in dict.fromkeys(sp_strategies + lora_strategies + stale_strategies)},
         "sweeps": {}}
     t0 = time.perf_counter()
     plans = {  # shape -> (strategies, loads, requests per run, verdict key and function)
         "shared-prefix": (sp_strategies, qps, sp_count, "verdict", verdict),
+        "skewed-prefix": (sp_strategies, qps, sp_count, None, None),
         "lora": (lora_strategies, lora_qps, lora_count, None, None),
         "stale-prefix": (stale_strategies, stale_qps, sp_count, "stale_verdict", stale_verdict),
     }
@@ -273,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         doc["sweeps"][shape] = points
         print(f"\n### {shape}\n")
         print(markdown_table(points))
+        if any(p["strategy"] == "oracle" for p in points):
+            print("\nRelative to the oracle:\n")
+            print(oracle_table(points))
+            doc.setdefault("oracle_verdict", {})[shape] = oracle_verdict(points)
+            print("\n" + "\n".join(doc["oracle_verdict"][shape]))
         if verdict_key is not None and judge is not None:
             doc[verdict_key] = judge(points)
             print("\n" + "\n".join(doc[verdict_key]))

@@ -119,6 +119,8 @@ class Upstream:
     reports_served: str = ""
     """When set, answers carry `x-test-served-endpoint: <this>`: an Envoy filter turns
     it into the protocol's served-endpoint report (a data plane that used a fallback)."""
+    scrapes: int = 0
+    """GET /metrics served so far."""
 
     @property
     def hostport(self) -> str:
@@ -173,6 +175,7 @@ class UpstreamFleet:
     @staticmethod
     async def _metrics(request: web.Request) -> web.Response:
         u: Upstream = request.app[UPSTREAM]
+        u.scrapes += 1
         if u.metrics_page.startswith("<"):
             return web.Response(text=u.metrics_page, content_type="text/html")
         return web.Response(text=u.metrics_page, content_type="text/plain")

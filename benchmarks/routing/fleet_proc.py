@@ -1,9 +1,10 @@
 """A simulated fleet in its own process, with its engine counters readable over stdin.
 
-    python -m benchmarks.routing.fleet_proc CONFIG.json
+    python -m benchmarks.routing.fleet_proc CONFIG.json [--oracle]
 
 CONFIG.json is a list of SimConfig field dicts (see epp/sim/config.py). Once every
-replica listens, one JSON line `{"ports": [...]}` goes to stdout. Then each stdin line
+replica listens, one JSON line `{"ports": [...]}` goes to stdout (with `--oracle`, also
+`"oracle": port` of the in-process oracle router, see oracle.py). Then each stdin line
 `stats` is answered with one JSON line: per replica, the engine counters (prefill and
 prefix-cache tokens, adapter loads, preemptions). Adapter swaps are not on the
 simulator's /metrics page (vLLM has no such series), hence this side channel. EOF or
@@ -21,17 +22,22 @@ import json
 import logging
 import sys
 
+from benchmarks.routing.oracle import OracleRouter
 from epp.sim.config import SimConfig
 from epp.sim.fleet import start_fleet
 
 
-async def main(configs: list[SimConfig]) -> int:
+async def main(configs: list[SimConfig], oracle: bool = False) -> int:
     fleet = await start_fleet(configs)
+    router = OracleRouter(fleet.replicas) if oracle else None
     try:
-        print(json.dumps({"ports": [r.port for r in fleet.replicas],
-                          "kv_events": [[r.kv_events.port, r.kv_events.replay_port]
-                                        if r.kv_events is not None else None
-                                        for r in fleet.replicas]}), flush=True)
+        hello: dict[str, object] = {
+            "ports": [r.port for r in fleet.replicas],
+            "kv_events": [[r.kv_events.port, r.kv_events.replay_port]
+                          if r.kv_events is not None else None for r in fleet.replicas]}
+        if router is not None:
+            hello["oracle"] = await router.start()
+        print(json.dumps(hello), flush=True)
         while True:
             line = await asyncio.to_thread(sys.stdin.readline)
             cmd = line.strip()
@@ -45,6 +51,8 @@ async def main(configs: list[SimConfig]) -> int:
                     out.append(s)
                 print(json.dumps(out), flush=True)
     finally:
+        if router is not None:
+            await router.stop()
         await fleet.stop()
     return 0
 
@@ -53,4 +61,4 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     with open(sys.argv[1]) as f:
         raw = json.load(f)
-    sys.exit(asyncio.run(main([SimConfig(**c) for c in raw])))
+    sys.exit(asyncio.run(main([SimConfig(**c) for c in raw], "--oracle" in sys.argv[2:])))

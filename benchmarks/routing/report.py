@@ -114,3 +114,43 @@ def plot(points: list[dict[str, Any]], path: Path, title: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def oracle_table(points: list[dict[str, Any]], oracle: str = "oracle") -> str:
+    """Per load, every strategy's p90 TTFT and throughput as multiples of the oracle's
+    (TTFT: lower is better, 1.0 = as good as the oracle; throughput: higher is better)."""
+    ref = {p["qps"]: p for p in points if p["strategy"] == oracle}
+    rows = ["| strategy | QPS | TTFT p90 s | x oracle | out tok/s | x oracle | hot group: pods (top share) |",
+            "|---|---|---|---|---|---|---|"]
+    for p in points:
+        o = ref.get(p["qps"])
+        if o is None:
+            continue
+        t = _ratio(p.get("ttft_p90"), o.get("ttft_p90"))
+        x = _ratio(p.get("output_tok_s"), o.get("output_tok_s"))
+        hot = "-"
+        if p.get("hot_pods") is not None:
+            hot = f"{_fmt(p['hot_pods'])} ({p['hot_top_share']:.0%})"
+        rows.append(f"| {p['strategy']} | {_fmt(p['qps'])} | {_fmt(p.get('ttft_p90'))} | "
+                    f"{_fmt(t, 2)} | {_fmt(p.get('output_tok_s'))} | {_fmt(x, 2)} | {hot} |")
+    return "\n".join(rows)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+def hot_group_spread(results: list[Result], groups: list[int], share: float = 0.1) -> dict[str, Any]:
+    """How the hottest group (group 0) was served: pods that took >= `share` of its
+    requests, and the busiest pod's share."""
+    by_pod: dict[str, int] = {}
+    for r in results:
+        if r.ok and groups[r.index] == 0:
+            by_pod[r.replica] = by_pod.get(r.replica, 0) + 1
+    n = sum(by_pod.values())
+    if not n:
+        return {"hot_pods": None, "hot_top_share": None}
+    return {"hot_pods": sum(1 for c in by_pod.values() if c >= share * n),
+            "hot_top_share": max(by_pod.values()) / n}

@@ -7,6 +7,10 @@ Strategies:
   Kubernetes Service in front of the pods amounts to); no ext_proc filter.
 - `random`: the same with Envoy's RANDOM lb_policy (not the EPP's random-picker, so that
   neither baseline pays for the EPP).
+- `oracle`: Envoy -> the oracle router inside the fleet's process (oracle.py), which reads
+  every engine's true cache and queue and enqueues in the same step: the yardstick. An
+  EPP scrapes the fleet during its runs too (routing nothing), so that the simulator
+  bears the same /metrics rendering load as in the EPP strategies' runs.
 - EPP strategies: Envoy from `epp envoy-config`'s builder (ext_proc + ORIGINAL_DST), the
   EPP with an EndpointPickerConfig (`None` = the built-in default profile).
 """
@@ -24,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from epp.scheduling.upstream import upstream_default_config_text
 from epp.sim.config import SimConfig
 from tests.support import EnvoyProcess, EppProcess, start_envoy, start_epp
 
@@ -62,11 +67,14 @@ def profile(weights: dict[str, float], picker: str = "max-score-picker",
     return "\n".join(lines) + "\n"
 
 
+UPSTREAM_DEFAULT = upstream_default_config_text()
+
+
 @dataclass(frozen=True)
 class Strategy:
     name: str
     kind: str
-    """'round-robin', 'random' (plain Envoy) or 'epp'."""
+    """'round-robin', 'random' (plain Envoy), 'oracle' (Envoy -> oracle.py) or 'epp'."""
     config: str | None = None
     """EndpointPickerConfig YAML for 'epp' (None: the default profile)."""
     inflight: bool = True
@@ -82,8 +90,14 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("queue+kv", "epp",
              profile({"queue-scorer": 2, "kv-cache-utilization-scorer": 2}),
              note="EPP: queue-scorer 2, kv-cache-utilization-scorer 2"),
+    Strategy("oracle", "oracle",
+             note="least estimated completion time from the pods' true caches and queues"),
     Strategy("default", "epp", None,
-             note="EPP default: queue 2, kv 2, prefix 3, lora 1"),
+             note="EPP default: queue 2, kv 2, prefix 3, lora 1 (scaled queue, "
+                  "load-aware prefix)"),
+    Strategy("default-upstream", "epp", UPSTREAM_DEFAULT,
+             note="the default weights with upstream's formulas: min-max queue, "
+                  "load-blind prefix (the EPP's default before issue 13)"),
     Strategy("prefix-heavy", "epp",
              profile({"queue-scorer": 2, "kv-cache-utilization-scorer": 2,
                       "prefix-cache-scorer": 6, "lora-affinity-scorer": 1}),
@@ -119,13 +133,14 @@ def machine_busy() -> tuple[float, float]:
 class Fleet:
     """benchmarks.routing.fleet_proc in a child process."""
 
-    def __init__(self, configs: list[SimConfig]) -> None:
+    def __init__(self, configs: list[SimConfig], oracle: bool = False) -> None:
         with tempfile.NamedTemporaryFile("w", prefix="fleet-", suffix=".json",
                                          delete=False) as f:
             json.dump([dict(asdict(c), lora_modules=dict(c.lora_modules)) for c in configs], f)
         self._cfg_path = f.name
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.routing.fleet_proc", self._cfg_path],
+            [sys.executable, "-m", "benchmarks.routing.fleet_proc", self._cfg_path,
+             *(["--oracle"] if oracle else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, text=True)
         line = self.p.stdout.readline() if self.p.stdout else ""
         if not line:
@@ -134,6 +149,7 @@ class Fleet:
         info = json.loads(line)
         self.ports: list[int] = info["ports"]
         self.kv_events: list[list[int] | None] = info.get("kv_events") or [None] * len(self.ports)
+        self.oracle_port: int | None = info.get("oracle")
 
     @property
     def hostports(self) -> list[str]:
@@ -196,18 +212,26 @@ class Stack:
         self.strategy = strategy
         self.epp: EppProcess | None = None
         self.envoy: EnvoyProcess | None = None
-        self.fleet = Fleet(sims)
+        self.fleet = Fleet(sims, oracle=strategy.kind == "oracle")
         try:
-            if strategy.kind == "epp":
+            if strategy.kind in ("epp", "oracle"):
                 args = ["--refresh-metrics-interval", f"{refresh_interval}s", "-v", "-1"]
                 if strategy.config is not None:
                     args += ["--config-text", strategy.config]
+                # The oracle's runs start an EPP too, unused for routing: its scrapes cost
+                # the simulator's process CPU (rendering /metrics), which slows the
+                # simulated engines, and the yardstick must bear the same load.
                 if strategy.kv_events:
                     args += ["--endpoints-file", self._endpoints_file()]
                     self.epp = _start_epp(args, None, strategy.inflight)
                 else:
                     self.epp = _start_epp(args, ",".join(self.fleet.hostports), strategy.inflight)
+            if strategy.kind == "epp":
+                assert self.epp is not None
                 self.envoy = start_envoy(self.epp.grpc_port)
+            elif strategy.kind == "oracle":
+                self.envoy = start_envoy(1, patch=_plain_cluster(
+                    [f"127.0.0.1:{self.fleet.oracle_port}"], "ROUND_ROBIN"))
             else:
                 lb = {"round-robin": "ROUND_ROBIN", "random": "RANDOM"}[strategy.kind]
                 self.envoy = start_envoy(1, patch=_plain_cluster(self.fleet.hostports, lb))

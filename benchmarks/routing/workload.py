@@ -6,6 +6,9 @@ Two shapes, as the field benchmarks them:
   `prompts_per_group` questions (think: many tenants, each with its own instructions and
   RAG context). Requests pick a (group, question) pair uniformly at random, so every group
   recurs and a router that keeps a group on the same server skips most of the prefill.
+- **skewed shared prefix**: the same, but groups have Zipf popularity (`zipf_s` > 0), so
+  the hottest group alone can need more than one server even when fully cached: a router
+  must spread it without scattering the cold groups.
 - **multi-LoRA**: `num_adapters` adapters on one base model with Zipf popularity
   (adapter of rank k drawn with probability proportional to 1 / k**s); a router that keeps
   an adapter where it is loaded avoids swapping it in and out of the GPU slots.
@@ -39,14 +42,33 @@ class SharedPrefixShape:
     system_prompt_len: int = 1500
     question_len: int = 100
     output_len: int = 32
+    zipf_s: float = 0.0
+    """Group popularity: 0 = uniform; s > 0 draws the group of rank k with probability
+    proportional to 1 / k**s (rank 1 hottest)."""
 
     def validate(self) -> SharedPrefixShape:
         for name in ("num_groups", "prompts_per_group", "question_len", "output_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.zipf_s >= 0:
+            raise ValueError(f"zipf_s must be >= 0, got {self.zipf_s}")
         if self.system_prompt_len < 0:
             raise ValueError(f"system_prompt_len must be >= 0, got {self.system_prompt_len}")
         return self
+
+
+    def popularity(self) -> list[float]:
+        """Probability of each group, hottest first; sums to 1."""
+        w = [1.0 / (k + 1) ** self.zipf_s for k in range(self.num_groups)]
+        total = sum(w)
+        return [x / total for x in w]
+
+
+SKEWED_PREFIX = SharedPrefixShape(zipf_s=2.0)
+"""The skewed shape of the routing benchmark: group 0 takes 43 % of the requests, which at
+48 requests/s (where round-robin saturates on the uniform shape) is ~21 requests/s, more
+than one simulated pod serves with its prefix cached (~16-19/s before its TTFT climbs);
+the next groups take 15 %, 8 %, 5 %, ..."""
 
 
 @dataclass(frozen=True)
@@ -155,9 +177,13 @@ def shared_prefix_schedule(shape: SharedPrefixShape, qps: float, count: int, see
     questions = [[random_text(shape.question_len, rng, head=f"[q {g}.{q}]")
                   for q in range(shape.prompts_per_group)] for g in range(shape.num_groups)]
     times = poisson_arrivals(qps, count, rng)
+    weights = shape.popularity() if shape.zipf_s > 0 else None
     out = []
     for t in times:
-        g = rng.randrange(shape.num_groups)
+        if weights is None:  # uniform: the draws of the original shape, byte for byte
+            g = rng.randrange(shape.num_groups)
+        else:
+            g = rng.choices(range(shape.num_groups), weights=weights)[0]
         q = rng.randrange(shape.prompts_per_group)
         out.append(Request(at=t, model=model, prompt=systems[g] + questions[g][q],
                            max_tokens=shape.output_len, group=g))
@@ -196,3 +222,18 @@ def stale_prefix_schedule(shape: StalePrefixShape, qps: float, count: int, seed:
     groups = rng.choices(range(base.num_groups), weights=weights, k=count)
     return [Request(at=t, model=model, prompt=systems[g] + questions[g][rng.randrange(base.prompts_per_group)],
                     max_tokens=base.output_len, group=g) for t, g in zip(times, groups)]
+
+
+SHAPES = ("shared-prefix", "skewed-prefix", "lora")
+
+
+def schedule_for(shape_name: str, qps: float, count: int, seed: int,
+                 model: str = "meta-llama/Llama-3.1-8B-Instruct") -> list[Request]:
+    """The schedule of one of the routing benchmark's `SHAPES` (LoRA requests name their
+    adapter as the model; the prefix shapes use `model`)."""
+    if shape_name == "lora":
+        return lora_schedule(LoraShape(), qps, count, seed=seed)
+    if shape_name not in SHAPES:
+        raise ValueError(f"unknown shape {shape_name!r} (known: {', '.join(SHAPES)})")
+    shape = SKEWED_PREFIX if shape_name == "skewed-prefix" else SharedPrefixShape()
+    return shared_prefix_schedule(shape, qps, count, seed=seed, model=model)

@@ -254,3 +254,43 @@ class PrefixIndex:
             self._owners[h] = next(iter(o))
         elif not o:
             del self._owners[h]
+
+
+DEFAULT_MAX_HOMES = 65_536
+
+
+class PrefixHomes:
+    """Prompt group -> its home endpoint: the first to serve it, kept while it holds it.
+
+    A group is named by the hash of its first block (a shared system prompt). When a hot
+    group spills to other endpoints, their caches hold it too and the index cannot tell
+    them from the home; preferring the home among equal holders is what brings the group
+    back to one endpoint once its load drops. Bounded LRU of `max_size` groups.
+    """
+
+    __slots__ = ("_home", "max_size")
+
+    def __init__(self, max_size: int = DEFAULT_MAX_HOMES) -> None:
+        self._home: OrderedDict[int, tuple[str, str]] = OrderedDict()
+        self.max_size = max(1, max_size)
+
+    def __len__(self) -> int:
+        return len(self._home)
+
+    def get(self, root: int) -> str | None:
+        v = self._home.get(root)
+        return v[0] if v is not None else None
+
+    def settle(self, root: int, picked: str, holders: Iterable[str], request_id: str) -> None:
+        """After a pick (or a data plane's report of where request `request_id` was really
+        served): the group keeps its home while the home still holds it (is in `holders`);
+        otherwise, or when the home was set by this same request (the report corrects the
+        pick), `picked` becomes the home."""
+        v = self._home.get(root)
+        if v is not None and v[1] != request_id and v[0] in holders:
+            self._home.move_to_end(root)
+            return
+        self._home[root] = (picked, request_id)
+        self._home.move_to_end(root)
+        if len(self._home) > self.max_size:
+            self._home.popitem(last=False)

@@ -18,7 +18,7 @@ import numpy as np
 
 from epp.datastore import Snapshot
 from epp.observability import PREFIX_HIT_RATIO
-from epp.plugins import NoParams, check_params, param_bool, param_int
+from epp.plugins import NoParams, check_params, param_bool, param_float, param_int
 from epp.scheduling import prefix as _prefix
 from epp.scheduling.cycle import MISSING, CycleState
 
@@ -34,52 +34,144 @@ def _notnan(field: str) -> Any:
 _NOTNAN = {f: _notnan(f) for f in ("waiting", "running", "kv_usage")}
 
 
+DEFAULT_QUEUE_SCALE = 32.0
+"""Waiting requests that take the queue score from 1 to 0 while no candidate has more.
+
+vLLM's /metrics has no `max_num_seqs` (its `cache_config_info` carries cache settings
+only), so the scale of a queue cannot be read from the pod and is a parameter. 32 makes
+one request worth 1/32 of the weight: a few requests never outweigh a clear KV-cache,
+adapter or prefix difference, a burst of tens does."""
+
+DEFAULT_RUNNING_SCALE = 256.0
+"""Running requests that take the running-requests score from 1 to 0 (vLLM's default
+`max_num_seqs`, the batch a pod runs at most)."""
+
+NORMALIZATIONS = ("scaled", "minmax")
+
+
 def spread_score(state: CycleState, field: str, values: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """(max - v) / (max - min) over the candidates with known, fresh values; others 0.
+    """Upstream's min-max: (max - v) / (max - min) over the candidates with known, fresh
+    values; others 0.
 
     All 1.0 when the known values are equal (nobody is better); all 0 when none is known.
+    A difference of one request between the two extreme candidates is worth the full weight.
     """
+    return _load_score(state, field, values, cand, None)
+
+
+def scaled_score(
+    state: CycleState, field: str, values: np.ndarray, cand: np.ndarray, scale: float
+) -> np.ndarray:
+    """1 - v / max(scale, highest known v): proportional to the load itself, not to the
+    spread among the candidates.
+
+    A request moves a score by 1/scale while every candidate is below `scale`, and by
+    1/(highest load) above it, so two pods at 50 and 51 waiting differ by 2%, not by the
+    whole weight. Candidates with unknown or stale values score 0, as in `spread_score`.
+    """
+    return _load_score(state, field, values, cand, scale)
+
+
+def _load_score(
+    state: CycleState, field: str, values: np.ndarray, cand: np.ndarray, scale: float | None
+) -> np.ndarray:
     v = state.take(values, cand)
     notnan, all_known = state.derived.get(("notnan", field), _NOTNAN[field])
     if all_known and state.all_fresh:
-        lo = v.min()
-        hi = v.max()
-        if hi == lo:
-            return np.ones(len(v))
-        return (hi - v) / (hi - lo)
+        return _formula(v, v, scale)
     good = state.take(
         state.memo(("good", field), lambda: state.fresh & notnan), cand
     )
     if not good.any():
         return np.zeros(len(v))
-    vg = v[good]
-    lo = vg.min()
-    hi = vg.max()
-    if hi == lo:
-        return good.astype(np.float64)
-    s = (hi - v) / (hi - lo)
+    s = _formula(v, v[good], scale)
     s[~good] = 0.0
     return s
 
 
-class QueueScorer(NoParams):
-    """Shorter queue is better: waiting requests (scraped + routed since the scrape)."""
+def _formula(v: np.ndarray, known: np.ndarray, scale: float | None) -> np.ndarray:
+    hi = known.max()
+    if scale is None:
+        lo = known.min()
+        if hi == lo:
+            return np.ones(len(v))
+        return (hi - v) / (hi - lo)
+    return np.clip(1.0 - v / max(scale, hi), 0.0, 1.0)
+
+
+def _load_params(params: dict[str, Any], default_scale: float) -> tuple[str, float]:
+    check_params(params, ("normalization", "scale"))
+    norm = params.get("normalization", "scaled")
+    if norm not in NORMALIZATIONS:
+        raise ValueError(
+            f"parameter 'normalization' must be one of {', '.join(NORMALIZATIONS)}, got {norm!r}"
+        )
+    scale = param_float(params, "scale", default_scale, minimum=1.0)
+    return norm, scale
+
+
+class _LoadScorer:
+    """Shared by the queue and running-requests scorers: `normalization` is `scaled` (ours,
+    default) or `minmax` (upstream's formula, to reproduce its decisions)."""
+
+    bounded = True
+    FIELD = ""
+    DEFAULT_SCALE = 1.0
+
+    def __init__(
+        self, name: str, *, normalization: str = "scaled", scale: float | None = None
+    ) -> None:
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {normalization!r}")
+        self.name = name
+        self.normalization = normalization
+        self.scale = float(scale) if scale is not None else self.DEFAULT_SCALE
+
+    @classmethod
+    def from_params(cls, name: str, params: dict[str, Any]) -> Any:
+        norm, scale = _load_params(params, cls.DEFAULT_SCALE)
+        return cls(name, normalization=norm, scale=scale)
+
+    def values(self, state: CycleState) -> np.ndarray:
+        raise NotImplementedError
+
+    def score(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
+        v = self.values(state)
+        if self.normalization == "minmax":
+            return spread_score(state, self.FIELD, v, candidates)
+        return scaled_score(state, self.FIELD, v, candidates, self.scale)
+
+
+class QueueScorer(_LoadScorer):
+    """Shorter queue is better: waiting requests (scraped + routed since the scrape).
+
+    Parameters: `normalization` (`scaled`, default, or upstream's `minmax`) and `scale`
+    (waiting requests worth the whole weight, default 32; see `scaled_score`)."""
 
     plugin_type = "queue-scorer"
-    bounded = True
+    FIELD = "waiting"
+    DEFAULT_SCALE = DEFAULT_QUEUE_SCALE
 
-    def score(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
-        return spread_score(state, "waiting", state.waiting, candidates)
+    def __init__(self, name: str = "queue-scorer", **kw: Any) -> None:
+        super().__init__(name, **kw)
+
+    def values(self, state: CycleState) -> np.ndarray:
+        return state.waiting
 
 
-class RunningRequestsSizeScorer(NoParams):
-    """Fewer running requests is better, scaled like the queue scorer."""
+class RunningRequestsSizeScorer(_LoadScorer):
+    """Fewer running requests is better; parameters as the queue scorer's (`scale`
+    default 256, vLLM's default `max_num_seqs`)."""
 
     plugin_type = "running-requests-size-scorer"
-    bounded = True
+    FIELD = "running"
+    DEFAULT_SCALE = DEFAULT_RUNNING_SCALE
 
-    def score(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
-        return spread_score(state, "running", state.snapshot.running, candidates)
+    def __init__(self, name: str = "running-requests-size-scorer", **kw: Any) -> None:
+        super().__init__(name, **kw)
+
+    def values(self, state: CycleState) -> np.ndarray:
+        return state.snapshot.running
 
 
 def _kv_score(s: Snapshot) -> np.ndarray:
@@ -175,6 +267,56 @@ class LoraAffinityScorer(NoParams):
         return _zero_stale(state, state.take(_lora(state), candidates), candidates)
 
 
+DEFAULT_HIT_QUEUE_WORTH = 8.0
+"""Waiting requests, beyond the least loaded candidate's, that a full prefix-cache hit is
+worth. On the benchmark's pods a 1,500-token prefix costs ~0.3 s to prefill and a queued
+request ahead delays admission by ~25-40 ms, so a full hit pays for about 8 of them."""
+
+
+AWAY_SHARE = 0.8
+"""Share of the prefix score a holder other than the group's home gets (see
+`prefix.PrefixHomes`): at equal load the home wins by 0.2 x the prefix weight, about
+ten queued requests at the default weights, so a group drawn back from its spill pods
+returns to one pod instead of rotating among every pod that ever held it."""
+
+
+DEFAULT_RUNNING_WEIGHT = 0.125
+"""Queued-request equivalents of one running request in the prefix score's load: a batch
+of 8 more running sequences slows every step about as much as one more request waiting
+to be admitted delays the next (measured on the simulator, benchmarks/RESULTS.md). The
+queue alone misses a pod whose batch is full of short, cached requests: its queue stays
+short while every step gets slower."""
+
+
+def load_discount(
+    state: CycleState, candidates: np.ndarray, worth: float, running_weight: float
+) -> np.ndarray:
+    """Per candidate, 1 while excess <= worth / 2, falling linearly to 0 at excess = worth;
+    excess = its load minus the least loaded candidate's, load = waiting requests (scraped
+    and routed since the scrape) + `running_weight` x running requests.
+
+    Multiplying the prefix score by this is a cost model in units of queued requests: a
+    cached prefix saves its prefill, about `worth` queued requests' delay, so a pod whose
+    load is that much above the best alternative's has nothing left to offer for
+    holding it, and the request competes on load alone. Up to half of `worth` nothing is
+    discounted, so the usual few requests of difference never move a group. A hot prompt
+    group therefore spills to a second pod (which then caches it too) once its pod runs
+    well ahead, and stops spilling when the load drains; a cold group's pod never runs
+    ahead, so it stays sticky. Unknown or stale loads are not discounted (the other
+    scorers already give them their worst score).
+    """
+    w = state.take(state.waiting, candidates)
+    if running_weight > 0:
+        w = w + running_weight * np.nan_to_num(state.take(state.snapshot.running, candidates))
+    known = ~np.isnan(w)
+    if not state.all_fresh:
+        known &= state.take(state.fresh, candidates)
+    if not known.any():
+        return np.ones(len(w))
+    excess = np.where(known, w - w[known].min(), 0.0)
+    return np.clip(2.0 * (1.0 - excess / worth), 0.0, 1.0)
+
+
 class PrefixCacheScorer:
     """Leading prompt blocks probably cached on the endpoint / blocks in the prompt.
 
@@ -182,8 +324,10 @@ class PrefixCacheScorer:
     prompt's blocks on the chosen endpoint (`post_pick`), and it forgets endpoints that leave
     the pool. Parameters (upstream names): `blockSizeTokens` (16) or `blockSize` in
     characters (64), `autoTune` (true: use the endpoint's scraped block size and GPU block
-    count), `maxPrefixBlocksToMatch` (256), `lruCapacityPerServer` (31,250), and ours,
-    `maxIndexedBlocks` (2,000,000 entries over all endpoints, bounding memory).
+    count), `maxPrefixBlocksToMatch` (256), `lruCapacityPerServer` (31,250), and ours:
+    `maxIndexedBlocks` (2,000,000 entries over all endpoints, bounding memory),
+    `cacheHitQueueWorth` (8; 0 = upstream's load-blind score) and `loadRunningWeight`
+    (0.125), see `load_discount`.
     """
 
     plugin_type = "prefix-cache-scorer"
@@ -195,6 +339,8 @@ class PrefixCacheScorer:
         "maxPrefixBlocksToMatch",
         "lruCapacityPerServer",
         "maxIndexedBlocks",
+        "cacheHitQueueWorth",
+        "loadRunningWeight",
     )
 
     def __init__(
@@ -207,13 +353,20 @@ class PrefixCacheScorer:
         max_blocks: int = _prefix.DEFAULT_MAX_BLOCKS,
         lru_capacity: int = _prefix.DEFAULT_LRU_CAPACITY,
         max_indexed_blocks: int = _prefix.DEFAULT_MAX_INDEXED_BLOCKS,
+        hit_queue_worth: float = DEFAULT_HIT_QUEUE_WORTH,
+        running_weight: float = DEFAULT_RUNNING_WEIGHT,
     ) -> None:
+        if not hit_queue_worth >= 0:
+            raise ValueError(f"cacheHitQueueWorth must be >= 0, got {hit_queue_worth!r}")
         self.name = name
+        self.hit_queue_worth = float(hit_queue_worth)
+        self.running_weight = float(running_weight)
         self.default_chars = block_chars if block_chars else block_tokens * _prefix.CHARS_PER_TOKEN
         self.auto_tune = auto_tune
         self.max_blocks = max_blocks
         self.lru_capacity = lru_capacity
         self.index = _prefix.PrefixIndex(max_indexed_blocks)
+        self.homes = _prefix.PrefixHomes()
 
     @classmethod
     def from_params(cls, name: str, params: dict[str, Any]) -> "PrefixCacheScorer":
@@ -232,6 +385,12 @@ class PrefixCacheScorer:
             ),
             max_indexed_blocks=param_int(
                 params, "maxIndexedBlocks", _prefix.DEFAULT_MAX_INDEXED_BLOCKS, minimum=1
+            ),
+            hit_queue_worth=param_float(
+                params, "cacheHitQueueWorth", DEFAULT_HIT_QUEUE_WORTH, minimum=0.0
+            ),
+            running_weight=param_float(
+                params, "loadRunningWeight", DEFAULT_RUNNING_WEIGHT, minimum=0.0
             ),
         )
 
@@ -312,7 +471,28 @@ class PrefixCacheScorer:
             fresh = state.take(state.fresh, candidates)
             if fresh.any():
                 s = s * fresh
+        if self.hit_queue_worth > 0:
+            s = s * self._away_share(state, candidates) * load_discount(
+                state, candidates, self.hit_queue_worth, self.running_weight
+            )
         return s
+
+    def _root(self, state: CycleState) -> int | None:
+        """The request's group: the hash of its first block at the pool's first block size."""
+        _, distinct = self._chars(state)
+        if not distinct:
+            return None
+        hashes = self.hashes(state, distinct[0])
+        return hashes[0] if hashes else None
+
+    def _away_share(self, state: CycleState, candidates: np.ndarray) -> np.ndarray | float:
+        """AWAY_SHARE for candidates other than the group's home, 1.0 for the home."""
+        root = self._root(state)
+        home = self.homes.get(root) if root is not None else None
+        i = state.snapshot.by_name.get(home) if home is not None else None
+        if i is None:
+            return 1.0
+        return np.where(state.take(state.derived.all, candidates) == i, 1.0, AWAY_SHARE)
 
     # -- learning --------------------------------------------------------------------
 
@@ -331,6 +511,12 @@ class PrefixCacheScorer:
             if gpu_blocks > 0:
                 cap = gpu_blocks
         self.index.record(name, hashes, cap, held)
+        if self.hit_queue_worth > 0:
+            root = self._root(state)
+            if root is not None:
+                _, distinct = self._chars(state)
+                self.homes.settle(root, name, self.match(state, distinct[0]),
+                                  state.request.request_id)
 
     def forget_endpoint(self, name: str) -> None:
         self.index.forget(name)

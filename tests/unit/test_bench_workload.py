@@ -134,3 +134,19 @@ def test_stale_prefix_schedule_is_skewed_over_many_groups() -> None:
     assert stale_prefix_schedule(shape, 10, 2000, seed=3) == sched  # deterministic
     same_group = [r.prompt for r in sched if r.group == 0]
     assert all(p.startswith(same_group[0][:200]) for p in same_group)
+
+
+def test_skewed_prefix_shape_has_zipf_groups_and_keeps_the_uniform_schedule() -> None:
+    from benchmarks.routing.workload import SKEWED_PREFIX
+
+    share = SKEWED_PREFIX.popularity()
+    assert share[0] > 0.6 and share == sorted(share, reverse=True)
+    sched = shared_prefix_schedule(SKEWED_PREFIX, 50, 4000, seed=3)
+    counts = Counter(r.group for r in sched)
+    assert counts[0] / len(sched) == pytest.approx(share[0], abs=0.03)
+    # zipf_s = 0 (the default) draws exactly what the shape always drew: old seeds hold.
+    a = shared_prefix_schedule(SharedPrefixShape(), 10, 50, seed=1)
+    b = shared_prefix_schedule(SharedPrefixShape(zipf_s=0.0), 10, 50, seed=1)
+    assert a == b
+    with pytest.raises(ValueError, match="zipf_s"):
+        shared_prefix_schedule(SharedPrefixShape(zipf_s=-1), 10, 5)

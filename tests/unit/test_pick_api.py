@@ -111,7 +111,8 @@ async def test_explain_returns_every_score(api) -> None:
     assert [s.name for s in p.scorers] == [
         "queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer", "lora-affinity-scorer"]
     by = {c.endpoint_name: c for c in p.scores}
-    assert by["pod-b"].raw["queue-scorer"] == 1.0 and by["pod-a"].raw["queue-scorer"] == 0.0
+    assert by["pod-b"].raw["queue-scorer"] == 1.0
+    assert by["pod-a"].raw["queue-scorer"] == pytest.approx(1 - 5 / 32)  # docs/scoring.md
     assert by["pod-a"].weighted["kv-cache-utilization-scorer"] == pytest.approx(1.0)
     assert by["pod-b"].total == pytest.approx(2 * 1.0 + 2 * 0.9)
     assert by["pod-b"].endpoint == "10.2.0.2:8000"

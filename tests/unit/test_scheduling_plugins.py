@@ -57,13 +57,32 @@ def survivors(plugin, snap: Snapshot, **kw) -> list[str]:
 # -- scorers -------------------------------------------------------------------------
 
 
-def test_queue_scorer_scales_between_min_and_max() -> None:
+MINMAX = {"normalization": "minmax"}
+
+
+def test_queue_scorer_is_proportional_to_the_queue_not_to_the_spread() -> None:
+    # Below the scale (32 by default) one waiting request costs 1/32 of the score.
+    snap = snapshot(a=dict(waiting=0), b=dict(waiting=1), c=dict(waiting=8))
+    assert scores(QueueScorer(), snap) == [1.0, 0.96875, 0.75]
+    assert scores(QueueScorer(scale=4), snap) == [1.0, 0.875, 0.0]  # c beyond the scale
+    # Above it, relative to the longest queue: 50 and 51 waiting differ by 2%, not 100%.
+    busy = snapshot(a=dict(waiting=50), b=dict(waiting=51), c=dict(waiting=100))
+    assert scores(QueueScorer(), busy) == [0.5, 0.49, 0.0]
+    assert scores(QueueScorer(), snapshot(a=dict(waiting=3), b=dict(waiting=3))) == [
+        0.90625, 0.90625]
+
+
+def test_queue_scorer_minmax_reproduces_upstream() -> None:
+    upstream = registry.create("queue-scorer", "q", MINMAX)
     snap = snapshot(a=dict(waiting=0), b=dict(waiting=5), c=dict(waiting=10))
-    assert scores(QueueScorer(), snap) == [1.0, 0.5, 0.0]
-    assert scores(QueueScorer(), snapshot(a=dict(waiting=3), b=dict(waiting=3))) == [1.0, 1.0]
+    assert scores(upstream, snap) == [1.0, 0.5, 0.0]
+    assert scores(upstream, snapshot(a=dict(waiting=3), b=dict(waiting=3))) == [1.0, 1.0]
+    # One request of difference is the whole weight there.
+    assert scores(upstream, snapshot(a=dict(waiting=2), b=dict(waiting=3))) == [1.0, 0.0]
 
 
-def test_queue_scorer_gives_stale_and_missing_the_worst_score() -> None:
+@pytest.mark.parametrize("params", [{}, MINMAX])
+def test_queue_scorer_gives_stale_and_missing_the_worst_score(params) -> None:
     snap = snapshot(
         a=dict(waiting=4),
         b=dict(waiting=2),
@@ -71,21 +90,36 @@ def test_queue_scorer_gives_stale_and_missing_the_worst_score() -> None:
         never=None,
         unreported=dict(kv_usage=0.1),  # scraped, but no queue metric
     )
-    assert scores(QueueScorer(), snap) == [0.0, 1.0, 0.0, 0.0, 0.0]
+    got = scores(registry.create("queue-scorer", "q", params), snap)
+    assert got[2:] == [0.0, 0.0, 0.0] and got[1] == 1.0 - (2 / 32 if not params else 0)
+    assert got[0] < got[1]
 
 
 def test_queue_scorer_adds_requests_routed_since_the_scrape() -> None:
     snap = snapshot(a=dict(waiting=1), b=dict(waiting=2))
     t = InFlightTracker()
-    assert scores(QueueScorer(), snap, inflight=t) == [1.0, 0.0]
+    q = QueueScorer(scale=8)
+    assert scores(q, snap, inflight=t) == [0.875, 0.75]
     for i in range(3):
         t.started(f"r{i}", "a", NOW + 0.1)
-    assert scores(QueueScorer(), snap, inflight=t) == [0.0, 1.0]  # 4 vs 2
+    assert scores(q, snap, inflight=t) == [0.5, 0.75]  # 4 vs 2
+
+
+def test_load_scorer_parameters() -> None:
+    q = registry.create("queue-scorer", "q", {"scale": 5})
+    assert (q.normalization, q.scale) == ("scaled", 5.0)
+    r = registry.create("running-requests-size-scorer", "r", {})
+    assert (r.normalization, r.scale) == ("scaled", 256.0)
+    for bad in ({"normalization": "zscore"}, {"scale": 0}, {"scale": "big"}, {"weight": 1}):
+        with pytest.raises(ValueError):
+            registry.create("queue-scorer", "q", bad)
 
 
 def test_running_requests_scorer() -> None:
     snap = snapshot(a=dict(running=8), b=dict(running=0), c=dict(running=4))
-    assert scores(RunningRequestsSizeScorer(), snap) == [0.0, 1.0, 0.5]
+    assert scores(RunningRequestsSizeScorer(), snap) == [0.96875, 1.0, 0.984375]
+    upstream = registry.create("running-requests-size-scorer", "r", MINMAX)
+    assert scores(upstream, snap) == [0.0, 1.0, 0.5]
 
 
 def test_kv_cache_scorer_is_one_minus_usage_and_worst_when_unknown() -> None:
@@ -140,7 +174,7 @@ def test_prefix_cache_scorer_learns_from_picks() -> None:
 
 def test_prefix_cache_scorer_uses_the_endpoints_block_size() -> None:
     snap = snapshot(a=dict(block_size=32), b=dict(block_size=0))
-    scorer = PrefixCacheScorer()
+    scorer = PrefixCacheScorer(hit_queue_worth=0)  # the match alone
     st = state(snap, prompt="p" * 512)
     chars, distinct = scorer._chars(st)
     assert chars.tolist() == [128, 64] and distinct == [64, 128]

@@ -86,3 +86,21 @@ def test_the_whole_index_is_bounded() -> None:
     assert idx.match(last).get("pod-7", 0) >= 1
     idx.forget("pod-7")
     assert idx.size == sum(idx.blocks_of(f"pod-{i}") for i in range(7))
+
+
+def test_prefix_homes_keep_the_first_holder_until_it_no_longer_holds_the_group() -> None:
+    from epp.scheduling.prefix import PrefixHomes
+
+    homes = PrefixHomes(max_size=2)
+    homes.settle(1, "a", holders=(), request_id="r1")
+    assert homes.get(1) == "a"
+    homes.settle(1, "b", holders=("a", "b"), request_id="r2")  # a spill: home stays
+    assert homes.get(1) == "a"
+    homes.settle(1, "b", holders=("b",), request_id="r3")  # a no longer holds it
+    assert homes.get(1) == "b"
+    # A data plane reports that r4 was served elsewhere: its own pick is corrected.
+    homes.settle(2, "c", holders=(), request_id="r4")
+    homes.settle(2, "d", holders=("c",), request_id="r4")
+    assert homes.get(2) == "d"
+    homes.settle(3, "e", holders=(), request_id="r5")  # bounded: group 1 (least recent) goes
+    assert len(homes) == 2 and homes.get(1) is None and homes.get(3) == "e"

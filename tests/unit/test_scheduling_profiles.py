@@ -52,9 +52,10 @@ def test_lower_queue_and_kv_usage_wins() -> None:
     for i in range(20):
         assert pick(s, ds, rid=f"r{i}") == "idle"
         s.inflight.finished(f"r{i}")  # the response ended
-    # Requests still open count as queued: enough of them move the next pick elsewhere.
-    picks = [pick(s, ds, rid=f"open{i}") for i in range(10)]
-    assert picks[0] == "idle" and "mid" in picks
+    # Requests still open count as queued: enough of them move the next pick elsewhere,
+    # a few do not (each is 1/32 of the queue weight against a 0.3 KV difference).
+    picks = [pick(s, ds, rid=f"open{i}") for i in range(30)]
+    assert picks[:10] == ["idle"] * 10 and "mid" in picks
 
 
 def test_active_adapter_wins_over_lower_kv_usage() -> None:
@@ -121,10 +122,11 @@ def test_burst_between_scrapes_spreads_thanks_to_inflight_accounting() -> None:
 
 
 def test_a_burst_sharing_a_long_prefix_stays_together() -> None:
-    # Prefix affinity (weight 3) outweighs one queue step (weight 2) by design.
+    # Prefix affinity outweighs a few queued requests by design; past about
+    # `cacheHitQueueWorth` (8) of them the group spills (test_scheduling_scores.py).
     ds = pool({f"pod-{i}": dict(waiting=0, kv_usage=0.5) for i in range(4)})
     s = default_scheduler()
-    names = {pick(s, ds, prompt="shared system prompt " * 50, rid=f"b{i}") for i in range(8)}
+    names = {pick(s, ds, prompt="shared system prompt " * 50, rid=f"b{i}") for i in range(6)}
     assert len(names) == 1
 
 
@@ -175,7 +177,7 @@ def test_explanation_lists_filters_scores_and_the_pick() -> None:
     cfg = load_config("""
 plugins:
 - {type: least-queue}
-- {type: queue-scorer}
+- {type: queue-scorer, parameters: {normalization: minmax}}
 - {type: kv-cache-utilization-scorer}
 - {type: max-score-picker, parameters: {maxNumOfEndpoints: 2}}
 schedulingProfiles:
