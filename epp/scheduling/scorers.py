@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from itertools import repeat
 from operator import contains as _contains
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -214,6 +214,9 @@ class PrefixCacheScorer:
         self.max_blocks = max_blocks
         self.lru_capacity = lru_capacity
         self.index = _prefix.PrefixIndex(max_indexed_blocks)
+        self.outbox: Callable[[str, str, int, list[int]], None] | None = None
+        """Active-active state sync: told (scorer, endpoint, capacity, hashes) of each
+        record, to share it with the other replicas (`epp.statesync`)."""
 
     @classmethod
     def from_params(cls, name: str, params: dict[str, Any]) -> "PrefixCacheScorer":
@@ -331,6 +334,12 @@ class PrefixCacheScorer:
             if gpu_blocks > 0:
                 cap = gpu_blocks
         self.index.record(name, hashes, cap, held)
+        if self.outbox is not None:
+            self.outbox(self.name, name, cap, hashes)
+
+    def learn_remote(self, endpoint: str, hashes: Sequence[int], capacity: int) -> None:
+        """Another EPP replica routed this prompt to `endpoint` (state sync)."""
+        self.index.record(endpoint, hashes, capacity)
 
     def forget_endpoint(self, name: str) -> None:
         self.index.forget(name)
