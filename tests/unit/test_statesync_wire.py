@@ -1,12 +1,114 @@
+"""The state-sync batch format and the other replicas' load: pure logic, no Redis."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from epp.datastore import Datastore, Endpoint, EndpointMetrics
+from epp.scheduling import InFlightTracker
+from epp.statesync import wire
+from epp.statesync.remote import RemoteLoad
+from epp.statesync.setup import check_url
+
+names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1,
+                max_size=40)
+records = st.lists(st.builds(
+    wire.PrefixRecord, names, names, st.integers(1, 1 << 20),
+    st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=50).map(tuple)), max_size=20)
 
 
-def test_the_precise_scorers_approximate_fallback_is_shared_too() -> None:
-    from epp.config import load_config
-    from epp.statesync.setup import approximate_indexes
+@given(names, st.none() | st.dictionaries(names, st.integers(0, 1000), max_size=10), records)
+def test_a_batch_survives_the_round_trip(replica: str, load: dict[str, int] | None,
+                                         recs: list[wire.PrefixRecord]) -> None:
+    batch = wire.decode(wire.encode(replica, load, recs))
+    assert batch == wire.Batch(replica, load, tuple(recs))
 
-    cfg = load_config("plugins:\n- type: precise-prefix-cache-scorer\n  parameters:\n"
-                      "    kvEventsPort: 0\n    replayPort: 0\n"
-                      "schedulingProfiles:\n- name: default\n  plugins:\n"
-                      "  - pluginRef: precise-prefix-cache-scorer\n")
-    precise = cfg.plugins["precise-prefix-cache-scorer"]
-    assert approximate_indexes(cfg.plugins) == {precise.approx.name: precise.approx}
+
+@given(st.dictionaries(st.binary(max_size=4), st.binary(max_size=64), max_size=6))
+def test_arbitrary_fields_decode_or_raise_wire_error(fields: dict[bytes, bytes]) -> None:
+    try:
+        wire.decode(fields)
+    except wire.WireError:
+        pass
+
+
+@given(records.filter(bool), st.data())
+def test_corrupted_hash_bytes_never_half_merge(recs: list[wire.PrefixRecord],
+                                               data: st.DataObject) -> None:
+    fields = wire.encode("r1", None, recs)
+    cut = data.draw(st.integers(1, len(fields[b"ph"])))
+    fields[b"ph"] = fields[b"ph"][:-cut]
+    with pytest.raises(wire.WireError):
+        wire.decode(fields)
+
+
+@pytest.mark.parametrize("fields, why", [
+    ({b"v": b"2", b"r": b"x"}, "version"),
+    ({b"v": b"1"}, "replica"),
+    ({b"v": b"1", b"r": b"x", b"l": b'{"a": -1}'}, "load count"),
+    ({b"v": b"1", b"r": b"x", b"l": b'{"a": true}'}, "load count"),
+    ({b"v": b"1", b"r": b"x", b"pm": b"[]"}, "together"),
+    ({b"v": b"1", b"r": b"x", b"pm": b'[["s", "e", 1, 0]]', b"ph": b""}, "block count"),
+    ({b"v": b"1", b"r": b"x", b"pm": b'[["s", "e", 1, 2]]', b"ph": b"\0" * 8}, "more blocks"),
+    ({b"v": b"1", b"r": b"x", b"pm": b"[]", b"ph": b"\0" * 8}, "left over"),
+    ({b"v": b"1", b"r": "é".encode("latin-1")}, "UTF-8"),
+])
+def test_malformed_entries_are_refused_with_a_reason(fields: dict[bytes, bytes], why: str) -> None:
+    with pytest.raises(wire.WireError, match=why):
+        wire.decode(fields)
+
+
+def pool(*names: str) -> Datastore:
+    ds = Datastore()
+    ds.set_endpoints([Endpoint(n, f"10.0.0.{i + 1}", 8000) for i, n in enumerate(names)])
+    return ds
+
+
+def test_peers_load_adds_to_local_in_flight_and_expires_with_silence() -> None:
+    ds = pool("a", "b", "c")
+    snap = ds.snapshot()
+    tracker = InFlightTracker()
+    remote = RemoteLoad(ttl=5.0)
+    tracker.remote = remote
+    tracker.started("mine", "a", now=100.0)  # never scraped: counts
+    remote.update("peer-1", {"a": 2, "c": 1}, now=100.0)
+    remote.update("peer-2", {"c": 4, "gone-pod": 9}, now=101.0)
+    assert tracker.extra_waiting(snap, 100.0).tolist() == [3, 0, 5]
+    assert tracker.local_extra_waiting(snap, 100.0).tolist() == [1, 0, 0]
+    remote.update("peer-2", None, now=104.0)  # heartbeat only: counts stay
+    assert remote.expire(now=105.5) == ["peer-1"]
+    assert tracker.extra_waiting(snap, 105.5).tolist() == [1, 0, 4]
+    assert remote.expire(now=109.5) == ["peer-2"]
+    assert tracker.extra_waiting(snap, 109.5).tolist() == [1, 0, 0]
+
+
+def test_remote_load_is_recomputed_only_when_something_changed() -> None:
+    ds = pool("a", "b")
+    remote = RemoteLoad(ttl=1.0)
+    assert remote.extra_waiting(ds.snapshot()) is None
+    remote.update("p", {"b": 3}, now=0.0)
+    first = remote.extra_waiting(ds.snapshot())
+    assert first is remote.extra_waiting(ds.snapshot())
+    ds.update_metrics("a", EndpointMetrics(waiting=1, scraped_at=time.monotonic()))
+    again = remote.extra_waiting(ds.snapshot())
+    assert again is not first and np.array_equal(again, first)
+
+
+@pytest.mark.parametrize("url", ["redis://r:6379", "rediss://user:pw@r.example:6380/2",
+                                 "unix:///run/redis.sock"])
+def test_redis_urls_accepted(url: str) -> None:
+    check_url(url)
+
+
+@pytest.mark.parametrize("url, why", [("http://r:6379", "scheme"), ("r:6379", "scheme"),
+                                      ("redis://:pw@", "no host"),
+                                      ("redis://r:notaport", "not a valid URL")])
+def test_bad_redis_urls_rejected_without_echoing_secrets(url: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why) as e:
+        check_url(url)
+    assert "pw" not in str(e.value)
