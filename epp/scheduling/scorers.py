@@ -338,8 +338,10 @@ class PrefixCacheScorer:
             self.outbox(self.name, name, cap, hashes)
 
     def learn_remote(self, endpoint: str, hashes: Sequence[int], capacity: int) -> None:
-        """Another EPP replica routed this prompt to `endpoint` (state sync)."""
-        self.index.record(endpoint, hashes, capacity)
+        """Another EPP replica routed this prompt to `endpoint` (state sync): its new
+        blocks are added without refreshing the ones this replica already holds."""
+        index = self.index
+        index.record(endpoint, hashes, capacity, index.held(endpoint, hashes), refresh=False)
 
     def forget_endpoint(self, name: str) -> None:
         self.index.forget(name)

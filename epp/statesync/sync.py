@@ -158,7 +158,7 @@ class StateSync:
         if key in pending:
             pending.move_to_end(key)
             return
-        pending[key] = wire.PrefixRecord(scorer, endpoint, capacity, tuple(hashes))
+        pending[key] = wire.PrefixRecord(scorer, endpoint, capacity, hashes)
         if len(pending) > self.options.max_pending:
             pending.popitem(last=False)
             obs.STATE_SYNC_ERRORS.labels("overflow").inc()

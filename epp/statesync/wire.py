@@ -38,14 +38,18 @@ class WireError(ValueError):
     """An entry that is not a well-formed batch of this format."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class PrefixRecord:
-    """`endpoint` now holds the chained `hashes`, learned by the scorer named `scorer`."""
+    """`endpoint` now holds the chained `hashes`, learned by the scorer named `scorer`.
+
+    Decoded records carry a uint64 array view: a receiver mostly finds the leading blocks
+    already known and turns only the new tail into Python ints (`learn_remote`).
+    """
 
     scorer: str
     endpoint: str
     capacity: int
-    hashes: tuple[int, ...]
+    hashes: Sequence[int] | np.ndarray
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +102,7 @@ def _records(meta_raw: bytes, hashes_raw: bytes) -> tuple[PrefixRecord, ...]:
         raise WireError("prefix metadata is not a bounded list")
     if len(hashes_raw) % 8:
         raise WireError("prefix hashes are not whole uint64 values")
-    flat = np.frombuffer(hashes_raw, dtype=_U64).tolist()
+    flat = np.frombuffer(hashes_raw, dtype=_U64)
     out: list[PrefixRecord] = []
     pos = 0
     for item in meta:
@@ -110,7 +114,7 @@ def _records(meta_raw: bytes, hashes_raw: bytes) -> tuple[PrefixRecord, ...]:
         n = _int(item[3], 1, MAX_BLOCKS, "block count")
         if pos + n > len(flat):
             raise WireError("prefix metadata names more blocks than were sent")
-        out.append(PrefixRecord(scorer, endpoint, capacity, tuple(flat[pos:pos + n])))
+        out.append(PrefixRecord(scorer, endpoint, capacity, flat[pos:pos + n]))
         pos += n
     if pos != len(flat):
         raise WireError("prefix hashes left over after the last record")

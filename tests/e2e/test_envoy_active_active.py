@@ -11,14 +11,14 @@ pod; with sync both follow what either learned.
 from __future__ import annotations
 
 import tempfile
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import pytest
 import yaml
 
 from tests.redis_server import RedisServer, redis_fixture
-from tests.support import (EppProcess, UpstreamFleet, http, post_json, scratch_dir,
-                           start_envoy, start_epp, vllm_page)
+from tests.support import (EppProcess, UpstreamFleet, epp_replicas, http, post_json,
+                           scratch_dir, start_envoy, start_epp, vllm_page)
 
 pytestmark = pytest.mark.e2e
 
@@ -48,18 +48,6 @@ def redis() -> Iterator[RedisServer]:
     yield from redis_fixture()
 
 
-def both_replicas(second_port: int) -> Callable[[dict[str, Any]], None]:
-    """Envoy's EPP cluster with a second replica (round robin, the default policy)."""
-
-    def patch(cfg: dict[str, Any]) -> None:
-        (epp,) = [c for c in cfg["staticResources"]["clusters"] if c["name"] == "epp"]
-        endpoints = epp["loadAssignment"]["endpoints"][0]["lbEndpoints"]
-        endpoints.append({"endpoint": {"address": {"socketAddress": {
-            "address": "127.0.0.1", "portValue": second_port}}}})
-
-    return patch
-
-
 def shared_prefix_hit_rate(url: str, tag: str) -> float:
     """Send GROUPS x ROUNDS requests, interleaving groups; the fraction that hit."""
     seen: dict[int, set[str]] = {}
@@ -85,7 +73,7 @@ def requests_seen(epp: EppProcess) -> float:
 
 def run(endpoints_file: str, replicas: int, sync: list[str]) -> tuple[float, list[float]]:
     epps = [start_epp(*sync, endpoints_file=endpoints_file) for _ in range(replicas)]
-    patch = both_replicas(epps[1].grpc_port) if replicas == 2 else None
+    patch = epp_replicas(epps[1].grpc_port) if replicas == 2 else None
     envoy = start_envoy(epps[0].grpc_port, patch=patch)
     try:
         rate = shared_prefix_hit_rate(envoy.url, f"{replicas}-{bool(sync)}")

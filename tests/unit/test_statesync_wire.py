@@ -26,7 +26,10 @@ records = st.lists(st.builds(
 def test_a_batch_survives_the_round_trip(replica: str, load: dict[str, int] | None,
                                          recs: list[wire.PrefixRecord]) -> None:
     batch = wire.decode(wire.encode(replica, load, recs))
-    assert batch == wire.Batch(replica, load, tuple(recs))
+    assert (batch.replica, batch.load) == (replica, load)
+    assert [(r.scorer, r.endpoint, r.capacity, tuple(r.hashes.tolist()))
+            for r in batch.records] == [(r.scorer, r.endpoint, r.capacity, r.hashes)
+                                        for r in recs]
 
 
 @given(st.dictionaries(st.binary(max_size=4), st.binary(max_size=64), max_size=6))
@@ -112,3 +115,35 @@ def test_bad_redis_urls_rejected_without_echoing_secrets(url: str, why: str) -> 
     with pytest.raises(ValueError, match=why) as e:
         check_url(url)
     assert "pw" not in str(e.value)
+
+
+# -- merging another replica's records keeps the index's invariant ------------------------
+
+
+chains = st.lists(st.tuples(st.integers(0, 3), st.integers(1, 12), st.booleans()),
+                  min_size=1, max_size=40)
+
+
+@given(chains, st.integers(3, 20))
+def test_remote_records_keep_every_endpoint_prefix_closed(ops: list[tuple[int, int, bool]],
+                                                          capacity: int) -> None:
+    """Chains are prefixes of 4 base prompts; some recorded locally, some as another
+    replica's (refresh=False); under eviction, holding block k still implies 0..k-1."""
+    from epp.scheduling.prefix import PrefixIndex, block_hashes
+
+    bases = [block_hashes("m", bytes([65 + b]) * 64 * 12, 64, 12) for b in range(4)]
+    index = PrefixIndex()
+    for base, length, remote in ops:
+        chain = bases[base][:length]
+        held = index.held("e", chain)
+        if remote:
+            index.record("e", chain, capacity, held, refresh=False)
+        else:
+            index.record("e", chain, capacity, held)
+        assert index.held("e", chain) == length or index.blocks_of("e") == capacity
+        for b in bases:
+            k = index.held("e", b)
+            linear = next((i for i, h in enumerate(b) if index.match([h]) == {}), len(b))
+            assert k == linear, (k, linear)
+            assert all(index.match([h]) == {} for h in b[linear:])  # nothing deeper held
+    assert index.blocks_of("e") <= capacity
