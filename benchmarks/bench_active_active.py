@@ -363,8 +363,11 @@ def failover(redis: Redis, qps: float, seconds: float, time_scale: float) -> dic
     def hit(rs: list[Any]) -> float | None:
         return sum(r.cached_tokens > 0 for r in rs) / len(rs) if rs else None
 
+    # In flight on the killed replica: sent before the kill, broken after it.
+    inflight = [r for r in failed if r.at < kill_at]
     out = {"qps": qps, "requests": len(results), "killed_at_s": round(kill_at, 2),
-           "failed": len(failed),
+           "failed": len(failed), "failed_in_flight": len(inflight),
+           "failed_sent_after_kill": len(failed) - len(inflight),
            "failed_at_s": [round(r.at - kill_at, 3) for r in failed][:20],
            "failed_examples": sorted({r.error or str(r.status) for r in failed})[:3],
            "hit_before": hit([r for r in before if r.ok]), "hit_after": hit(after)}
@@ -409,6 +412,8 @@ def markdown(doc: dict[str, Any]) -> str:
         f = doc["failover"]
         lines += ["### Failover (2 synced replicas, one SIGKILLed midway)", "",
                   f"{f['requests']} requests at {f['qps']:g} QPS; failed: {f['failed']} "
+                  f"({f['failed_in_flight']} sent before the kill, "
+                  f"{f['failed_sent_after_kill']} after) "
                   f"(seconds after the kill: {f['failed_at_s']}; {f['failed_examples']}); "
                   f"requests with a prefix-cache hit before {_f(f['hit_before'])}, "
                   f"after {_f(f['hit_after'])}.", ""]
