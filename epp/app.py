@@ -93,7 +93,7 @@ class EppApp:
             observer=self._observer(),
         )
         self.sync = state_sync_from_settings(settings, self.datastore, self.inflight,
-                                             self.config.plugins)
+                                             self.config.plugins, self.config.state_sync)
         self.engines = EngineRegistry.from_config(self.config.data or None)
         self.k8s: KubernetesSource | None = None
         self.health = HealthService()

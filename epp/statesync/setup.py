@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import replace
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from epp import units
 from epp.datastore import Datastore
 from epp.scheduling.inflight import InFlightTracker
 from epp.scheduling.scorers import PrefixCacheScorer
@@ -49,22 +52,66 @@ def approximate_indexes(plugins: Mapping[str, Any]) -> dict[str, PrefixCacheScor
     return found
 
 
+CONFIG_KEYS = ("url", "urlFromEnv", "key", "interval", "ttl")
+
+
+def sync_settings(settings: Settings, section: Mapping[str, Any]) -> Settings:
+    """Flags merged with the EndpointPickerConfig's `stateSync` section:
+
+        stateSync:
+          urlFromEnv: STATE_SYNC_URL   # or url: redis://... (a password is better in a Secret)
+          key: epp:state:prod/pool-a   # optional
+          interval: 50ms
+          ttl: 5s
+
+    A flag given on the command line wins over the file (defaults do not)."""
+    unknown = sorted(set(section) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"stateSync: unknown keys {unknown} (known: {', '.join(CONFIG_KEYS)})")
+    defaults = Settings()
+    url = settings.state_sync
+    if not url and section.get("urlFromEnv"):
+        name = str(section["urlFromEnv"])
+        url = os.environ.get(name)
+        if not url:
+            raise ValueError(f"stateSync.urlFromEnv: environment variable {name!r} is not set")
+    if not url and section.get("url"):
+        url = str(section["url"])
+
+    def pick(flag: float, key: str) -> float:
+        if flag != getattr(defaults, f"state_sync_{key}") or key not in section:
+            return flag
+        return units.parse_duration(section[key], f"stateSync.{key}")
+
+    return replace(settings, state_sync=url or None,
+                   state_sync_key=settings.state_sync_key or section.get("key") or None,
+                   state_sync_interval=pick(settings.state_sync_interval, "interval"),
+                   state_sync_ttl=pick(settings.state_sync_ttl, "ttl"))
+
+
 def state_sync_from_settings(settings: Settings, datastore: Datastore, inflight: InFlightTracker,
-                             plugins: Mapping[str, Any]) -> StateSync | None:
-    """None without `--state-sync`. Active-active turns leader election off: every
-    replica serves (raises ValueError on a bad URL or interval)."""
-    if not settings.state_sync:
+                             plugins: Mapping[str, Any],
+                             section: Mapping[str, Any] | None = None) -> StateSync | None:
+    """None without `--state-sync` (or a `stateSync` config section). Active-active turns
+    leader election off: every replica serves. Raises ValueError on bad values."""
+    s = sync_settings(settings, section or {})
+    if not s.state_sync:
         return None
-    check_url(settings.state_sync)
+    check_url(s.state_sync)
     if settings.ha_enable_leader_election:
         log.warning("--state-sync: leader election is off in active-active mode")
         settings.ha_enable_leader_election = False
     scorers = approximate_indexes(plugins)
+
+
+    if not s.state_sync_interval > 0 or not s.state_sync_ttl > 0:
+        raise ValueError("--state-sync-interval and --state-sync-ttl must be > 0")
+    scorers = {p.name: p for p in plugins.values() if isinstance(p, PrefixCacheScorer)}
     options = SyncOptions(
-        url=settings.state_sync,
-        key=settings.state_sync_key or default_key(settings),
-        interval=settings.state_sync_interval,
-        ttl=settings.state_sync_ttl,
-        heartbeat=min(1.0, settings.state_sync_ttl / 3),
+        url=s.state_sync,
+        key=s.state_sync_key or default_key(s),
+        interval=s.state_sync_interval,
+        ttl=s.state_sync_ttl,
+        heartbeat=min(1.0, s.state_sync_ttl / 3),
     )
     return StateSync(options, datastore, inflight, scorers)

@@ -147,3 +147,47 @@ def test_remote_records_keep_every_endpoint_prefix_closed(ops: list[tuple[int, i
             assert k == linear, (k, linear)
             assert all(index.match([h]) == {} for h in b[linear:])  # nothing deeper held
     assert index.blocks_of("e") <= capacity
+
+
+# -- configuration: flags and the EndpointPickerConfig's stateSync section ---------------------
+
+
+def test_config_section_supplies_what_flags_leave_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    from epp.config import load_config
+    from epp.settings import parse_settings
+    from epp.statesync.setup import sync_settings
+
+    cfg = load_config("stateSync:\n  urlFromEnv: SYNC_URL\n  interval: 20ms\n  ttl: 3s\n")
+    monkeypatch.setenv("SYNC_URL", "rediss://epp:pw@redis:6380")
+    s = sync_settings(parse_settings([]), cfg.state_sync)
+    assert (s.state_sync, s.state_sync_interval, s.state_sync_ttl) == (
+        "rediss://epp:pw@redis:6380", 0.02, 3.0)
+    flags = parse_settings(["--state-sync", "redis://other:6379", "--state-sync-ttl", "9s"])
+    s = sync_settings(flags, cfg.state_sync)
+    assert (s.state_sync, s.state_sync_interval, s.state_sync_ttl) == (
+        "redis://other:6379", 0.02, 9.0)
+    assert sync_settings(parse_settings([]), {}).state_sync is None
+
+
+@pytest.mark.parametrize("section, why", [({"urlFromEnv": "NOPE_NOT_SET"}, "not set"),
+                                          ({"url": "redis://r", "interval": "fast"}, "interval"),
+                                          ({"uri": "redis://r"}, "unknown keys")])
+def test_bad_config_sections_are_refused(section: dict, why: str) -> None:
+    from epp.settings import parse_settings
+    from epp.statesync.setup import sync_settings
+
+    with pytest.raises(ValueError, match=why):
+        sync_settings(parse_settings([]), section)
+
+
+def test_state_sync_turns_leader_election_off() -> None:
+    from epp.config import load_config
+    from epp.settings import parse_settings
+    from epp.statesync.setup import state_sync_from_settings
+
+    s = parse_settings(["--state-sync", "redis://r:6379", "--ha-enable-leader-election"])
+    cfg = load_config(None)
+    sync = state_sync_from_settings(s, pool("a"), InFlightTracker(), cfg.plugins)
+    assert sync is not None and s.ha_enable_leader_election is False
+    assert sync.options.key == "epp:state:default/standalone"
+    assert set(sync.scorers) == {"prefix-cache-scorer"}
