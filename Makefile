@@ -54,10 +54,10 @@ bench-tools:
 		(apt-get update -q && apt-get install -y -q wrk nghttp2-client)
 	@test -x $(TOOLS)/ghz || GOBIN=$(TOOLS) go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
 
-bench: $(STAMP) bench-tools
+bench: $(STAMP) bench-tools redis-server
 	$(PY) -m benchmarks.run --quick
 
-bench-full: $(STAMP) bench-tools
+bench-full: $(STAMP) bench-tools redis-server
 	$(PY) -m benchmarks.run --full
 
 # Side by side with the upstream Go EPP v1.5.0 serving an InferencePool from a real
