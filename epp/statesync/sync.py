@@ -23,6 +23,7 @@ it stopped, or replayed again when Redis lost it).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import random
@@ -48,6 +49,9 @@ from epp.statesync.remote import RemoteLoad
 from epp.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+
+BATCH_RECORDS = 2000
+"""Records per stream entry (~1.6 MB at 100 blocks each); more wait for the next interval."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +222,10 @@ class StateSync:
             self._generation += 1
             self.connected = False
             obs.STATE_SYNC_CONNECTED.set(0)
+            # Cut off, we cannot hear the others' heartbeats: their load stops counting
+            # now rather than going stale (it is re-announced within a second of reconnecting).
+            self.remote.clear()
+            obs.STATE_SYNC_PEERS.set(0)
             await cancel_and_wait(pub, read)
 
     def _degrade(self, reason: str, e: BaseException) -> None:
@@ -298,7 +306,7 @@ class StateSync:
             heartbeat_due = now - self._last_sent >= o.heartbeat
             load_changed = load != self._last_load
             if self._pending or load_changed or heartbeat_due:
-                keys = list(self._pending)[:wire.MAX_RECORDS]
+                keys = list(itertools.islice(self._pending, BATCH_RECORDS))
                 records = [self._pending[k] for k in keys]
                 fields = wire.encode(self.replica, load if (load_changed or heartbeat_due)
                                      else None, records)

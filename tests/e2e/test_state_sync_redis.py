@@ -191,6 +191,25 @@ async def test_redis_restarted_mid_load_no_request_fails(redis: RedisServer,
                      what="sync after the restart")
 
 
+async def test_redis_lost_peers_load_stops_counting_and_comes_back(redis: RedisServer,
+                                                                   replicas: Any) -> None:
+    a = await replicas(scraped=False)
+    b = await replicas(scraped=False)
+    for i in range(3):
+        await a.route(prompt(i), f"r{i}")
+
+    def seen() -> int:
+        return sum(b.sync.remote.total(n) for n in NAMES)
+
+    await eventually(lambda: seen() == 3, what="B to see A's load")
+    await asyncio.to_thread(redis.kill)
+    await eventually(lambda: not b.sync.connected, what="B to notice")
+    assert seen() == 0  # cut off: no stale load from peers it cannot hear
+    assert (await b.route(prompt(50))).endpoint.name in NAMES
+    await asyncio.to_thread(redis.start)
+    await eventually(lambda: seen() == 3, what="A's load to be re-announced")
+
+
 async def test_redis_unreachable_routing_goes_on_degraded(replicas: Any) -> None:
     before = _errors("unreachable")
     r = await replicas(url=f"redis://127.0.0.1:{free_port()}")
