@@ -263,6 +263,51 @@ def sync_cost(redis: Redis, seconds: float, repeat: int) -> list[dict[str, Any]]
     return out
 
 
+def component_costs(rounds: int = 7) -> dict[str, float]:
+    """CPU µs per prefix record of each step sync adds, the best of `rounds` (the minimum
+    is what the code costs; a shared machine only ever adds to it): encoding a batch,
+    decoding it, and merging it into an index that knows the shared system prompts
+    (`warm`) or not yet (`cold`: every tail new)."""
+    from epp.scheduling import prefix as _prefix
+    from epp.scheduling.scorers import PrefixCacheScorer
+    from epp.statesync import wire
+
+    chains = [_prefix.block_hashes(MODEL, _prefix.prompt_bytes(p), 64, 256)
+              for p in _core_prompts(2000)]
+    recs = [wire.PrefixRecord("prefix-cache-scorer", f"pod-{i % 8}", 31_250, h)
+            for i, h in enumerate(chains)]
+    per = 40  # records per batch: 800 req/s per replica at 50 ms
+    fields = [wire.encode("a", {"pod-1": 3}, recs[i:i + per]) for i in range(0, len(recs), per)]
+    batches = [wire.decode(f) for f in fields]
+
+    def merge(scorer: PrefixCacheScorer) -> None:
+        for b in batches:
+            for r in b.records:
+                scorer.learn_remote(r.endpoint, r.hashes, r.capacity)
+
+    warm = PrefixCacheScorer()
+    merge(warm)
+
+    def best(f: Any) -> float:
+        runs = []
+        for _ in range(rounds):
+            c0 = time.process_time()
+            f()
+            runs.append((time.process_time() - c0) / len(recs) * 1e6)
+        return round(min(runs), 2)
+
+    out = {
+        "blocks_per_record": sum(map(len, chains)) / len(chains),
+        "encode_us": best(lambda: [wire.encode("a", {"pod-1": 3}, recs[i:i + per])
+                                   for i in range(0, len(recs), per)]),
+        "decode_us": best(lambda: [wire.decode(f) for f in fields]),
+        "merge_cold_us": best(lambda: merge(PrefixCacheScorer())),
+        "merge_warm_us": best(lambda: merge(warm)),
+    }
+    log(f"component costs per record: {out}")
+    return out
+
+
 # -- 3. throughput ------------------------------------------------------------------------------
 
 
@@ -400,6 +445,14 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| {r['mode']} | {r['cpu_us_per_request']} | {r['delta_us']:+} | "
                          f"{r['sent']:.0f} | {r['received']:.0f} |")
         lines.append("")
+    if doc.get("sync_components"):
+        c = doc["sync_components"]
+        lines += ["### What sync adds per prefix record (CPU µs, best of 7)", "",
+                  f"{c['blocks_per_record']:.0f} blocks per record: encode {c['encode_us']}, "
+                  f"decode {c['decode_us']}, merge {c['merge_cold_us']} (new tails) / "
+                  f"{c['merge_warm_us']} (already known). Per exchange, with N replicas "
+                  f"sharing the load evenly, a replica encodes its own record and decodes "
+                  f"and merges N-1 others' for each of its own exchanges.", ""]
     if doc.get("throughput"):
         lines += ["### ext_proc throughput (h2load per replica)", "",
                   "| EPP | exchanges/s | EPP CPU µs/exchange | h2load CPU µs/exchange | "
@@ -452,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         if "routing" in args.parts:
             doc["routing"] = routing(redis, qps, count, repeat, args.time_scale)
         if "cost" in args.parts:
+            doc["sync_components"] = component_costs()
             doc["sync_cost"] = sync_cost(redis, 1.0 if quick else 4.0, repeat)
         if "throughput" in args.parts:
             doc["throughput"] = throughput(redis, 1.0 if quick else 4.0, 32, repeat)

@@ -197,8 +197,6 @@ class PrefixIndex:
                     break
                 held += 1
         new = hashes[held:]
-        if new.__class__ is not list:
-            new = list(map(int, new))  # a numpy view from state sync: keys are ints
         at_back = refresh or not held
         if new:
             before = len(lru)

@@ -18,10 +18,10 @@ reader counts and skips, never crashing and never merging half an entry.
 from __future__ import annotations
 
 import json
+import sys
+from array import array
 from dataclasses import dataclass
 from typing import Mapping, Sequence
-
-import numpy as np
 
 VERSION = b"1"
 MAX_NAME = 253
@@ -31,25 +31,21 @@ MAX_BLOCKS = 4096
 MAX_COUNT = 1_000_000
 MAX_CAPACITY = 1 << 31
 
-_U64 = np.dtype("<u8")
+_SWAP = sys.byteorder != "little"  # the wire is little-endian
 
 
 class WireError(ValueError):
     """An entry that is not a well-formed batch of this format."""
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(frozen=True, slots=True)
 class PrefixRecord:
-    """`endpoint` now holds the chained `hashes`, learned by the scorer named `scorer`.
-
-    Decoded records carry a uint64 array view: a receiver mostly finds the leading blocks
-    already known and turns only the new tail into Python ints (`learn_remote`).
-    """
+    """`endpoint` now holds the chained `hashes`, learned by the scorer named `scorer`."""
 
     scorer: str
     endpoint: str
     capacity: int
-    hashes: Sequence[int] | np.ndarray
+    hashes: Sequence[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +64,12 @@ def encode(replica: str, load: Mapping[str, int] | None,
     if records:
         meta = [[r.scorer, r.endpoint, r.capacity, len(r.hashes)] for r in records]
         fields[b"pm"] = json.dumps(meta, separators=(",", ":")).encode()
-        flat = [h for r in records for h in r.hashes]
-        fields[b"ph"] = np.array(flat, dtype=_U64).tobytes()
+        hashes = array("Q")
+        for r in records:
+            hashes.extend(r.hashes)
+        if _SWAP:
+            hashes.byteswap()
+        fields[b"ph"] = hashes.tobytes()
     return fields
 
 
@@ -102,7 +102,11 @@ def _records(meta_raw: bytes, hashes_raw: bytes) -> tuple[PrefixRecord, ...]:
         raise WireError("prefix metadata is not a bounded list")
     if len(hashes_raw) % 8:
         raise WireError("prefix hashes are not whole uint64 values")
-    flat = np.frombuffer(hashes_raw, dtype=_U64)
+    values = array("Q")
+    values.frombytes(hashes_raw)
+    if _SWAP:
+        values.byteswap()
+    flat = values.tolist()
     out: list[PrefixRecord] = []
     pos = 0
     for item in meta:

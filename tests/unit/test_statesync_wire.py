@@ -27,9 +27,8 @@ def test_a_batch_survives_the_round_trip(replica: str, load: dict[str, int] | No
                                          recs: list[wire.PrefixRecord]) -> None:
     batch = wire.decode(wire.encode(replica, load, recs))
     assert (batch.replica, batch.load) == (replica, load)
-    assert [(r.scorer, r.endpoint, r.capacity, tuple(r.hashes.tolist()))
-            for r in batch.records] == [(r.scorer, r.endpoint, r.capacity, r.hashes)
-                                        for r in recs]
+    assert [(r.scorer, r.endpoint, r.capacity, tuple(r.hashes)) for r in batch.records] == [
+        (r.scorer, r.endpoint, r.capacity, r.hashes) for r in recs]
 
 
 @given(st.dictionaries(st.binary(max_size=4), st.binary(max_size=64), max_size=6))
