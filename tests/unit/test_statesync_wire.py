@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epp.datastore import Datastore, Endpoint, EndpointMetrics
@@ -22,6 +22,7 @@ records = st.lists(st.builds(
     st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=50).map(tuple)), max_size=20)
 
 
+@settings(deadline=None)  # a loaded CI machine must not turn a slow example red
 @given(names, st.none() | st.dictionaries(names, st.integers(0, 1000), max_size=10), records)
 def test_a_batch_survives_the_round_trip(replica: str, load: dict[str, int] | None,
                                          recs: list[wire.PrefixRecord]) -> None:
@@ -31,6 +32,7 @@ def test_a_batch_survives_the_round_trip(replica: str, load: dict[str, int] | No
         (r.scorer, r.endpoint, r.capacity, r.hashes) for r in recs]
 
 
+@settings(deadline=None)  # a loaded CI machine must not turn a slow example red
 @given(st.dictionaries(st.binary(max_size=4), st.binary(max_size=64), max_size=6))
 def test_arbitrary_fields_decode_or_raise_wire_error(fields: dict[bytes, bytes]) -> None:
     try:
@@ -39,6 +41,7 @@ def test_arbitrary_fields_decode_or_raise_wire_error(fields: dict[bytes, bytes])
         pass
 
 
+@settings(deadline=None)  # a loaded CI machine must not turn a slow example red
 @given(records.filter(bool), st.data())
 def test_corrupted_hash_bytes_never_half_merge(recs: list[wire.PrefixRecord],
                                                data: st.DataObject) -> None:
@@ -123,6 +126,7 @@ chains = st.lists(st.tuples(st.integers(0, 3), st.integers(1, 12), st.booleans()
                   min_size=1, max_size=40)
 
 
+@settings(deadline=None)  # a loaded CI machine must not turn a slow example red
 @given(chains, st.integers(3, 20))
 def test_remote_records_keep_every_endpoint_prefix_closed(ops: list[tuple[int, int, bool]],
                                                           capacity: int) -> None:
