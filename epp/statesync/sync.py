@@ -151,6 +151,15 @@ class StateSync:
         obs.STATE_SYNC_PEERS.set(0)
 
     @property
+    def replica(self) -> str:
+        return self._replica
+
+    @replica.setter
+    def replica(self, value: str) -> None:
+        self._replica = value
+        self._own_id = value.encode()
+
+    @property
     def status(self) -> str:
         return "synced" if self.connected else f"degraded ({self._degraded_reason or 'starting'})"
 
@@ -344,6 +353,8 @@ class StateSync:
 
     def _apply(self, fields: Any, *, bootstrap: bool) -> None:
         """Merge one entry; a malformed one is counted and skipped."""
+        if not bootstrap and isinstance(fields, dict) and fields.get(b"r") == self._own_id:
+            return  # our own batch, read back: nothing to merge
         try:
             if not isinstance(fields, dict):
                 raise wire.WireError("entry is not a field map")
