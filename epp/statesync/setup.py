@@ -101,12 +101,9 @@ def state_sync_from_settings(settings: Settings, datastore: Datastore, inflight:
     if settings.ha_enable_leader_election:
         log.warning("--state-sync: leader election is off in active-active mode")
         settings.ha_enable_leader_election = False
-    scorers = approximate_indexes(plugins)
-
-
     if not s.state_sync_interval > 0 or not s.state_sync_ttl > 0:
         raise ValueError("--state-sync-interval and --state-sync-ttl must be > 0")
-    scorers = {p.name: p for p in plugins.values() if isinstance(p, PrefixCacheScorer)}
+    scorers = approximate_indexes(plugins)
     options = SyncOptions(
         url=s.state_sync,
         key=s.state_sync_key or default_key(s),

@@ -194,3 +194,14 @@ def test_state_sync_turns_leader_election_off() -> None:
     assert sync is not None and s.ha_enable_leader_election is False
     assert sync.options.key == "epp:state:default/standalone"
     assert set(sync.scorers) == {"prefix-cache-scorer"}
+
+
+def test_the_precise_scorers_approximate_fallback_is_shared_too() -> None:
+    from epp.config import load_config
+    from epp.statesync.setup import approximate_indexes
+
+    cfg = load_config("plugins:\n- type: precise-prefix-cache-scorer\n"
+                      "schedulingProfiles:\n- name: default\n  plugins:\n"
+                      "  - pluginRef: precise-prefix-cache-scorer\n")
+    precise = cfg.plugins["precise-prefix-cache-scorer"]
+    assert approximate_indexes(cfg.plugins) == {precise.approx.name: precise.approx}
