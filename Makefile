@@ -12,7 +12,7 @@ GHZ_VERSION := v0.120.0
 OTEL_PROTO_FIX = $(PY) -m pip install -q --no-deps --force-reinstall \
 	"$$($(PY) -m pip list --format=freeze | grep '^opentelemetry-proto==')"
 
-.PHONY: venv test test-k8s test-tools fuzz demo bench bench-full bench-tools bench-compare protos clean
+.PHONY: venv test test-k8s test-tools fuzz demo bench bench-full bench-tools bench-compare redis-server protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) redis-server
 	$(PY) -m pytest -q
 
 # Property tests with a deep budget (tests/fuzz/conftest.py); `make test` runs them small.
@@ -37,6 +37,11 @@ test-tools:
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium)
 	bash tests/e2e/build_prometheus.sh
 
+# The state-sync tests run a real redis-server (Debian's package) and fail without it in CI.
+redis-server:
+	@command -v redis-server >/dev/null || test -x /usr/bin/redis-server || \
+		(apt-get update -q && apt-get install -y -q redis-server)
+
 test-k8s: $(STAMP)
 	$(PY) -m pytest -q -m k8s tests/k8s
 
@@ -49,10 +54,10 @@ bench-tools:
 		(apt-get update -q && apt-get install -y -q wrk nghttp2-client)
 	@test -x $(TOOLS)/ghz || GOBIN=$(TOOLS) go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
 
-bench: $(STAMP) bench-tools
+bench: $(STAMP) bench-tools redis-server
 	$(PY) -m benchmarks.run --quick
 
-bench-full: $(STAMP) bench-tools
+bench-full: $(STAMP) bench-tools redis-server
 	$(PY) -m benchmarks.run --full
 
 # Side by side with the upstream Go EPP v1.5.0 serving an InferencePool from a real

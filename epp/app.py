@@ -37,6 +37,7 @@ from epp.server.pick_api import SERVICE_NAME as PICK_SERVICE_NAME
 from epp.server.pick_api import add_to_server as add_pick_api
 from epp.settings import Settings
 from epp.sources import EndpointsFileSource, parse_endpoint_list
+from epp.statesync.setup import state_sync_from_settings
 from epp.telemetry import RequestObserver
 from epp.telemetry.tracing import Tracer
 
@@ -91,6 +92,8 @@ class EppApp:
             health=self.passive_health,
             observer=self._observer(),
         )
+        self.sync = state_sync_from_settings(settings, self.datastore, self.inflight,
+                                             self.config.plugins, self.config.state_sync)
         self.engines = EngineRegistry.from_config(self.config.data or None)
         self.k8s: KubernetesSource | None = None
         self.health = HealthService()
@@ -110,6 +113,9 @@ class EppApp:
     async def start(self) -> None:
         s = self.settings
         await self._start_sources()
+        if self.sync is not None:
+            await self.sync.start()  # bootstrap from the other replicas before ready
+            self._tasks.append(self.sync)
         self.server = grpc.aio.server(options=_GRPC_OPTIONS)
         extproc.add_to_server(self.server, self.director, max_body_bytes=s.max_body_bytes,
                               limits=extproc.StreamLimits(s.extproc_max_streams,

@@ -61,6 +61,7 @@ _KNOWN_KEYS = frozenset(
         "saturationDetector",
         "flowControl",
         "data",
+        "stateSync",
     }
 )
 DEFAULT_CONFIG_TEXT = """\
@@ -105,6 +106,8 @@ class EppConfig:
     saturation_detector: dict[str, Any] = field(default_factory=dict)
     flow_control: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    state_sync: dict[str, Any] = field(default_factory=dict)
+    """Active-active replicas (`epp.statesync.setup`), the config-file form of --state-sync."""
     raw: dict[str, Any] = field(default_factory=dict)
 
     def plugin(self, name: str) -> Any:
@@ -180,6 +183,7 @@ def _build(doc: dict[str, Any]) -> EppConfig:
         saturation_detector=_section(doc, "saturationDetector"),
         flow_control=_section(doc, "flowControl"),
         data=_section(doc, "data"),
+        state_sync=_section(doc, "stateSync"),
         raw=doc,
     )
 

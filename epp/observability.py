@@ -261,3 +261,28 @@ PRECISE_PREFIX_FALLBACKS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+
+# -- active-active state sync (epp/statesync) -------------------------------------------
+
+STATE_SYNC_ERRORS = Counter(
+    "inference_extension_state_sync_errors_total",
+    "State-sync faults (routing went on with local state), by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+STATE_SYNC_CONNECTED = Gauge(
+    "inference_extension_state_sync_connected",
+    "1 while the replica exchanges state through Redis, 0 while degraded to local state.",
+    registry=REGISTRY,
+)
+STATE_SYNC_PEERS = Gauge(
+    "inference_extension_state_sync_peers",
+    "Other EPP replicas heard from within the heartbeat TTL.",
+    registry=REGISTRY,
+)
+STATE_SYNC_RECORDS = Counter(
+    "inference_extension_state_sync_prefix_records_total",
+    "Prefix records shared with other replicas (sent) or merged from them (received).",
+    ["direction"],
+    registry=REGISTRY,
+)

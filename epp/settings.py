@@ -80,6 +80,10 @@ class Settings:
     extproc_max_streams: int = 8192
     extproc_request_idle_timeout: float = 30.0
     extproc_response_idle_timeout: float = 600.0
+    state_sync: str | None = None
+    state_sync_key: str | None = None
+    state_sync_interval: float = 0.05
+    state_sync_ttl: float = 5.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--passive-health-cooldown", type=parse_duration, default=d.passive_health_cooldown,
       help="first cool-down of an ejected endpoint (doubled on repeats, up to 30s); it "
            "returns after the cool-down and a good metrics scrape")
+    a("--state-sync", default=None, metavar="URL",
+      help="active-active replicas: share the prefix index and in-flight load through Redis/"
+           "Valkey at redis://[user:password@]host:port[/db] (rediss:// for TLS); "
+           "turns leader election off")
+    a("--state-sync-key", default=None,
+      help="Redis stream key shared by the replicas (default: epp:state:<namespace>/<pool>)")
+    a("--state-sync-interval", type=parse_duration, default=d.state_sync_interval,
+      help="how often a replica sends what it learned and reads what the others did")
+    a("--state-sync-ttl", type=parse_duration, default=d.state_sync_ttl,
+      help="a replica silent this long has its in-flight load dropped")
     return p
 
 

@@ -344,6 +344,25 @@ def start_envoy(epp_port: int, *, epp_tls: bool = False, body_mode: str = "full-
     return env
 
 
+def epp_replicas(*grpc_ports: int) -> Callable[[dict[str, Any]], None]:
+    """A `start_envoy` patch: the `epp` cluster holds more EPP replicas (active-active);
+    Envoy balances the ext_proc streams, one per request, round robin across them, and
+    ejects a replica whose connections fail (a dead one) at its first failure."""
+
+    def patch(cfg: dict[str, Any]) -> None:
+        (epp,) = [c for c in cfg["staticResources"]["clusters"] if c["name"] == "epp"]
+        endpoints = epp["loadAssignment"]["endpoints"][0]["lbEndpoints"]
+        for port in grpc_ports:
+            endpoints.append({"endpoint": {"address": {"socketAddress": {
+                "address": "127.0.0.1", "portValue": port}}}})
+        epp["outlierDetection"] = {
+            "splitExternalLocalOriginErrors": True, "consecutiveLocalOriginFailure": 1,
+            "enforcingConsecutiveLocalOriginFailure": 100, "interval": "1s",
+            "baseEjectionTime": "10s", "maxEjectionPercent": 50}
+
+    return patch
+
+
 @dataclass
 class HttpResult:
     status: int

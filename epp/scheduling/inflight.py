@@ -19,10 +19,17 @@ the arrays fill up (amortised O(1)).
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import numpy as np
 
 from epp.datastore import Datastore, Endpoint, Snapshot, departed
+
+class RemoteLoadReader(Protocol):
+    """Load other replicas reported (`epp.statesync.remote.RemoteLoad`)."""
+
+    def extra_waiting(self, snapshot: Snapshot) -> np.ndarray | None: ...
+
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds after which an unfinished request stops counting (a lost `finished` call)."""
@@ -49,6 +56,8 @@ class InFlightTracker:
         self._snap_slots = np.zeros(0, np.int64)
         self._snap_endpoints: tuple[Endpoint, ...] = ()
         self._scraped_by_slot = np.zeros(0, np.float64)
+        self.remote: RemoteLoadReader | None = None
+        """Other EPP replicas' load (active-active state sync), added to `extra_waiting`."""
 
     def __len__(self) -> int:
         """Requests started and not finished (timed-out ones included until compaction)."""
@@ -95,10 +104,21 @@ class InFlightTracker:
         return None
 
     def extra_waiting(self, snapshot: Snapshot, now: float) -> np.ndarray | None:
-        """Per snapshot index, requests routed after that endpoint's last scrape and still open.
+        """Per snapshot index, requests routed after that endpoint's last scrape and still
+        open, by this replica and (with state sync) by the others.
 
         None when there is nothing to add (the common idle case costs nothing).
         """
+        local = self.local_extra_waiting(snapshot, now)
+        if self.remote is None:
+            return local
+        remote = self.remote.extra_waiting(snapshot)
+        if remote is None:
+            return local
+        return remote if local is None else local + remote
+
+    def local_extra_waiting(self, snapshot: Snapshot, now: float) -> np.ndarray | None:
+        """`extra_waiting` of this replica's own requests only (what state sync publishes)."""
         if not self._pos:
             return None
         self._sync_snapshot(snapshot)

@@ -154,8 +154,24 @@ class PrefixIndex:
                 result[name] = lo
         return result
 
+    def held(self, name: str, hashes: Sequence[int]) -> int:
+        """How many leading blocks of `hashes` endpoint `name` holds (bisection, as the
+        endpoint's blocks are prefix-closed)."""
+        lru = self._lru.get(name)
+        if lru is None:
+            return 0
+        lo, hi = 0, len(hashes)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if hashes[mid - 1] in lru:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
     def record(
-        self, name: str, hashes: Sequence[int], capacity: int, held: int | None = None
+        self, name: str, hashes: Sequence[int], capacity: int, held: int | None = None,
+        refresh: bool = True,
     ) -> None:
         """Remember that endpoint `name` now holds `hashes`; evict its least-recent blocks.
 
@@ -164,8 +180,12 @@ class PrefixIndex:
         chain's deepest blocks first. Hence each endpoint's blocks stay prefix-closed:
         holding block k means holding blocks 0..k-1, which `match` relies on. `held`, when
         the caller knows it (from `match`), is how many leading blocks the endpoint holds.
+
+        `refresh=False` (what another EPP replica learned, see `epp.statesync`) leaves the
+        held blocks' recency alone and adds the new ones as least recent, deepest first:
+        the chains stay prefix-closed at a cost of O(new blocks), not O(prompt blocks).
         """
-        if not hashes:
+        if not len(hashes):
             return
         lru = self._lru.get(name)
         if lru is None:
@@ -177,9 +197,14 @@ class PrefixIndex:
                     break
                 held += 1
         new = hashes[held:]
+        at_back = refresh or not held
         if new:
             before = len(lru)
             lru.update(zip(reversed(new), repeat(None)))
+            if not at_back:
+                move_front = lru.move_to_end
+                for h in new:  # the deepest ends up least recent
+                    move_front(h, False)
             self._size += len(lru) - before
             owners = self._owners
             # Blocks nobody holds yet (a prompt's unique tail) go in with one C-level update.
@@ -195,9 +220,10 @@ class PrefixIndex:
                         owners[h] = {o, name}
                 else:
                     o.add(name)  # type: ignore[union-attr]
-        move = lru.move_to_end
-        for k in range(held - 1, -1, -1):
-            move(hashes[k])
+        if at_back:
+            move = lru.move_to_end
+            for k in range(held - 1, -1, -1):
+                move(hashes[k])
         capacity = max(1, capacity)
         if len(lru) > capacity:
             self._evict(name, lru, capacity)

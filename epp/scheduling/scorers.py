@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from itertools import repeat
 from operator import contains as _contains
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -367,6 +367,9 @@ class PrefixCacheScorer:
         self.lru_capacity = lru_capacity
         self.index = _prefix.PrefixIndex(max_indexed_blocks)
         self.homes = _prefix.PrefixHomes()
+        self.outbox: Callable[[str, str, int, list[int]], None] | None = None
+        """Active-active state sync: told (scorer, endpoint, capacity, hashes) of each
+        record, to share it with the other replicas (`epp.statesync`)."""
 
     @classmethod
     def from_params(cls, name: str, params: dict[str, Any]) -> "PrefixCacheScorer":
@@ -517,6 +520,14 @@ class PrefixCacheScorer:
                 _, distinct = self._chars(state)
                 self.homes.settle(root, name, self.match(state, distinct[0]),
                                   state.request.request_id)
+        if self.outbox is not None:
+            self.outbox(self.name, name, cap, hashes)
+
+    def learn_remote(self, endpoint: str, hashes: Sequence[int], capacity: int) -> None:
+        """Another EPP replica routed this prompt to `endpoint` (state sync): its new
+        blocks are added without refreshing the ones this replica already holds."""
+        index = self.index
+        index.record(endpoint, hashes, capacity, index.held(endpoint, hashes), refresh=False)
 
     def forget_endpoint(self, name: str) -> None:
         self.index.forget(name)

@@ -32,7 +32,9 @@ inferencepool: {{ include "epp.name" . }}
 
 {{- define "epp.leaderElection" -}}
 {{- $le := .Values.inferenceExtension.leaderElection -}}
-{{- if eq (toString $le) "auto" -}}
+{{- if (.Values.inferenceExtension.stateSync | default (dict)).enabled -}}
+{{- /* active-active: every replica serves */ -}}
+{{- else if eq (toString $le) "auto" -}}
 {{- if gt (int .Values.inferenceExtension.replicas) 1 }}true{{ end -}}
 {{- else if $le -}}true{{- end -}}
 {{- end -}}
@@ -59,12 +61,12 @@ inferencepool: {{ include "epp.name" . }}
 {{/* This EPP's flags (epp --help). tests/unit/test_deploy_manifests.py keeps the list
 equal to the parser's. */}}
 {{- define "epp.knownFlags" -}}
-{{- list "grpc-port" "grpc-health-port" "metrics-port" "metrics-endpoint-auth" "bind-address" "secure-serving" "cert-path" "pool-name" "pool-namespace" "pool-group" "config-file" "config-text" "v" "endpoints" "endpoints-file" "endpoint-selector" "endpoint-target-ports" "kubeconfig" "ha-enable-leader-election" "objectives-file" "refresh-metrics-interval" "metrics-staleness-threshold" "refresh-prometheus-metrics-interval" "model-server-metrics-scheme" "model-server-metrics-path" "model-server-metrics-port" "model-server-metrics-https-insecure-skip-verify" "max-body-bytes" "drain-timeout" "metrics-label-cap" "passive-health-consecutive-failures" "passive-health-cooldown" "extproc-max-streams" "extproc-request-idle-timeout" "extproc-response-idle-timeout" "log-format" "tracing" | toJson -}}
+{{- list "grpc-port" "grpc-health-port" "metrics-port" "metrics-endpoint-auth" "bind-address" "secure-serving" "cert-path" "pool-name" "pool-namespace" "pool-group" "config-file" "config-text" "v" "endpoints" "endpoints-file" "endpoint-selector" "endpoint-target-ports" "kubeconfig" "ha-enable-leader-election" "objectives-file" "refresh-metrics-interval" "metrics-staleness-threshold" "refresh-prometheus-metrics-interval" "model-server-metrics-scheme" "model-server-metrics-path" "model-server-metrics-port" "model-server-metrics-https-insecure-skip-verify" "max-body-bytes" "drain-timeout" "metrics-label-cap" "passive-health-consecutive-failures" "passive-health-cooldown" "extproc-max-streams" "extproc-request-idle-timeout" "extproc-response-idle-timeout" "log-format" "tracing" "state-sync" "state-sync-key" "state-sync-interval" "state-sync-ttl" | toJson -}}
 {{- end -}}
 
 {{/* Flags the chart sets itself, with the value to set instead. */}}
 {{- define "epp.ownedFlags" -}}
-{{- dict "pool-name" "the release name" "pool-namespace" "the release namespace" "pool-group" "inferencePool.apiVersion" "grpc-port" "inferenceExtension.extProcPort" "grpc-health-port" "inferenceExtension.healthPort" "metrics-port" "inferenceExtension.metricsPort" "config-file" "inferenceExtension.pluginsConfigFile" "config-text" "inferenceExtension.pluginsCustomConfig" "ha-enable-leader-election" "inferenceExtension.leaderElection" "metrics-endpoint-auth" "inferenceExtension.monitoring.prometheus.auth.enabled" | toJson -}}
+{{- dict "pool-name" "the release name" "pool-namespace" "the release namespace" "pool-group" "inferencePool.apiVersion" "grpc-port" "inferenceExtension.extProcPort" "grpc-health-port" "inferenceExtension.healthPort" "metrics-port" "inferenceExtension.metricsPort" "config-file" "inferenceExtension.pluginsConfigFile" "config-text" "inferenceExtension.pluginsCustomConfig" "ha-enable-leader-election" "inferenceExtension.leaderElection" "metrics-endpoint-auth" "inferenceExtension.monitoring.prometheus.auth.enabled" "state-sync" "inferenceExtension.stateSync" | toJson -}}
 {{- end -}}
 
 {{/* inferenceExtension.flags as a list of {name, value}, from either upstream form. */}}
@@ -115,6 +117,13 @@ it names one itself. */}}
 {{- $file := $v.inferenceExtension.pluginsConfigFile -}}
 {{- if and (ne $file "default-plugins.yaml") (not (hasKey ($v.inferenceExtension.pluginsCustomConfig | default (dict)) $file)) -}}
 {{- fail (printf "inferenceExtension.pluginsConfigFile %q is neither default-plugins.yaml nor a key of inferenceExtension.pluginsCustomConfig" $file) -}}
+{{- end -}}
+{{- $sync := $v.inferenceExtension.stateSync | default (dict) -}}
+{{- if and $sync.enabled (eq (toString $v.inferenceExtension.leaderElection) "true") -}}
+{{- fail "inferenceExtension.stateSync.enabled (active-active, every replica serves) excludes inferenceExtension.leaderElection=true" -}}
+{{- end -}}
+{{- if and $sync.enabled (not $sync.existingSecret) -}}
+{{- fail "inferenceExtension.stateSync.enabled needs inferenceExtension.stateSync.existingSecret: a Secret holding the Redis URL" -}}
 {{- end -}}
 {{- $known := include "epp.knownFlags" . | fromJsonArray -}}
 {{- $owned := include "epp.ownedFlags" . | fromJson -}}
