@@ -96,7 +96,10 @@ def _formula(v: np.ndarray, known: np.ndarray, scale: float | None) -> np.ndarra
         if hi == lo:
             return np.ones(len(v))
         return (hi - v) / (hi - lo)
-    return np.clip(1.0 - v / max(scale, hi), 0.0, 1.0)
+    # 1 - v / max(scale, hi), clipped to [0, 1]; in place on one new array (hot path).
+    out = v * (-1.0 / max(scale, float(hi)))
+    out += 1.0
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def _load_params(params: dict[str, Any], default_scale: float) -> tuple[str, float]:
@@ -307,14 +310,25 @@ def load_discount(
     """
     w = state.take(state.waiting, candidates)
     if running_weight > 0:
-        w = w + running_weight * np.nan_to_num(state.take(state.snapshot.running, candidates))
-    known = ~np.isnan(w)
-    if not state.all_fresh:
-        known &= state.take(state.fresh, candidates)
-    if not known.any():
-        return np.ones(len(w))
-    excess = np.where(known, w - w[known].min(), 0.0)
-    return np.clip(2.0 * (1.0 - excess / worth), 0.0, 1.0)
+        w = w + running_weight * state.take(state.derived.get("running-or-0", _running_or_zero), candidates)
+    _, all_known = state.derived.get(("notnan", "waiting"), _NOTNAN["waiting"])
+    if all_known and state.all_fresh:  # the common case: no mask to build
+        excess = w - w.min()
+    else:
+        known = ~np.isnan(w)
+        if not state.all_fresh:
+            known &= state.take(state.fresh, candidates)
+        if not known.any():
+            return np.ones(len(w))
+        excess = np.where(known, w - w[known].min(), 0.0)
+    # clip(2 (1 - excess / worth), 0, 1), in place
+    excess *= -2.0 / worth
+    excess += 2.0
+    return np.clip(excess, 0.0, 1.0, out=excess)
+
+
+def _running_or_zero(s: Snapshot) -> np.ndarray:
+    return np.nan_to_num(s.running)
 
 
 class PrefixCacheScorer:
@@ -474,10 +488,9 @@ class PrefixCacheScorer:
             fresh = state.take(state.fresh, candidates)
             if fresh.any():
                 s = s * fresh
-        if self.hit_queue_worth > 0:
-            s = s * self._away_share(state, candidates) * load_discount(
-                state, candidates, self.hit_queue_worth, self.running_weight
-            )
+        if self.hit_queue_worth > 0 and s.any():
+            s = s * load_discount(state, candidates, self.hit_queue_worth, self.running_weight)
+            self._away_share(state, candidates, s)
         return s
 
     def _root(self, state: CycleState) -> int | None:
@@ -488,14 +501,21 @@ class PrefixCacheScorer:
         hashes = self.hashes(state, distinct[0])
         return hashes[0] if hashes else None
 
-    def _away_share(self, state: CycleState, candidates: np.ndarray) -> np.ndarray | float:
-        """AWAY_SHARE for candidates other than the group's home, 1.0 for the home."""
+    def _away_share(self, state: CycleState, candidates: np.ndarray, scores: np.ndarray) -> None:
+        """Scale `scores` (one per candidate, a new array) by AWAY_SHARE for candidates
+        other than the group's home; the home keeps its score."""
         root = self._root(state)
         home = self.homes.get(root) if root is not None else None
         i = state.snapshot.by_name.get(home) if home is not None else None
         if i is None:
-            return 1.0
-        return np.where(state.take(state.derived.all, candidates) == i, 1.0, AWAY_SHARE)
+            return
+        if candidates is state.derived.all:
+            kept = scores[i]
+            scores *= AWAY_SHARE
+            scores[i] = kept
+        else:
+            at_home = candidates == i
+            scores[~at_home] *= AWAY_SHARE
 
     # -- learning --------------------------------------------------------------------
 
