@@ -34,7 +34,6 @@ Parameters:
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from itertools import count
 from typing import Any, Mapping

@@ -117,16 +117,17 @@ class _LoadScorer:
     """Shared by the queue and running-requests scorers: `normalization` is `scaled` (ours,
     default) or `minmax` (upstream's formula, to reproduce its decisions)."""
 
+    plugin_type = ""
     bounded = True
     FIELD = ""
     DEFAULT_SCALE = 1.0
 
     def __init__(
-        self, name: str, *, normalization: str = "scaled", scale: float | None = None
+        self, name: str = "", *, normalization: str = "scaled", scale: float | None = None
     ) -> None:
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"unknown normalization {normalization!r}")
-        self.name = name
+        self.name = name or self.plugin_type
         self.normalization = normalization
         self.scale = float(scale) if scale is not None else self.DEFAULT_SCALE
 
@@ -155,9 +156,6 @@ class QueueScorer(_LoadScorer):
     FIELD = "waiting"
     DEFAULT_SCALE = DEFAULT_QUEUE_SCALE
 
-    def __init__(self, name: str = "queue-scorer", **kw: Any) -> None:
-        super().__init__(name, **kw)
-
     def values(self, state: CycleState) -> np.ndarray:
         return state.waiting
 
@@ -169,9 +167,6 @@ class RunningRequestsSizeScorer(_LoadScorer):
     plugin_type = "running-requests-size-scorer"
     FIELD = "running"
     DEFAULT_SCALE = DEFAULT_RUNNING_SCALE
-
-    def __init__(self, name: str = "running-requests-size-scorer", **kw: Any) -> None:
-        super().__init__(name, **kw)
 
     def values(self, state: CycleState) -> np.ndarray:
         return state.snapshot.running

@@ -36,7 +36,7 @@ from typing import Any, Mapping
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import (AuthenticationError, AuthorizationError, ConnectionError,
-                              DataError, InvalidResponse, RedisError, ResponseError)
+                              DataError, InvalidResponse, ResponseError)
 from redis.exceptions import TimeoutError as RedisTimeout
 from redis.retry import Retry
 
