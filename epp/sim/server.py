@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
 import uuid
@@ -48,6 +49,17 @@ class ApiError(Exception):
         body = {"error": {"message": self.message, "type": self.TYPES.get(self.status, "Error"),
                           "param": self.param, "code": self.status}}
         return web.json_response(body, status=self.status)
+
+
+def _lax_float(value: Any) -> Any:
+    """A numeric string as its number, as vLLM's request model (pydantic, lax mode) takes
+    `"temperature": "0"`; anything else unchanged, for the caller to judge."""
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return value
+    return value
 
 
 def _bad(message: str, param: str | None = None) -> ApiError:
@@ -302,10 +314,10 @@ class Replica:
         if max_tokens is not None and (not isinstance(max_tokens, int)
                                        or isinstance(max_tokens, bool) or max_tokens < 1):
             raise _bad(f"'{key}' must be a positive integer", key)
-        temperature = body.get("temperature")
+        temperature = _lax_float(body.get("temperature"))
         if temperature is not None and (isinstance(temperature, bool)
                                         or not isinstance(temperature, (int, float))
-                                        or temperature < 0):
+                                        or not 0 <= temperature < math.inf):
             raise _bad("'temperature' must be a non-negative number", "temperature")
         limit = self.cfg.max_model_len
         room = limit - prompt.num_tokens

@@ -131,6 +131,9 @@ async def test_errors_look_like_vllm_errors(start_sim: StartSim, http):
         (json.dumps({"model": BASE, "prompt": "x", "stream": "yes"}).encode(), 400),
         (json.dumps({"model": BASE, "prompt": "x" * 400}).encode(), 400),  # > max_model_len
         (json.dumps({"model": BASE, "prompt": "x", "max_tokens": 100}).encode(), 400),
+        (json.dumps({"model": BASE, "prompt": "x", "temperature": "warm"}).encode(), 400),
+        (json.dumps({"model": BASE, "prompt": "x", "temperature": "-1"}).encode(), 400),
+        (json.dumps({"model": BASE, "prompt": "x", "temperature": "inf"}).encode(), 400),
     ]
     for raw, status in cases:
         async with http.post(url, data=raw, headers={"Content-Type": "application/json"}) as r:
@@ -145,6 +148,15 @@ async def test_errors_look_like_vllm_errors(start_sim: StartSim, http):
     async with http.get(fleet.urls[0] + "/v1/nothing-here") as r:
         assert r.status == 404
         assert (await r.json())["error"]["type"] == "NotFoundError"
+
+
+async def test_a_numeric_string_temperature_is_taken_as_vllm_takes_it(start_sim: StartSim, http):
+    # The GKE guide's request sends "temperature": "0"; vLLM's pydantic model reads it as 0.0.
+    fleet = await start_sim()
+    async with http.post(fleet.urls[0] + "/v1/completions",
+                         json={"model": BASE, "prompt": "x", "max_tokens": 2,
+                               "temperature": "0"}) as r:
+        assert r.status == 200, await r.text()
 
 
 async def test_full_waiting_queue_answers_429(start_sim: StartSim, http):
