@@ -24,7 +24,7 @@ from epp.datalayer.engines import EngineRegistry
 from epp.k8s.objects import parse_pool
 from epp.k8s.settings import GROUP_V1, GROUP_X
 from epp.manifests import parse_manifests
-from epp.settings import build_parser
+from epp.settings import build_parser, parse_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -287,8 +287,10 @@ def test_flags_in_either_upstream_form(flags):
 
 @needs_helm
 @pytest.mark.parametrize("sets,message", [
-    (("inferenceExtension.flags.zap-encoder=json",),
-     "inferenceExtension.flags.zap-encoder: this EPP has no flag --zap-encoder"),
+    (("inferenceExtension.flags.total-queued-requests-metric=x",),
+     "inferenceExtension.flags.total-queued-requests-metric: this EPP has no flag "
+     "--total-queued-requests-metric"),
+    (("inferenceExtension.flags.tracing=true",), "the chart sets --tracing"),
     (("inferenceExtension.flags.grpc-port=9100",),
      "the chart sets --grpc-port; set inferenceExtension.extProcPort instead"),
     (("inferenceExtension.flags.pool-name=other",), "the chart sets --pool-name"),
@@ -296,6 +298,24 @@ def test_flags_in_either_upstream_form(flags):
 def test_flags_the_epp_lacks_or_the_chart_owns_fail_the_render(sets, message):
     with pytest.raises(RuntimeError, match=message.replace(".", r"\.")):
         render(SELECTOR, *sets)
+
+
+@needs_helm
+def test_tracing_passes_the_flag_and_upstreams_otel_variables():
+    off = one(render(SELECTOR), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert not any(a.startswith("--tracing") for a in off["args"])
+    assert not any(e["name"].startswith("OTEL_") for e in off["env"])
+    out = render(SELECTOR, "inferenceExtension.tracing.enabled=true",
+                 "inferenceExtension.tracing.otelExporterEndpoint=http://collector:4317",
+                 "inferenceExtension.tracing.sampling.samplerArg=0.25")
+    assert parse_settings(args_of(out)).tracing is True
+    (c,) = one(out, "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://collector:4317"
+    assert (env["OTEL_TRACES_SAMPLER"], env["OTEL_TRACES_SAMPLER_ARG"]) == (
+        "parentbased_traceidratio", "0.25")
+    assert env["OTEL_SERVICE_NAME"] == "gateway-api-inference-extension/epp"
+    assert "k8s.pod.name=$(POD_NAME)" in env["OTEL_RESOURCE_ATTRIBUTES"]
 
 
 def test_chart_flag_list_is_the_epps():
@@ -432,7 +452,6 @@ def test_objectives_and_http_route():
     ((SELECTOR, "inferenceExtension.replica=2"), "replica"),
     ((SELECTOR, "provider.name=aws"), "provider"),
     ((SELECTOR, "inferencePool.modelServerType=tgi"), "modelServerType"),
-    ((SELECTOR, "inferenceExtension.tracing.enabled=true"), "tracing"),
     ((SELECTOR, "inferenceExtension.latencyPredictor.enabled=true"), "latencyPredictor"),
     ((SELECTOR, "inferenceExtension.pluginsConfigFile=missing.yaml"), "missing.yaml"),
     ((SELECTOR, "istio.destinationRule.host=x"), "istio"),  # upstream v1.0's place: now provider.istio

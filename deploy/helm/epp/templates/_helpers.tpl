@@ -61,12 +61,12 @@ inferencepool: {{ include "epp.name" . }}
 {{/* This EPP's flags (epp --help). tests/unit/test_deploy_manifests.py keeps the list
 equal to the parser's. */}}
 {{- define "epp.knownFlags" -}}
-{{- list "grpc-port" "grpc-health-port" "metrics-port" "metrics-endpoint-auth" "bind-address" "secure-serving" "cert-path" "pool-name" "pool-namespace" "pool-group" "config-file" "config-text" "v" "endpoints" "endpoints-file" "endpoint-selector" "endpoint-target-ports" "kubeconfig" "ha-enable-leader-election" "objectives-file" "refresh-metrics-interval" "metrics-staleness-threshold" "refresh-prometheus-metrics-interval" "model-server-metrics-scheme" "model-server-metrics-path" "model-server-metrics-port" "model-server-metrics-https-insecure-skip-verify" "max-body-bytes" "drain-timeout" "metrics-label-cap" "passive-health-consecutive-failures" "passive-health-cooldown" "extproc-max-streams" "extproc-request-idle-timeout" "extproc-response-idle-timeout" "log-format" "tracing" "state-sync" "state-sync-key" "state-sync-interval" "state-sync-ttl" | toJson -}}
+{{- list "grpc-port" "grpc-health-port" "metrics-port" "metrics-endpoint-auth" "bind-address" "secure-serving" "cert-path" "pool-name" "pool-namespace" "pool-group" "config-file" "config-text" "v" "endpoints" "endpoints-file" "endpoint-selector" "endpoint-target-ports" "kubeconfig" "ha-enable-leader-election" "objectives-file" "refresh-metrics-interval" "metrics-staleness-threshold" "refresh-prometheus-metrics-interval" "model-server-metrics-scheme" "model-server-metrics-path" "model-server-metrics-port" "model-server-metrics-https-insecure-skip-verify" "max-body-bytes" "drain-timeout" "metrics-label-cap" "passive-health-consecutive-failures" "passive-health-cooldown" "extproc-max-streams" "extproc-request-idle-timeout" "extproc-response-idle-timeout" "log-format" "zap-encoder" "tracing" "state-sync" "state-sync-key" "state-sync-interval" "state-sync-ttl" | toJson -}}
 {{- end -}}
 
 {{/* Flags the chart sets itself, with the value to set instead. */}}
 {{- define "epp.ownedFlags" -}}
-{{- dict "pool-name" "the release name" "pool-namespace" "the release namespace" "pool-group" "inferencePool.apiVersion" "grpc-port" "inferenceExtension.extProcPort" "grpc-health-port" "inferenceExtension.healthPort" "metrics-port" "inferenceExtension.metricsPort" "config-file" "inferenceExtension.pluginsConfigFile" "config-text" "inferenceExtension.pluginsCustomConfig" "ha-enable-leader-election" "inferenceExtension.leaderElection" "metrics-endpoint-auth" "inferenceExtension.monitoring.prometheus.auth.enabled" "state-sync" "inferenceExtension.stateSync" | toJson -}}
+{{- dict "pool-name" "the release name" "pool-namespace" "the release namespace" "pool-group" "inferencePool.apiVersion" "grpc-port" "inferenceExtension.extProcPort" "grpc-health-port" "inferenceExtension.healthPort" "metrics-port" "inferenceExtension.metricsPort" "config-file" "inferenceExtension.pluginsConfigFile" "config-text" "inferenceExtension.pluginsCustomConfig" "ha-enable-leader-election" "inferenceExtension.leaderElection" "metrics-endpoint-auth" "inferenceExtension.monitoring.prometheus.auth.enabled" "state-sync" "inferenceExtension.stateSync" "tracing" "inferenceExtension.tracing.enabled" | toJson -}}
 {{- end -}}
 
 {{/* inferenceExtension.flags as a list of {name, value}, from either upstream form. */}}
@@ -110,9 +110,6 @@ it names one itself. */}}
 {{- $v := .Values -}}
 {{- if not $v.inferencePool.modelServers.matchLabels -}}
 {{- fail "inferencePool.modelServers.matchLabels is required (the labels of the model-server pods, e.g. --set inferencePool.modelServers.matchLabels.app=vllm-llama3-8b-instruct)" -}}
-{{- end -}}
-{{- if $v.inferenceExtension.tracing.enabled -}}
-{{- fail "inferenceExtension.tracing.enabled: this EPP does not export OpenTelemetry traces; leave tracing disabled" -}}
 {{- end -}}
 {{- $file := $v.inferenceExtension.pluginsConfigFile -}}
 {{- if and (ne $file "default-plugins.yaml") (not (hasKey ($v.inferenceExtension.pluginsCustomConfig | default (dict)) $file)) -}}
