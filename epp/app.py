@@ -17,6 +17,7 @@ import numpy as np
 from epp import observability as obs
 from epp.config import load_config, load_config_file
 from epp.datalayer.engines import EngineRegistry
+from epp.datalayer.plugins import engine_section, metrics_source
 from epp.datalayer.poolmetrics import PoolMetricsRefresher
 from epp.datalayer.scraper import Scraper
 from epp.datastore import Datastore
@@ -94,7 +95,8 @@ class EppApp:
         )
         self.sync = state_sync_from_settings(settings, self.datastore, self.inflight,
                                              self.config.plugins, self.config.state_sync)
-        self.engines = EngineRegistry.from_config(self.config.data or None)
+        self.engines = EngineRegistry.from_config(
+            engine_section(self.config.plugins, self.config.data))
         self.k8s: KubernetesSource | None = None
         self.health = HealthService()
         self.server: grpc.aio.Server | None = None
@@ -192,13 +194,15 @@ class EppApp:
             self.k8s = KubernetesSource(self.datastore, self.objectives, ks)
             await self.k8s.start()
             self._tasks.append(self.k8s)
+        source = metrics_source(self.config.plugins)  # upstream's plugin overlays the flags
         scraper = Scraper(
             self.datastore,
             interval=s.refresh_metrics_interval,
-            scheme=s.model_server_metrics_scheme,
-            path=s.model_server_metrics_path,
+            scheme=_first(source and source.scheme, s.model_server_metrics_scheme),
+            path=_first(source and source.path, s.model_server_metrics_path),
             port=s.model_server_metrics_port,
-            insecure_skip_verify=s.model_server_metrics_https_insecure_skip_verify,
+            insecure_skip_verify=_first(source and source.insecure_skip_verify,
+                                        s.model_server_metrics_https_insecure_skip_verify),
             engines=self.engines,
             health=self.passive_health,
         )
@@ -265,3 +269,8 @@ async def serve(settings: Settings, on_started: Callable[[], None] | None = None
     await app.stop(settings.drain_timeout)
     log.info("drained; exiting")
     return 0
+
+
+def _first(override: Any, default: Any) -> Any:
+    """A config override when it is set (False counts as set), else the flag's value."""
+    return default if override is None else override

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import yaml
 
 from epp import registry
+from epp.datalayer.plugins import engine_section, metrics_source
 from epp.filewatch import NotReady, read_settled_retrying
 from epp.scheduling.interface import Filter, Picker, ProfileHandler, Scorer
 from epp.scheduling.pickers import MaxScorePicker
@@ -106,6 +107,7 @@ class EppConfig:
     saturation_detector: dict[str, Any] = field(default_factory=dict)
     flow_control: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
+    """The engine table (`epp.datalayer.engines`); or a `core-metrics-extractor` plugin."""
     state_sync: dict[str, Any] = field(default_factory=dict)
     """Active-active replicas (`epp.statesync.setup`), the config-file form of --state-sync."""
     raw: dict[str, Any] = field(default_factory=dict)
@@ -174,6 +176,13 @@ def _build(doc: dict[str, Any]) -> EppConfig:
         name = handler.name if handler is not None else "single-profile-handler"
         raise ConfigError(f"profile handler {name!r}: {e}") from None
 
+    data = _section(doc, "data")
+    try:
+        engine_section(plugins, data)
+        metrics_source(plugins)
+    except ValueError as e:
+        raise ConfigError(f"plugins: {e}") from None
+
     return EppConfig(
         plugins=plugins,
         plugin_types=types,
@@ -182,7 +191,7 @@ def _build(doc: dict[str, Any]) -> EppConfig:
         feature_gates=_feature_gates(doc.get("featureGates")),
         saturation_detector=_section(doc, "saturationDetector"),
         flow_control=_section(doc, "flowControl"),
-        data=_section(doc, "data"),
+        data=data,
         state_sync=_section(doc, "stateSync"),
         raw=doc,
     )

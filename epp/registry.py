@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from epp.datalayer.plugins import CoreMetricsExtractor, MetricsDataSource
 from epp.flowcontrol.saturation import ConcurrencyDetector, UtilizationDetector
 from epp.scheduling import filters, pickers, scorers
 from epp.scheduling.precise_prefix import PrecisePrefixCacheScorer
@@ -37,6 +38,9 @@ _BUILTIN: tuple[type[Any], ...] = (
     # saturation detectors (used by admission, not by profiles)
     UtilizationDetector,
     ConcurrencyDetector,
+    # data layer (read by the scraper and the engine table at start)
+    MetricsDataSource,
+    CoreMetricsExtractor,
 )
 
 PLUGIN_TYPES: Mapping[str, type[Any]] = {

@@ -34,6 +34,14 @@ def parse_bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"invalid boolean {text!r}")
 
 
+def _zap_encoder(text: str) -> str:
+    """Upstream's `--zap-encoder` (json, console) as a `--log-format` value."""
+    formats = {"json": "json", "console": "text"}
+    if text not in formats:
+        raise argparse.ArgumentTypeError(f"invalid encoder {text!r} (json or console)")
+    return formats[text]
+
+
 def _verbosity(text: str) -> int:
     try:
         return int(text.lstrip("="))
@@ -114,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="log verbosity (0-5); 4 logs one line per routing decision")
     a("--log-format", default=d.log_format, choices=["text", "json"],
       help="json: one JSON object per line, with request_id on a request's lines")
+    a("--zap-encoder", dest="log_format", type=_zap_encoder, default=argparse.SUPPRESS,
+      help="upstream's name: json is --log-format=json, console is --log-format=text")
     a("--tracing", default=d.tracing, **b,
       help="export OpenTelemetry traces over OTLP, configured by the standard OTEL_* "
            "variables (default sampler: parent-based, 10%% of new traces)")

@@ -53,6 +53,18 @@ class MetricsError(Exception):
         self.detail = detail
 
 
+# This EPP's names before it followed upstream's (`...LabelName`); still read.
+_OLD_LABEL_KEYS = {"cacheBlockSizeLabel": "cacheBlockSizeLabelName",
+                   "cacheNumBlocksLabel": "cacheNumBlocksLabelName"}
+
+
+def _label_key(d: Mapping[str, Any], key: str, default: str) -> str:
+    old = next(o for o, new in _OLD_LABEL_KEYS.items() if new == key)
+    if key in d and old in d:
+        raise ValueError(f"engine config: give {key!r} or its old name {old!r}, not both")
+    return str(d.get(key) or d.get(old) or default)
+
+
 def _specs(value: Any, key: str) -> tuple[MetricSpec, ...]:
     """A spec string, a list of fallback spec strings, or empty/None (disabled)."""
     if value is None or value == "":
@@ -98,8 +110,9 @@ class EngineConfig:
             raise ValueError(f"engine config must be a mapping, got {d!r}")
         known = {
             "name", "queuedRequestsSpec", "runningRequestsSpec", "kvUsageSpec", "loraSpec",
-            "cacheInfoSpec", "cacheBlockSizeLabel", "cacheNumBlocksLabel",
+            "cacheInfoSpec", "cacheBlockSizeLabelName", "cacheNumBlocksLabelName",
             "cacheBlockSizeSpec", "cacheNumBlocksSpec",
+            *_OLD_LABEL_KEYS,
         }
         unknown = set(d) - known
         if unknown:
@@ -121,8 +134,8 @@ class EngineConfig:
             kv_usage=_specs(d.get("kvUsageSpec"), f"{name}.kvUsageSpec"),
             lora=one("loraSpec"),
             cache_info=one("cacheInfoSpec"),
-            block_size_label=str(d.get("cacheBlockSizeLabel") or "block_size"),
-            num_blocks_label=str(d.get("cacheNumBlocksLabel") or "num_gpu_blocks"),
+            block_size_label=_label_key(d, "cacheBlockSizeLabelName", "block_size"),
+            num_blocks_label=_label_key(d, "cacheNumBlocksLabelName", "num_gpu_blocks"),
             cache_block_size=one("cacheBlockSizeSpec"),
             cache_num_blocks=one("cacheNumBlocksSpec"),
         )
@@ -319,8 +332,8 @@ class EngineRegistry:
                 kvUsageSpec: "my:kv_usage"      # or a list: first present wins
                 loraSpec: ""                    # empty or absent: not read
                 cacheInfoSpec: "my:cache_info"  # info gauge with block size labels
-                cacheBlockSizeLabel: block_size
-                cacheNumBlocksLabel: num_gpu_blocks
+                cacheBlockSizeLabelName: block_size
+                cacheNumBlocksLabelName: num_gpu_blocks
                 cacheBlockSizeSpec: "my:page_size{kind=tokens}"  # or plain gauges
                 cacheNumBlocksSpec: "my:num_pages"
 

@@ -1,8 +1,9 @@
 """gRPC health on its own port: `liveness`, `readiness` and the ext_proc service name.
 
 Liveness is SERVING while the process runs. Readiness (and the ext_proc service name,
-and "") turn SERVING only when the EPP can route: after the first full sync of its
-endpoint source and, with leader election, only on the leader.
+"", and `inference-extension`, the name upstream's chart probes with one replica) turn
+SERVING only when the EPP can route: after the first full sync of its endpoint source
+and, with leader election, only on the leader.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
-_READY_NAMES = ("readiness", EXTPROC_SERVICE, "")
+_READY_NAMES = ("readiness", EXTPROC_SERVICE, "", "inference-extension")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

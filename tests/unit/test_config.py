@@ -165,3 +165,82 @@ def test_plugins_are_instances_per_config() -> None:
     a, b = load_config(None), load_config(None)
     assert a.plugin("prefix-cache-scorer") is not b.plugin("prefix-cache-scorer")
     assert "utilization-detector" in registry.known_types()
+
+
+# What upstream's v1.5.0 Helm chart writes as default-plugins.yaml (modelServerType vllm).
+UPSTREAM_CHART_DEFAULT = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+- type: metrics-data-source
+  parameters:
+    scheme: "http"
+    path: "/metrics"
+    insecureSkipVerify: true
+- type: core-metrics-extractor
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+"""
+
+
+def test_upstream_charts_default_config_loads_with_its_data_layer_plugins() -> None:
+    from epp.datalayer.engines import EngineRegistry
+    from epp.datalayer.plugins import engine_section, metrics_source
+
+    cfg = load_config(UPSTREAM_CHART_DEFAULT)
+    assert weights(cfg) == {"queue-scorer": 2.0, "kv-cache-utilization-scorer": 2.0,
+                            "prefix-cache-scorer": 3.0}
+    source = metrics_source(cfg.plugins)
+    assert (source.scheme, source.path, source.insecure_skip_verify) == ("http", "/metrics", True)
+    assert EngineRegistry.from_config(engine_section(cfg.plugins, cfg.data)).default == "vllm"
+
+
+def test_core_metrics_extractor_takes_upstreams_engine_parameters() -> None:
+    from epp.datalayer.engines import EngineRegistry
+    from epp.datalayer.plugins import engine_section
+
+    cfg = load_config("""
+plugins:
+- type: queue-scorer
+- type: core-metrics-extractor
+  parameters:
+    defaultEngine: mine
+    engineConfigs:
+    - name: mine
+      queuedRequestsSpec: "mine:queue"
+      runningRequestsSpec: "mine:running"
+      kvUsageSpec: "mine:kv"
+      cacheInfoSpec: "mine:cache_config_info"
+      cacheBlockSizeLabelName: page_size
+      cacheNumBlocksLabelName: num_pages
+""")
+    engines = EngineRegistry.from_config(engine_section(cfg.plugins, cfg.data))
+    mine = engines.for_labels({})
+    assert (mine.name, mine.block_size_label, mine.num_blocks_label) == ("mine", "page_size", "num_pages")
+
+
+@pytest.mark.parametrize(("text", "names"), [
+    ("plugins: [{type: metrics-data-source, parameters: {scheme: ftp}}]", ["metrics-data-source", "scheme"]),
+    ("plugins: [{type: metrics-data-source, parameters: {path: metrics}}]", ["path"]),
+    ("plugins: [{type: metrics-data-source, parameters: {insecureSkipVerify: 'yes'}}]", ["insecureSkipVerify"]),
+    ("plugins: [{type: metrics-data-source}, {type: metrics-data-source, name: b}]", ["one metrics-data-source"]),
+    ("plugins: [{type: core-metrics-extractor, parameters: {defaultEngine: nope}}]", ["core-metrics-extractor", "nope"]),
+    ("plugins: [{type: core-metrics-extractor}]\ndata: {defaultEngine: vllm}", ["not both"]),
+    ("plugins: [{type: core-metrics-extractor}]\nschedulingProfiles: [{name: p, plugins: [{pluginRef: core-metrics-extractor}]}]",
+     ["not a filter, scorer or picker"]),
+])
+def test_data_layer_plugin_errors_name_the_entry(text: str, names: list[str]) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(text)
+    for n in names:
+        assert n in str(e.value)

@@ -180,8 +180,8 @@ def test_registry_from_config_overrides_and_adds_engines():
                     "runningRequestsSpec": "atom:num_requests_running",
                     "kvUsageSpec": ["atom:kv_usage", "atom:old_kv_usage"],
                     "cacheInfoSpec": "atom:cache_config_info",
-                    "cacheBlockSizeLabel": "page_size",
-                    "cacheNumBlocksLabel": "num_pages",
+                    "cacheBlockSizeLabelName": "page_size",
+                    "cacheNumBlocksLabelName": "num_pages",
                 },
                 {  # replaces the built-in vllm entry entirely: no LoRA read any more
                     "name": "vllm",
