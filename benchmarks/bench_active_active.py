@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -45,12 +46,25 @@ if str(ROOT) not in sys.path:
 from benchmarks.bench_routing import MODEL, fleet, scaled  # noqa: E402
 from benchmarks.routing.client import replay  # noqa: E402
 from benchmarks.routing.report import summarize  # noqa: E402
-from benchmarks.routing.stack import Fleet, cpu_seconds  # noqa: E402
+from benchmarks.routing.stack import Fleet, cpu_seconds, machine_busy  # noqa: E402
 from benchmarks.routing.workload import SharedPrefixShape, shared_prefix_schedule  # noqa: E402
 from tests.support import (EnvoyProcess, EppProcess, Proc, epp_replicas, free_port,  # noqa: E402
                            start_envoy, start_epp)
 
 MODES = ("1 replica", "2 unsynced", "2 synced")
+CONTROLS = ("1 replica + scraping EPP", "2 synced, 10ms")
+"""Controls for the TTFT gap of two replicas (`--controls`): one replica serving while a
+second EPP scrapes the same pods but gets no traffic (what a second process alone costs
+the simulator and the serving EPP on this machine), and two replicas syncing every 10 ms
+instead of 50 (how much the sync interval matters)."""
+MODE_SPECS: dict[str, tuple[int, int, bool, str | None]] = {
+    # mode: (replicas in Envoy's epp cluster, EPPs that only scrape, synced, interval)
+    "1 replica": (1, 0, False, None),
+    "2 unsynced": (2, 0, False, None),
+    "2 synced": (2, 0, True, None),
+    "1 replica + scraping EPP": (1, 1, False, None),
+    "2 synced, 10ms": (2, 0, True, "10ms"),
+}
 
 
 def log(msg: str) -> None:
@@ -101,15 +115,16 @@ def sync_args(redis: Redis) -> list[str]:
 class Replicas:
     """N EPP replicas (optionally synced) in front of `hostports`, one Envoy before them."""
 
-    def __init__(self, n: int, hostports: list[str], sync: list[str]) -> None:
+    def __init__(self, n: int, hostports: list[str], sync: list[str], idle: int = 0) -> None:
+        """`idle` more EPPs run beside them (same pods, same scraping) outside Envoy's cluster."""
         args = ["--refresh-metrics-interval", "0.05s", "-v", "-1", *sync]
         self.epps: list[EppProcess] = []
         self.envoy: EnvoyProcess | None = None
         try:
-            for _ in range(n):
+            for _ in range(n + idle):
                 self.epps.append(start_epp(*args, endpoints=",".join(hostports)))
             self.envoy = start_envoy(self.epps[0].grpc_port,
-                                     patch=epp_replicas(*(e.grpc_port for e in self.epps[1:])))
+                                     patch=epp_replicas(*(e.grpc_port for e in self.epps[1:n])))
         except BaseException:
             self.stop()
             raise
@@ -118,6 +133,16 @@ class Replicas:
     def url(self) -> str:
         assert self.envoy is not None
         return self.envoy.url + "/v1/completions"
+
+    def envoy_stat(self, name: str) -> int | None:
+        """A counter from Envoy's admin page (None when Envoy does not report it)."""
+        assert self.envoy is not None
+        url = f"http://127.0.0.1:{self.envoy.admin_port}/stats?filter=^{name}$"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + ":"):
+                    return int(line.rsplit(":", 1)[1])
+        return None
 
     def stop(self) -> None:
         if self.envoy is not None:
@@ -132,34 +157,57 @@ def routing_point(mode: str, redis: Redis, qps: float, count: int, seed: int,
     schedule = shared_prefix_schedule(SharedPrefixShape(), qps, count, seed=seed, model=MODEL)
     pods = Fleet(sims)
     try:
-        n = 1 if mode == "1 replica" else 2
-        reps = Replicas(n, pods.hostports, sync_args(redis) if mode == "2 synced" else [])
+        n, idle, synced, interval = MODE_SPECS[mode]
+        sync = sync_args(redis) if synced else []
+        if interval:
+            sync += ["--state-sync-interval", interval]
+        reps = Replicas(n, pods.hostports, sync, idle)
         try:
             time.sleep(0.5)
             q0, h0 = pods.prefix_counters()
+            pids = {"fleet": [pods.p.pid], "epps": [e.proc.p.pid for e in reps.epps],
+                    "envoy": [reps.envoy.proc.p.pid] if reps.envoy else []}
+            cpu0 = {k: sum(map(cpu_seconds, v)) for k, v in pids.items()}
+            busy0, w0 = machine_busy(), time.perf_counter()
             results, _ = asyncio.run(replay(reps.url, scaled(schedule, time_scale),
                                             timeout=600 / time_scale))
+            wall = time.perf_counter() - w0
+            busy1 = machine_busy()
+            cpu = {k: round((sum(map(cpu_seconds, v)) - cpu0[k]) / wall, 3)
+                   for k, v in pids.items()}
             q1, h1 = pods.prefix_counters()
+            ejections = reps.envoy_stat("cluster.epp.outlier_detection.ejections_enforced_total")
         finally:
             reps.stop()
     finally:
         pods.stop()
     out = summarize(results, time_scale)
     out["prefix_hit_rate"] = (h1 - h0) / (q1 - q0) if q1 > q0 else None
+    # Cores in use while replaying: by process group, and the whole machine's (others' too).
+    out["cores"] = cpu | {"machine": round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1])
+                                           * (os.cpu_count() or 1), 2)}
+    out["epp_ejections"] = ejections
     return out
 
 
 def routing(redis: Redis, qps_list: list[float], count: int, repeat: int,
-            time_scale: float) -> list[dict[str, Any]]:
+            time_scale: float, modes: tuple[str, ...] = MODES) -> list[dict[str, Any]]:
     rows = []
     for qps in qps_list:
-        for mode in MODES:
-            runs = [routing_point(mode, redis, qps, count, 1 + r, time_scale)
-                    for r in range(repeat)]
-            row = {"mode": mode, "qps": qps, "requests": count, "repeat": repeat}
-            for k in ("ttft_p50", "ttft_p90", "prefix_hit_rate", "errors"):
-                vals = [r[k] for r in runs if r[k] is not None]
+        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+        for r in range(repeat):  # interleaved, so that machine load hits every mode alike
+            for mode in modes:
+                runs[mode].append(routing_point(mode, redis, qps, count, 1 + r, time_scale))
+                log(f"routing {mode} run {r + 1}: p50 {runs[mode][-1]['ttft_p50']} "
+                    f"p90 {runs[mode][-1]['ttft_p90']} cores {runs[mode][-1]['cores']}")
+        for mode in modes:
+            row = {"mode": mode, "qps": qps, "requests": count, "repeat": repeat,
+                   "runs": runs[mode]}
+            for k in ("ttft_p50", "ttft_p90", "prefix_hit_rate", "errors", "epp_ejections"):
+                vals = [r[k] for r in runs[mode] if r[k] is not None]
                 row[k] = statistics.median(vals) if vals else None
+            for k in runs[mode][0]["cores"]:
+                row[f"cores_{k}"] = statistics.median(r["cores"][k] for r in runs[mode])
             rows.append(row)
             log(f"routing {mode:>10} qps={qps:g}: ttft p90 {row['ttft_p90']} "
                 f"hit {row['prefix_hit_rate']} errors {row['errors']}")
@@ -431,11 +479,14 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = []
     if doc.get("routing"):
         lines += ["### Routing quality (shared prefix, 8 simulated pods)", "",
-                  "| replicas | QPS | TTFT p50 (s) | TTFT p90 (s) | prefix hit rate | errors |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| replicas | QPS | TTFT p50 (s) | TTFT p90 (s) | prefix hit rate | errors | "
+                  "cores: sim fleet / EPPs / Envoy / machine |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
         for r in doc["routing"]:
             lines.append(f"| {r['mode']} | {r['qps']:g} | {_f(r['ttft_p50'])} | "
-                         f"{_f(r['ttft_p90'])} | {_f(r['prefix_hit_rate'])} | {r['errors']} |")
+                         f"{_f(r['ttft_p90'])} | {_f(r['prefix_hit_rate'])} | {r['errors']} | "
+                         f"{r['cores_fleet']:.2f} / {r['cores_epps']:.2f} / "
+                         f"{r['cores_envoy']:.2f} / {r['cores_machine']:.2f} |")
         lines.append("")
     if doc.get("sync_cost"):
         lines += ["### CPU per routed request (routing core, this process)", "",
@@ -478,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--parts", nargs="+", default=["routing", "cost", "throughput", "failover"],
                     choices=["routing", "cost", "throughput", "failover"])
+    ap.add_argument("--controls", action="store_true",
+                    help="routing: also the control modes " + ", ".join(CONTROLS))
     ap.add_argument("--qps", type=float, nargs="+")
     ap.add_argument("--requests", type=int)
     ap.add_argument("--repeat", type=int)
@@ -503,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         if "routing" in args.parts:
-            doc["routing"] = routing(redis, qps, count, repeat, args.time_scale)
+            modes = MODES + (CONTROLS if args.controls else ())
+            doc["routing"] = routing(redis, qps, count, repeat, args.time_scale, modes)
         if "cost" in args.parts:
             doc["sync_components"] = component_costs()
             doc["sync_cost"] = sync_cost(redis, 1.0 if quick else 4.0, repeat)
