@@ -312,26 +312,50 @@ def sync_cost(redis: Redis, seconds: float, repeat: int) -> list[dict[str, Any]]
 
 
 def component_costs(rounds: int = 7) -> dict[str, float]:
-    """CPU µs per prefix record of each step sync adds, the best of `rounds` (the minimum
-    is what the code costs; a shared machine only ever adds to it): encoding a batch,
-    decoding it, and merging it into an index that knows the shared system prompts
-    (`warm`) or not yet (`cold`: every tail new)."""
+    """CPU µs per routed request of each step sync adds, the best of `rounds` (the minimum
+    is what the code costs; a shared machine only ever adds to it), for 2,000 shared-prefix
+    prompts routed to 8 endpoints in batches of 40 (800 requests/s per replica at 50 ms):
+    turning the requests' chains into records (only blocks not yet sent for the endpoint)
+    and encoding them, decoding a batch, and merging it into an index that knows the
+    shared system prompts (`warm`) or not yet (`cold`)."""
+    from epp.datastore import Datastore, Endpoint
+    from epp.scheduling import InFlightTracker
     from epp.scheduling import prefix as _prefix
     from epp.scheduling.scorers import PrefixCacheScorer
     from epp.statesync import wire
+    from epp.statesync.sync import StateSync, SyncOptions
 
     chains = [_prefix.block_hashes(MODEL, _prefix.prompt_bytes(p), 64, 256)
               for p in _core_prompts(2000)]
-    recs = [wire.PrefixRecord("prefix-cache-scorer", f"pod-{i % 8}", 31_250, h)
-            for i, h in enumerate(chains)]
-    per = 40  # records per batch: 800 req/s per replica at 50 ms
-    fields = [wire.encode("a", {"pod-1": 3}, recs[i:i + per]) for i in range(0, len(recs), per)]
+    names = [f"pod-{i}" for i in range(8)]
+    ds = Datastore()
+    ds.set_endpoints([Endpoint(n, f"10.0.0.{i + 1}", 8000) for i, n in enumerate(names)])
+    per = 40
+
+    def sender() -> StateSync:
+        scorer = PrefixCacheScorer()
+        return StateSync(SyncOptions(url="redis://unused"), ds, InFlightTracker(),
+                         {scorer.name: scorer}, replica="a")
+
+    def publish(sync: StateSync) -> list[dict[bytes, bytes]]:
+        out = []
+        for i in range(0, len(chains), per):
+            for j in range(i, min(i + per, len(chains))):
+                sync._on_record("prefix-cache-scorer", names[j % 8], 31_250, chains[j])
+            records, sent = sync._outgoing()
+            sent()
+            out.append(wire.encode("a", {"pod-1": 3}, records))
+        return out
+
+    fields = publish(sender())
     batches = [wire.decode(f) for f in fields]
+    receiver = sender()
+    receiver.replica = "b"  # merges what "a" sent
 
     def merge(scorer: PrefixCacheScorer) -> None:
-        for b in batches:
-            for r in b.records:
-                scorer.learn_remote(r.endpoint, r.hashes, r.capacity)
+        receiver.scorers = {scorer.name: scorer}
+        for f in fields:
+            receiver._apply(f, bootstrap=False)
 
     warm = PrefixCacheScorer()
     merge(warm)
@@ -341,18 +365,21 @@ def component_costs(rounds: int = 7) -> dict[str, float]:
         for _ in range(rounds):
             c0 = time.process_time()
             f()
-            runs.append((time.process_time() - c0) / len(recs) * 1e6)
+            runs.append((time.process_time() - c0) / len(chains) * 1e6)
         return round(min(runs), 2)
 
+    records = sum(len(b.records) for b in batches)
     out = {
-        "blocks_per_record": sum(map(len, chains)) / len(chains),
-        "encode_us": best(lambda: [wire.encode("a", {"pod-1": 3}, recs[i:i + per])
-                                   for i in range(0, len(recs), per)]),
+        "blocks_per_request": sum(map(len, chains)) / len(chains),
+        "records_per_request": records / len(chains),
+        "blocks_sent_per_request": sum(len(r.hashes) for b in batches for r in b.records)
+        / len(chains),
+        "publish_us": best(lambda: publish(sender())),
         "decode_us": best(lambda: [wire.decode(f) for f in fields]),
-        "merge_cold_us": best(lambda: merge(PrefixCacheScorer())),
-        "merge_warm_us": best(lambda: merge(warm)),
+        "apply_cold_us": best(lambda: merge(PrefixCacheScorer())),
+        "apply_warm_us": best(lambda: merge(warm)),
     }
-    log(f"component costs per record: {out}")
+    log(f"component costs per request: {out}")
     return out
 
 
@@ -498,12 +525,14 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append("")
     if doc.get("sync_components"):
         c = doc["sync_components"]
-        lines += ["### What sync adds per prefix record (CPU µs, best of 7)", "",
-                  f"{c['blocks_per_record']:.0f} blocks per record: encode {c['encode_us']}, "
-                  f"decode {c['decode_us']}, merge {c['merge_cold_us']} (new tails) / "
-                  f"{c['merge_warm_us']} (already known). Per exchange, with N replicas "
-                  f"sharing the load evenly, a replica encodes its own record and decodes "
-                  f"and merges N-1 others' for each of its own exchanges.", ""]
+        lines += ["### What sync adds per routed request (CPU µs, best of 7)", "",
+                  f"{c['blocks_per_request']:.0f} blocks per prompt, "
+                  f"{c['blocks_sent_per_request']:.1f} sent ({c['records_per_request']:.2f} "
+                  f"records): record + encode {c['publish_us']}, decode {c['decode_us']}, "
+                  f"decode + merge {c['apply_cold_us']} (new tails) / {c['apply_warm_us']} "
+                  f"(already known). With N replicas sharing the load evenly, a replica "
+                  f"publishes its own and decodes and merges N-1 others' for each of its own "
+                  f"requests.", ""]
     if doc.get("throughput"):
         lines += ["### ext_proc throughput (h2load per replica)", "",
                   "| EPP | exchanges/s | EPP CPU µs/exchange | h2load CPU µs/exchange | "

@@ -20,7 +20,7 @@ costs one encode per request instead of one per block.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from itertools import repeat
 from typing import Iterable, Sequence
 
@@ -201,10 +201,8 @@ class PrefixIndex:
         if new:
             before = len(lru)
             lru.update(zip(reversed(new), repeat(None)))
-            if not at_back:
-                move_front = lru.move_to_end
-                for h in new:  # the deepest ends up least recent
-                    move_front(h, False)
+            if not at_back:  # each moved to the front: the deepest ends up least recent
+                deque(map(lru.move_to_end, new, repeat(False)), 0)  # a loop in C
             self._size += len(lru) - before
             owners = self._owners
             # Blocks nobody holds yet (a prompt's unique tail) go in with one C-level update.

@@ -3,9 +3,11 @@
 Nothing here runs on the request path. The request path keeps reading local state; this
 module only moves state in the background:
 
-- out: the prefix-cache scorer hands each record to `_on_record` (a list append); every
+- out: the prefix-cache scorer hands each record to `_on_record` (a dict insert); every
   `interval` the publisher appends one batch to the stream (`wire.py`), with this replica's
-  in-flight counts per endpoint, and at least once per heartbeat even when idle;
+  in-flight counts per endpoint, and at least once per heartbeat even when idle. A chain
+  goes out as only the blocks not yet sent for its endpoint (a shared system prompt
+  crosses the stream once per endpoint every `RESEND` seconds, not once per request);
 - in: the reader follows the stream (XREAD BLOCK) and merges the other replicas' prefix
   records into the same scorers (`learn_remote`) and their counts into `RemoteLoad`,
   which `InFlightTracker.extra_waiting` adds to this replica's own;
@@ -31,7 +33,7 @@ import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
@@ -56,6 +58,12 @@ an idle replica polls (each round trip costs ~0.4 ms of CPU in redis-py)."""
 
 BATCH_RECORDS = 2000
 """Records per stream entry (~1.6 MB at 100 blocks each); more wait for the next interval."""
+
+RESEND = 2.0
+"""Seconds after which a replica forgets which blocks it has sent and sends chains whole
+again: a receiver that missed a chain's head (it started later and the head was trimmed
+from the stream, it did not know the endpoint yet, or it evicted the head) drops the tails
+that continue it and learns the chain again within this time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +124,12 @@ class StateSync:
         for s in self.scorers.values():
             s.outbox = self._on_record
         # Records to send, deduplicated per (scorer, endpoint, chain); oldest first.
-        self._pending: OrderedDict[tuple[str, str, int, int], wire.PrefixRecord] = OrderedDict()
+        self._pending: OrderedDict[tuple[str, str, int, int], tuple[int, list[int]]] = (
+            OrderedDict())
+        # Per (scorer, endpoint), the blocks sent since `_sent_since`: a chain goes out as
+        # its new tail after the last block already sent (prefix-closed, like the index).
+        self._sent: dict[tuple[str, str], set[int]] = {}
+        self._sent_since = 0.0
         self._last_load: dict[str, int] | None = None
         self._last_sent = -1e9
         self._last_id: str | None = None  # stream position read up to; None: bootstrap due
@@ -175,7 +188,7 @@ class StateSync:
         if key in pending:
             pending.move_to_end(key)
             return
-        pending[key] = wire.PrefixRecord(scorer, endpoint, capacity, hashes)
+        pending[key] = capacity, hashes
         if len(pending) > self.options.max_pending:
             pending.popitem(last=False)
             obs.STATE_SYNC_ERRORS.labels("overflow").inc()
@@ -238,6 +251,7 @@ class StateSync:
             # Cut off, we cannot hear the others' heartbeats: their load stops counting
             # now rather than going stale (it is re-announced within a second of reconnecting).
             self.remote.clear()
+            self._sent.clear()  # Redis may have lost what we sent: send chains whole again
             obs.STATE_SYNC_PEERS.set(0)
             await cancel_and_wait(pub, read)
 
@@ -318,19 +332,64 @@ class StateSync:
             obs.STATE_SYNC_PEERS.set(len(self.remote.peers))
             heartbeat_due = now - self._last_sent >= o.heartbeat
             load_changed = load != self._last_load
-            if self._pending or load_changed or heartbeat_due:
-                keys = list(itertools.islice(self._pending, BATCH_RECORDS))
-                records = [self._pending[k] for k in keys]
+            if now - self._sent_since >= RESEND:
+                self._sent.clear()
+                self._sent_since = now
+            records, sent = self._outgoing()
+            if records or load_changed or heartbeat_due:
                 fields = wire.encode(self.replica, load if (load_changed or heartbeat_due)
                                      else None, records)
                 await client.xadd(o.key, fields, maxlen=o.max_entries, approximate=True)
-                for k in keys:  # records added meanwhile stay for the next batch
-                    self._pending.pop(k, None)
                 self._last_load = load
                 self._last_sent = now
                 self.sent_records += len(records)
                 obs.STATE_SYNC_RECORDS.labels("sent").inc(len(records))
+            sent()  # only once in Redis: after a failed XADD the records go again
             await asyncio.sleep(o.interval)
+
+    def _outgoing(self) -> tuple[list[wire.PrefixRecord], Callable[[], None]]:
+        """The next batch's records, and what to call once they are in the stream.
+
+        A chain whose head this replica already sent for that endpoint goes as the last
+        block sent plus the new ones; a chain sent whole already goes not at all."""
+        keys = list(itertools.islice(self._pending, BATCH_RECORDS))
+        records: list[wire.PrefixRecord] = []
+        batch: dict[tuple[str, str], set[int]] = {}  # sent within this batch
+        empty: set[int] = set()
+        for k in keys:
+            scorer, endpoint = k[0], k[1]
+            capacity, hashes = self._pending[k]
+            key = (scorer, endpoint)
+            before, this = self._sent.get(key, empty), batch.get(key, empty)
+            # Both sets are prefix-closed: bisect for the leading blocks already sent.
+            lo, hi = 0, len(hashes)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                h = hashes[mid - 1]
+                if h in before or h in this:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            if lo == len(hashes):
+                continue
+            if lo:
+                records.append(wire.PrefixRecord(scorer, endpoint, capacity, hashes[lo - 1:],
+                                                 True))
+            else:
+                records.append(wire.PrefixRecord(scorer, endpoint, capacity, hashes))
+            tail = hashes[lo:]
+            if this is empty:
+                this = batch[key] = set()
+            this.update(tail)
+        pending = self._pending
+
+        def sent() -> None:
+            for key, hashes in batch.items():
+                self._sent.setdefault(key, set()).update(hashes)
+            for k in keys:  # records added meanwhile stay for the next batch
+                pending.pop(k, None)
+
+        return records, sent
 
     def _local_load(self, now: float) -> dict[str, int]:
         snap = self.datastore.snapshot()
@@ -375,15 +434,20 @@ class StateSync:
         if not batch.records:
             return
         by_name = self.datastore.snapshot().by_name
-        merged = 0
+        merged = unknown_head = 0
+        scorers = self.scorers
         for r in batch.records:
-            scorer = self.scorers.get(r.scorer)
+            scorer = scorers.get(r.scorer)
             if scorer is None or r.endpoint not in by_name:
                 continue  # another config, or an endpoint this replica does not route to
-            scorer.learn_remote(r.endpoint, r.hashes, r.capacity)
-            merged += 1
+            if scorer.learn_remote(r.endpoint, r.hashes, r.capacity, r.continues):
+                merged += 1
+            else:
+                unknown_head += 1  # learnt whole within RESEND seconds
         self.received_records += merged
         obs.STATE_SYNC_RECORDS.labels("received").inc(merged)
+        if unknown_head:
+            obs.STATE_SYNC_RECORDS.labels("unknown_head").inc(unknown_head)
 
 
 def _id(v: bytes | str) -> str:
