@@ -48,7 +48,7 @@ from benchmarks.routing.client import replay  # noqa: E402
 from benchmarks.routing.report import summarize  # noqa: E402
 from benchmarks.routing.stack import Fleet, cpu_seconds, machine_busy  # noqa: E402
 from benchmarks.routing.workload import SharedPrefixShape, shared_prefix_schedule  # noqa: E402
-from tests.support import (EnvoyProcess, EppProcess, Proc, epp_replicas, free_port,  # noqa: E402
+from tests.support import (EnvoyProcess, EppProcess, Proc, free_port,  # noqa: E402
                            start_envoy, start_epp)
 
 MODES = ("1 replica", "2 unsynced", "2 synced")
@@ -124,7 +124,7 @@ class Replicas:
             for _ in range(n + idle):
                 self.epps.append(start_epp(*args, endpoints=",".join(hostports)))
             self.envoy = start_envoy(self.epps[0].grpc_port,
-                                     patch=epp_replicas(*(e.grpc_port for e in self.epps[1:n])))
+                                     more_epps=[e.grpc_port for e in self.epps[1:n]])
         except BaseException:
             self.stop()
             raise
