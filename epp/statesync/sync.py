@@ -126,8 +126,9 @@ class StateSync:
         # Records to send, deduplicated per (scorer, endpoint, chain); oldest first.
         self._pending: OrderedDict[tuple[str, str, int, int], tuple[int, list[int]]] = (
             OrderedDict())
-        # Per (scorer, endpoint), the blocks sent since `_sent_since`: a chain goes out as
-        # its new tail after the last block already sent (prefix-closed, like the index).
+        # Per (scorer, endpoint), the blocks sent since `_sent_since` in this session: a
+        # chain goes out as its new tail after the last block already sent (the sets are
+        # prefix-closed, like the index, so a bisection finds that block).
         self._sent: dict[tuple[str, str], set[int]] = {}
         self._sent_since = 0.0
         self._last_load: dict[str, int] | None = None
@@ -344,48 +345,44 @@ class StateSync:
                 self._last_sent = now
                 self.sent_records += len(records)
                 obs.STATE_SYNC_RECORDS.labels("sent").inc(len(records))
-            sent()  # only once in Redis: after a failed XADD the records go again
+            sent()  # only once in Redis: after a failed XADD they stay pending
             await asyncio.sleep(o.interval)
 
     def _outgoing(self) -> tuple[list[wire.PrefixRecord], Callable[[], None]]:
         """The next batch's records, and what to call once they are in the stream.
 
         A chain whose head this replica already sent for that endpoint goes as the last
-        block sent plus the new ones; a chain sent whole already goes not at all."""
+        block sent plus the new ones; a chain sent whole already goes not at all. The
+        blocks are marked sent at once: when the XADD fails, the session ends and clears
+        the marks, so everything goes whole again."""
         keys = list(itertools.islice(self._pending, BATCH_RECORDS))
         records: list[wire.PrefixRecord] = []
-        batch: dict[tuple[str, str], set[int]] = {}  # sent within this batch
-        empty: set[int] = set()
+        pending, sent_by = self._pending, self._sent
         for k in keys:
             scorer, endpoint = k[0], k[1]
-            capacity, hashes = self._pending[k]
-            key = (scorer, endpoint)
-            before, this = self._sent.get(key, empty), batch.get(key, empty)
-            # Both sets are prefix-closed: bisect for the leading blocks already sent.
-            lo, hi = 0, len(hashes)
+            capacity, hashes = pending[k]
+            sent = sent_by.get((scorer, endpoint))
+            if sent is None:
+                sent = sent_by[(scorer, endpoint)] = set()
+            n = len(hashes)
+            if hashes[-1] in sent:  # prefix-closed: the whole chain went already
+                continue
+            lo, hi = 0, n - 1  # bisect for the leading blocks already sent
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                h = hashes[mid - 1]
-                if h in before or h in this:
+                if hashes[mid - 1] in sent:
                     lo = mid
                 else:
                     hi = mid - 1
-            if lo == len(hashes):
-                continue
             if lo:
                 records.append(wire.PrefixRecord(scorer, endpoint, capacity, hashes[lo - 1:],
                                                  True))
+                sent.update(hashes[lo:])
             else:
                 records.append(wire.PrefixRecord(scorer, endpoint, capacity, hashes))
-            tail = hashes[lo:]
-            if this is empty:
-                this = batch[key] = set()
-            this.update(tail)
-        pending = self._pending
+                sent.update(hashes)
 
         def sent() -> None:
-            for key, hashes in batch.items():
-                self._sent.setdefault(key, set()).update(hashes)
             for k in keys:  # records added meanwhile stay for the next batch
                 pending.pop(k, None)
 
