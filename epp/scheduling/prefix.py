@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from itertools import repeat
-from typing import Iterable, Sequence
+from typing import Container, Iterable, Sequence
 
 import xxhash
 
@@ -69,6 +69,19 @@ def block_hashes(model: str, data: bytes, block_chars: int, max_blocks: int) -> 
         h = _xxh64(data[start : start + block_chars], h)
         append(h)
     return out
+
+
+def leading_in(hashes: Sequence[int], held: Container[int], most: int) -> int:
+    """How many leading blocks of `hashes` (at most `most`) are in `held`, a prefix-closed
+    set of chains (holding a block means holding the blocks before it): a bisection."""
+    lo, hi = 0, most
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if hashes[mid - 1] in held:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class PrefixIndex:
@@ -160,14 +173,7 @@ class PrefixIndex:
         lru = self._lru.get(name)
         if lru is None:
             return 0
-        lo, hi = 0, len(hashes)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if hashes[mid - 1] in lru:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        return leading_in(hashes, lru, len(hashes))
 
     def record(
         self, name: str, hashes: Sequence[int], capacity: int, held: int | None = None,

@@ -45,6 +45,7 @@ from redis.retry import Retry
 from epp import observability as obs
 from epp.datastore import Datastore
 from epp.scheduling.inflight import InFlightTracker
+from epp.scheduling.prefix import leading_in
 from epp.scheduling.scorers import PrefixCacheScorer
 from epp.statesync import wire
 from epp.statesync.remote import RemoteLoad
@@ -364,16 +365,9 @@ class StateSync:
             sent = sent_by.get((scorer, endpoint))
             if sent is None:
                 sent = sent_by[(scorer, endpoint)] = set()
-            n = len(hashes)
             if hashes[-1] in sent:  # prefix-closed: the whole chain went already
                 continue
-            lo, hi = 0, n - 1  # bisect for the leading blocks already sent
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if hashes[mid - 1] in sent:
-                    lo = mid
-                else:
-                    hi = mid - 1
+            lo = leading_in(hashes, sent, len(hashes) - 1)
             if lo:
                 records.append(wire.PrefixRecord(scorer, endpoint, capacity, hashes[lo - 1:],
                                                  True))
