@@ -359,8 +359,8 @@ def component_costs(rounds: int = 7) -> dict[str, float]:
         for i in range(0, len(chains), per):
             for j in range(i, min(i + per, len(chains))):
                 sync._on_record("prefix-cache-scorer", names[j % 8], 31_250, chains[j])
-            records, sent = sync._outgoing()
-            sent()
+            records, done = sync._outgoing()
+            done()
             out.append(wire.encode("a", {"pod-1": 3}, records))
         return out
 

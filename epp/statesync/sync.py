@@ -337,7 +337,7 @@ class StateSync:
             if now - self._sent_since >= RESEND:
                 self._sent.clear()
                 self._sent_since = now
-            records, sent = self._outgoing()
+            records, done = self._outgoing()
             if records or load_changed or heartbeat_due:
                 fields = wire.encode(self.replica, load if (load_changed or heartbeat_due)
                                      else None, records)
@@ -346,7 +346,7 @@ class StateSync:
                 self._last_sent = now
                 self.sent_records += len(records)
                 obs.STATE_SYNC_RECORDS.labels("sent").inc(len(records))
-            sent()  # only once in Redis: after a failed XADD they stay pending
+            done()  # only once in Redis: after a failed XADD they stay pending
             await asyncio.sleep(o.interval)
 
     def _outgoing(self) -> tuple[list[wire.PrefixRecord], Callable[[], None]]:
@@ -376,11 +376,11 @@ class StateSync:
                 records.append(wire.PrefixRecord(scorer, endpoint, capacity, hashes))
                 sent.update(hashes)
 
-        def sent() -> None:
+        def done() -> None:
             for k in keys:  # records added meanwhile stay for the next batch
                 pending.pop(k, None)
 
-        return records, sent
+        return records, done
 
     def _local_load(self, now: float) -> dict[str, int]:
         snap = self.datastore.snapshot()

@@ -239,8 +239,8 @@ def test_a_shared_prefix_goes_out_once_per_endpoint_and_the_peer_learns_it_whole
         return sync, scorer
 
     def publish(sync: StateSync) -> dict[bytes, bytes]:
-        records, sent = sync._outgoing()
-        sent()
+        records, done = sync._outgoing()
+        done()
         return wire.encode(sync.replica, None, records)
 
     (a, a_scorer), (b, b_scorer) = replica("a"), replica("b")
