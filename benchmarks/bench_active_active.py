@@ -577,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
                     choices=["routing", "cost", "throughput", "failover"])
     ap.add_argument("--controls", action="store_true",
                     help="routing: also the control modes " + ", ".join(CONTROLS))
+    ap.add_argument("--modes", nargs="+", choices=list(MODE_SPECS),
+                    help="routing: only these modes")
     ap.add_argument("--qps", type=float, nargs="+")
     ap.add_argument("--requests", type=int)
     ap.add_argument("--repeat", type=int)
@@ -602,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         if "routing" in args.parts:
-            modes = MODES + (CONTROLS if args.controls else ())
+            modes = tuple(args.modes or MODES + (CONTROLS if args.controls else ()))
             doc["routing"] = routing(redis, qps, count, repeat, args.time_scale, modes)
         if "cost" in args.parts:
             doc["sync_components"] = component_costs()
