@@ -253,18 +253,19 @@ async def _route_loop(url: str | None, key: str, seconds: float, replica: str) -
         await sync.start()
     if replica == "peer":
         print("ready", flush=True)  # the measured replica starts now
-    prompts = _core_prompts(2000)
-    # Every request distinct, as in the shape (its own question after a shared system
-    # prompt): each pass over the prompts tags them anew. Building the bodies is not
-    # routing: its CPU is taken out of the measurement.
+    prompts = _core_prompts(2000)  # 512 distinct: the shape repeats its questions
+    # Every request distinct nonetheless (the worst case for sync: each one has a block
+    # nobody has sent yet): its last 64-character block is replaced by the request's
+    # number. Building the bodies is not routing: its CPU is taken out of the measurement.
     build_cpu = 0.0
 
     def tagged(cycle: int) -> list[tuple[bytes, Any]]:
         nonlocal build_cpu
         c = time.process_time()
         out = []
-        for p in prompts:
-            raw = _json.dumps({"model": MODEL, "prompt": f"{p} [{replica} {cycle}]"}).encode()
+        for i, p in enumerate(prompts):
+            tag = f" [{replica} {cycle} {i}]".ljust(64, ".")
+            raw = _json.dumps({"model": MODEL, "prompt": p[:-64] + tag}).encode()
             out.append((raw, parse_body("/v1/completions", raw)))
         build_cpu += time.process_time() - c
         return out
