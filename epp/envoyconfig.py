@@ -28,9 +28,9 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
+    BackoffStrategy,
     GrpcService,
     GrpcServiceEnvoyGrpc,
-    BackoffStrategy,
     Http2ProtocolOptions,
     RetryPolicy,
     SocketAddress,
@@ -140,7 +140,7 @@ def _replica_retry() -> RetryPolicy:
     restarting) is opened on another one. Only failures before the EPP saw anything are
     retried; a stream cut off mid-request fails the request (`failure_mode_allow: false`).
     Needed beside the outlier detection because Envoy keeps choosing an ejected replica for
-    about a second (measured with Envoy 1.40: without it, half the requests failed in that second)."""
+    about a second (Envoy 1.40: without it, half the requests failed in that second)."""
     return RetryPolicy(retry_on="connect-failure,refused-stream", num_retries=2,
                        retry_back_off=BackoffStrategy(base_interval=_dur(0.01),
                                                       max_interval=_dur(0.05)))

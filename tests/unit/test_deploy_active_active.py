@@ -115,7 +115,8 @@ def test_chart_active_active_gets_a_disruption_budget_and_spreads_over_nodes() -
     (),  # one replica, no sync
     ("inferenceExtension.replicas=2",),  # leader election: one serves, the other waits
     (*SYNC,),  # one synced replica: nothing to spread
-    (*SYNC, "inferenceExtension.replicas=2", "inferenceExtension.stateSync.podDisruptionBudget=false",
+    (*SYNC, "inferenceExtension.replicas=2",
+     "inferenceExtension.stateSync.podDisruptionBudget=false",
      "inferenceExtension.stateSync.spreadOverNodes=false"),
 ])
 def test_chart_has_no_budget_or_spreading_unless_active_active_with_replicas(sets) -> None:
