@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -45,12 +46,25 @@ if str(ROOT) not in sys.path:
 from benchmarks.bench_routing import MODEL, fleet, scaled  # noqa: E402
 from benchmarks.routing.client import replay  # noqa: E402
 from benchmarks.routing.report import summarize  # noqa: E402
-from benchmarks.routing.stack import Fleet, cpu_seconds  # noqa: E402
+from benchmarks.routing.stack import Fleet, cpu_seconds, machine_busy  # noqa: E402
 from benchmarks.routing.workload import SharedPrefixShape, shared_prefix_schedule  # noqa: E402
-from tests.support import (EnvoyProcess, EppProcess, Proc, epp_replicas, free_port,  # noqa: E402
+from tests.support import (EnvoyProcess, EppProcess, Proc, free_port,  # noqa: E402
                            start_envoy, start_epp)
 
 MODES = ("1 replica", "2 unsynced", "2 synced")
+CONTROLS = ("1 replica + scraping EPP", "2 synced, 10ms")
+"""Controls for the TTFT gap of two replicas (`--controls`): one replica serving while a
+second EPP scrapes the same pods but gets no traffic (what a second process alone costs
+the simulator and the serving EPP on this machine), and two replicas syncing every 10 ms
+instead of 50 (how much the sync interval matters)."""
+MODE_SPECS: dict[str, tuple[int, int, bool, str | None]] = {
+    # mode: (replicas in Envoy's epp cluster, EPPs that only scrape, synced, interval)
+    "1 replica": (1, 0, False, None),
+    "2 unsynced": (2, 0, False, None),
+    "2 synced": (2, 0, True, None),
+    "1 replica + scraping EPP": (1, 1, False, None),
+    "2 synced, 10ms": (2, 0, True, "10ms"),
+}
 
 
 def log(msg: str) -> None:
@@ -101,15 +115,16 @@ def sync_args(redis: Redis) -> list[str]:
 class Replicas:
     """N EPP replicas (optionally synced) in front of `hostports`, one Envoy before them."""
 
-    def __init__(self, n: int, hostports: list[str], sync: list[str]) -> None:
+    def __init__(self, n: int, hostports: list[str], sync: list[str], idle: int = 0) -> None:
+        """`idle` more EPPs run beside them (same pods, same scraping) outside Envoy's cluster."""
         args = ["--refresh-metrics-interval", "0.05s", "-v", "-1", *sync]
         self.epps: list[EppProcess] = []
         self.envoy: EnvoyProcess | None = None
         try:
-            for _ in range(n):
+            for _ in range(n + idle):
                 self.epps.append(start_epp(*args, endpoints=",".join(hostports)))
             self.envoy = start_envoy(self.epps[0].grpc_port,
-                                     patch=epp_replicas(*(e.grpc_port for e in self.epps[1:])))
+                                     more_epps=[e.grpc_port for e in self.epps[1:n]])
         except BaseException:
             self.stop()
             raise
@@ -118,6 +133,16 @@ class Replicas:
     def url(self) -> str:
         assert self.envoy is not None
         return self.envoy.url + "/v1/completions"
+
+    def envoy_stat(self, name: str) -> int | None:
+        """A counter from Envoy's admin page (None when Envoy does not report it)."""
+        assert self.envoy is not None
+        url = f"http://127.0.0.1:{self.envoy.admin_port}/stats?filter=^{name}$"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + ":"):
+                    return int(line.rsplit(":", 1)[1])
+        return None
 
     def stop(self) -> None:
         if self.envoy is not None:
@@ -132,34 +157,57 @@ def routing_point(mode: str, redis: Redis, qps: float, count: int, seed: int,
     schedule = shared_prefix_schedule(SharedPrefixShape(), qps, count, seed=seed, model=MODEL)
     pods = Fleet(sims)
     try:
-        n = 1 if mode == "1 replica" else 2
-        reps = Replicas(n, pods.hostports, sync_args(redis) if mode == "2 synced" else [])
+        n, idle, synced, interval = MODE_SPECS[mode]
+        sync = sync_args(redis) if synced else []
+        if interval:
+            sync += ["--state-sync-interval", interval]
+        reps = Replicas(n, pods.hostports, sync, idle)
         try:
             time.sleep(0.5)
             q0, h0 = pods.prefix_counters()
+            pids = {"fleet": [pods.p.pid], "epps": [e.proc.p.pid for e in reps.epps],
+                    "envoy": [reps.envoy.proc.p.pid] if reps.envoy else []}
+            cpu0 = {k: sum(map(cpu_seconds, v)) for k, v in pids.items()}
+            busy0, w0 = machine_busy(), time.perf_counter()
             results, _ = asyncio.run(replay(reps.url, scaled(schedule, time_scale),
                                             timeout=600 / time_scale))
+            wall = time.perf_counter() - w0
+            busy1 = machine_busy()
+            cpu = {k: round((sum(map(cpu_seconds, v)) - cpu0[k]) / wall, 3)
+                   for k, v in pids.items()}
             q1, h1 = pods.prefix_counters()
+            ejections = reps.envoy_stat("cluster.epp.outlier_detection.ejections_enforced_total")
         finally:
             reps.stop()
     finally:
         pods.stop()
     out = summarize(results, time_scale)
     out["prefix_hit_rate"] = (h1 - h0) / (q1 - q0) if q1 > q0 else None
+    # Cores in use while replaying: by process group, and the whole machine's (others' too).
+    out["cores"] = cpu | {"machine": round((busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1])
+                                           * (os.cpu_count() or 1), 2)}
+    out["epp_ejections"] = ejections
     return out
 
 
 def routing(redis: Redis, qps_list: list[float], count: int, repeat: int,
-            time_scale: float) -> list[dict[str, Any]]:
+            time_scale: float, modes: tuple[str, ...] = MODES) -> list[dict[str, Any]]:
     rows = []
     for qps in qps_list:
-        for mode in MODES:
-            runs = [routing_point(mode, redis, qps, count, 1 + r, time_scale)
-                    for r in range(repeat)]
-            row = {"mode": mode, "qps": qps, "requests": count, "repeat": repeat}
-            for k in ("ttft_p50", "ttft_p90", "prefix_hit_rate", "errors"):
-                vals = [r[k] for r in runs if r[k] is not None]
+        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+        for r in range(repeat):  # interleaved, so that machine load hits every mode alike
+            for mode in modes:
+                runs[mode].append(routing_point(mode, redis, qps, count, 1 + r, time_scale))
+                log(f"routing {mode} run {r + 1}: p50 {runs[mode][-1]['ttft_p50']} "
+                    f"p90 {runs[mode][-1]['ttft_p90']} cores {runs[mode][-1]['cores']}")
+        for mode in modes:
+            row = {"mode": mode, "qps": qps, "requests": count, "repeat": repeat,
+                   "runs": runs[mode]}
+            for k in ("ttft_p50", "ttft_p90", "prefix_hit_rate", "errors", "epp_ejections"):
+                vals = [r[k] for r in runs[mode] if r[k] is not None]
                 row[k] = statistics.median(vals) if vals else None
+            for k in runs[mode][0]["cores"]:
+                row[f"cores_{k}"] = statistics.median(r["cores"][k] for r in runs[mode])
             rows.append(row)
             log(f"routing {mode:>10} qps={qps:g}: ttft p90 {row['ttft_p90']} "
                 f"hit {row['prefix_hit_rate']} errors {row['errors']}")
@@ -176,7 +224,8 @@ def _core_prompts(n: int) -> list[str]:
 
 
 async def _route_loop(url: str | None, key: str, seconds: float, replica: str) -> dict[str, Any]:
-    """Route distinct shared-prefix prompts as fast as one event loop allows."""
+    """Route distinct shared-prefix prompts as fast as one event loop allows (8 endpoints,
+    scraped every 50 ms)."""
     import json as _json
 
     from epp.config import load_config
@@ -204,14 +253,31 @@ async def _route_loop(url: str | None, key: str, seconds: float, replica: str) -
         await sync.start()
     if replica == "peer":
         print("ready", flush=True)  # the measured replica starts now
-    bodies = []
-    for p in _core_prompts(2000):
-        raw = _json.dumps({"model": MODEL, "prompt": p}).encode()
-        bodies.append((raw, parse_body("/v1/completions", raw)))
+    prompts = _core_prompts(2000)  # 512 distinct: the shape repeats its questions
+    # Every request distinct nonetheless (the worst case for sync: each one has a block
+    # nobody has sent yet): its last 64-character block is replaced by the request's
+    # number. Building the bodies is not routing: its CPU is taken out of the measurement.
+    build_cpu = 0.0
+
+    def tagged(cycle: int) -> list[tuple[bytes, Any]]:
+        nonlocal build_cpu
+        c = time.process_time()
+        out = []
+        for i, p in enumerate(prompts):
+            tag = f" [{replica} {cycle} {i}]".ljust(64, ".")
+            raw = _json.dumps({"model": MODEL, "prompt": p[:-64] + tag}).encode()
+            out.append((raw, parse_body("/v1/completions", raw)))
+        build_cpu += time.process_time() - c
+        return out
+
+    bodies = tagged(0)
+    build_cpu = 0.0
     n = 0
     c0, t0 = time.process_time(), time.perf_counter()
     scrape = t0
     while time.perf_counter() - t0 < seconds:
+        if n and n % len(bodies) == 0:
+            bodies = tagged(n // len(bodies))
         raw, parsed = bodies[n % len(bodies)]
         d = await director.route(InferenceRequest(f"r{n}", "/v1/completions", body=raw,
                                                   parsed=parsed))
@@ -224,7 +290,7 @@ async def _route_loop(url: str | None, key: str, seconds: float, replica: str) -
             for name in names:
                 ds.update_metrics(name, EndpointMetrics(waiting=0, running=2, kv_usage=0.3,
                                                         scraped_at=time.monotonic()))
-    cpu = time.process_time() - c0
+    cpu = time.process_time() - c0 - build_cpu
     out = {"requests": n, "cpu_us": cpu / n * 1e6}
     if sync is not None:
         await asyncio.sleep(0.3)
@@ -264,26 +330,50 @@ def sync_cost(redis: Redis, seconds: float, repeat: int) -> list[dict[str, Any]]
 
 
 def component_costs(rounds: int = 7) -> dict[str, float]:
-    """CPU µs per prefix record of each step sync adds, the best of `rounds` (the minimum
-    is what the code costs; a shared machine only ever adds to it): encoding a batch,
-    decoding it, and merging it into an index that knows the shared system prompts
-    (`warm`) or not yet (`cold`: every tail new)."""
+    """CPU µs per routed request of each step sync adds, the best of `rounds` (the minimum
+    is what the code costs; a shared machine only ever adds to it), for 2,000 shared-prefix
+    prompts routed to 8 endpoints in batches of 40 (800 requests/s per replica at 50 ms):
+    turning the requests' chains into records (only blocks not yet sent for the endpoint)
+    and encoding them, decoding a batch, and merging it into an index that knows the
+    shared system prompts (`warm`) or not yet (`cold`)."""
+    from epp.datastore import Datastore, Endpoint
+    from epp.scheduling import InFlightTracker
     from epp.scheduling import prefix as _prefix
     from epp.scheduling.scorers import PrefixCacheScorer
     from epp.statesync import wire
+    from epp.statesync.sync import StateSync, SyncOptions
 
     chains = [_prefix.block_hashes(MODEL, _prefix.prompt_bytes(p), 64, 256)
               for p in _core_prompts(2000)]
-    recs = [wire.PrefixRecord("prefix-cache-scorer", f"pod-{i % 8}", 31_250, h)
-            for i, h in enumerate(chains)]
-    per = 40  # records per batch: 800 req/s per replica at 50 ms
-    fields = [wire.encode("a", {"pod-1": 3}, recs[i:i + per]) for i in range(0, len(recs), per)]
+    names = [f"pod-{i}" for i in range(8)]
+    ds = Datastore()
+    ds.set_endpoints([Endpoint(n, f"10.0.0.{i + 1}", 8000) for i, n in enumerate(names)])
+    per = 40
+
+    def sender() -> StateSync:
+        scorer = PrefixCacheScorer()
+        return StateSync(SyncOptions(url="redis://unused"), ds, InFlightTracker(),
+                         {scorer.name: scorer}, replica="a")
+
+    def publish(sync: StateSync) -> list[dict[bytes, bytes]]:
+        out = []
+        for i in range(0, len(chains), per):
+            for j in range(i, min(i + per, len(chains))):
+                sync._on_record("prefix-cache-scorer", names[j % 8], 31_250, chains[j])
+            records, done = sync._outgoing()
+            done()
+            out.append(wire.encode("a", {"pod-1": 3}, records))
+        return out
+
+    fields = publish(sender())
     batches = [wire.decode(f) for f in fields]
+    receiver = sender()
+    receiver.replica = "b"  # merges what "a" sent
 
     def merge(scorer: PrefixCacheScorer) -> None:
-        for b in batches:
-            for r in b.records:
-                scorer.learn_remote(r.endpoint, r.hashes, r.capacity)
+        receiver.scorers = {scorer.name: scorer}
+        for f in fields:
+            receiver._apply(f, bootstrap=False)
 
     warm = PrefixCacheScorer()
     merge(warm)
@@ -293,18 +383,21 @@ def component_costs(rounds: int = 7) -> dict[str, float]:
         for _ in range(rounds):
             c0 = time.process_time()
             f()
-            runs.append((time.process_time() - c0) / len(recs) * 1e6)
+            runs.append((time.process_time() - c0) / len(chains) * 1e6)
         return round(min(runs), 2)
 
+    records = sum(len(b.records) for b in batches)
     out = {
-        "blocks_per_record": sum(map(len, chains)) / len(chains),
-        "encode_us": best(lambda: [wire.encode("a", {"pod-1": 3}, recs[i:i + per])
-                                   for i in range(0, len(recs), per)]),
+        "blocks_per_request": sum(map(len, chains)) / len(chains),
+        "records_per_request": records / len(chains),
+        "blocks_sent_per_request": sum(len(r.hashes) for b in batches for r in b.records)
+        / len(chains),
+        "publish_us": best(lambda: publish(sender())),
         "decode_us": best(lambda: [wire.decode(f) for f in fields]),
-        "merge_cold_us": best(lambda: merge(PrefixCacheScorer())),
-        "merge_warm_us": best(lambda: merge(warm)),
+        "apply_cold_us": best(lambda: merge(PrefixCacheScorer())),
+        "apply_warm_us": best(lambda: merge(warm)),
     }
-    log(f"component costs per record: {out}")
+    log(f"component costs per request: {out}")
     return out
 
 
@@ -431,11 +524,14 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = []
     if doc.get("routing"):
         lines += ["### Routing quality (shared prefix, 8 simulated pods)", "",
-                  "| replicas | QPS | TTFT p50 (s) | TTFT p90 (s) | prefix hit rate | errors |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| replicas | QPS | TTFT p50 (s) | TTFT p90 (s) | prefix hit rate | errors | "
+                  "cores: sim fleet / EPPs / Envoy / machine |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
         for r in doc["routing"]:
             lines.append(f"| {r['mode']} | {r['qps']:g} | {_f(r['ttft_p50'])} | "
-                         f"{_f(r['ttft_p90'])} | {_f(r['prefix_hit_rate'])} | {r['errors']} |")
+                         f"{_f(r['ttft_p90'])} | {_f(r['prefix_hit_rate'])} | {r['errors']} | "
+                         f"{r['cores_fleet']:.2f} / {r['cores_epps']:.2f} / "
+                         f"{r['cores_envoy']:.2f} / {r['cores_machine']:.2f} |")
         lines.append("")
     if doc.get("sync_cost"):
         lines += ["### CPU per routed request (routing core, this process)", "",
@@ -447,12 +543,14 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append("")
     if doc.get("sync_components"):
         c = doc["sync_components"]
-        lines += ["### What sync adds per prefix record (CPU µs, best of 7)", "",
-                  f"{c['blocks_per_record']:.0f} blocks per record: encode {c['encode_us']}, "
-                  f"decode {c['decode_us']}, merge {c['merge_cold_us']} (new tails) / "
-                  f"{c['merge_warm_us']} (already known). Per exchange, with N replicas "
-                  f"sharing the load evenly, a replica encodes its own record and decodes "
-                  f"and merges N-1 others' for each of its own exchanges.", ""]
+        lines += ["### What sync adds per routed request (CPU µs, best of 7)", "",
+                  f"{c['blocks_per_request']:.0f} blocks per prompt, "
+                  f"{c['blocks_sent_per_request']:.1f} sent ({c['records_per_request']:.2f} "
+                  f"records): record + encode {c['publish_us']}, decode {c['decode_us']}, "
+                  f"decode + merge {c['apply_cold_us']} (new tails) / {c['apply_warm_us']} "
+                  f"(already known). With N replicas sharing the load evenly, a replica "
+                  f"publishes its own and decodes and merges N-1 others' for each of its own "
+                  f"requests.", ""]
     if doc.get("throughput"):
         lines += ["### ext_proc throughput (h2load per replica)", "",
                   "| EPP | exchanges/s | EPP CPU µs/exchange | h2load CPU µs/exchange | "
@@ -478,6 +576,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--parts", nargs="+", default=["routing", "cost", "throughput", "failover"],
                     choices=["routing", "cost", "throughput", "failover"])
+    ap.add_argument("--controls", action="store_true",
+                    help="routing: also the control modes " + ", ".join(CONTROLS))
+    ap.add_argument("--modes", nargs="+", choices=list(MODE_SPECS),
+                    help="routing: only these modes")
     ap.add_argument("--qps", type=float, nargs="+")
     ap.add_argument("--requests", type=int)
     ap.add_argument("--repeat", type=int)
@@ -503,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         if "routing" in args.parts:
-            doc["routing"] = routing(redis, qps, count, repeat, args.time_scale)
+            modes = tuple(args.modes or MODES + (CONTROLS if args.controls else ()))
+            doc["routing"] = routing(redis, qps, count, repeat, args.time_scale, modes)
         if "cost" in args.parts:
             doc["sync_components"] = component_costs()
             doc["sync_cost"] = sync_cost(redis, 1.0 if quick else 4.0, repeat)

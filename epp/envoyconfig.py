@@ -24,12 +24,15 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     ClusterDiscoveryType,
     ClusterLbPolicy,
     ClusterOriginalDstLbConfig,
+    OutlierDetection,
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
+    BackoffStrategy,
     GrpcService,
     GrpcServiceEnvoyGrpc,
     Http2ProtocolOptions,
+    RetryPolicy,
     SocketAddress,
     TransportSocket,
 )
@@ -85,7 +88,13 @@ class EnvoyOptions:
     listen_port: int = 8081
     admin_port: int = 9901
     epp_address: str = "127.0.0.1"
+    """The EPP's host, or several `host[:port]` separated by commas (active-active
+    replicas; a headless Service name that resolves to every replica also works)."""
     epp_port: int = 9002
+    epp_outlier_detection: bool = False
+    """Several EPP replicas: eject one from new streams at its first local-origin failure
+    (refused or reset connection) and retry a stream it refused on another; on by itself
+    when `epp_address` lists several replicas."""
     epp_tls: bool = True
     body_mode: str = "full-duplex-streamed"
     process_response: bool = True
@@ -102,6 +111,49 @@ def _dur(seconds: float) -> datetime.timedelta:
 
 def _sock(address: str, port: int) -> Address:
     return Address(socket_address=SocketAddress(address=address, port_value=port))
+
+
+def _epp_endpoints(o: EnvoyOptions) -> list[LbEndpoint]:
+    """`host`, `host:port`, `[v6]:port` or a bare IPv6 address, comma-separated."""
+    out = []
+    for item in (i.strip() for i in o.epp_address.split(",")):
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ""
+        elif item.count(":") == 1:
+            host, _, port = item.partition(":")
+        else:
+            host, port = item, ""
+        if not host or not (port.isdigit() and 0 < int(port) < 65536 if port else True):
+            raise ValueError(f"--epp-address: not a host[:port]: {item[:100]!r}")
+        out.append(LbEndpoint(endpoint=Endpoint(
+            address=_sock(host, int(port) if port else o.epp_port))))
+    return out
+
+
+def _replicas(o: EnvoyOptions) -> bool:
+    return o.epp_outlier_detection or "," in o.epp_address
+
+
+def _replica_retry() -> RetryPolicy:
+    """Active-active: an ext_proc stream whose replica refuses the connection (dead,
+    restarting) is opened on another one. Only failures before the EPP saw anything are
+    retried; a stream cut off mid-request fails the request (`failure_mode_allow: false`).
+    Needed beside the outlier detection because Envoy keeps choosing an ejected replica for
+    about a second (Envoy 1.40: without it, half the requests failed in that second)."""
+    return RetryPolicy(retry_on="connect-failure,refused-stream", num_retries=2,
+                       retry_back_off=BackoffStrategy(base_interval=_dur(0.01),
+                                                      max_interval=_dur(0.05)))
+
+
+def _replica_outlier_detection() -> OutlierDetection:
+    """Active-active (docs/active-active.md): a replica that refuses or resets connections
+    (dead, restarting) gets no new ext_proc streams for 10 s; at most half the replicas are
+    ever ejected, so a pool-wide fault cannot eject them all."""
+    return OutlierDetection(
+        split_external_local_origin_errors=True, consecutive_local_origin_failure=1,
+        enforcing_consecutive_local_origin_failure=100, interval=_dur(1.0),
+        base_ejection_time=_dur(10.0), max_ejection_percent=50)
 
 
 def build(o: EnvoyOptions) -> Bootstrap:
@@ -135,6 +187,8 @@ def build(o: EnvoyOptions) -> Bootstrap:
         send_body_without_waiting_for_header_response=(
             body_mode == ProcessingModeBodySendMode.STREAMED),
     )
+    if _replicas(o):
+        ext_proc.grpc_service.retry_policy = _replica_retry()
     hcm = HttpConnectionManager(
         stat_prefix="inference",
         route_config=RouteConfiguration(name="inference", virtual_hosts=[VirtualHost(
@@ -163,8 +217,10 @@ def build(o: EnvoyOptions) -> Bootstrap:
         typed_extension_protocol_options={
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(http2)},
         load_assignment=ClusterLoadAssignment(cluster_name="epp", endpoints=[LocalityLbEndpoints(
-            lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_sock(o.epp_address, o.epp_port)))])]),
+            lb_endpoints=_epp_endpoints(o))]),
     )
+    if _replicas(o):
+        epp.outlier_detection = _replica_outlier_detection()
     if o.epp_tls:
         # The EPP's certificate is self-signed by default: encrypt without verifying.
         epp.transport_socket = TransportSocket(
@@ -228,6 +284,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--admin-port", type=int, default=d.admin_port)
     p.add_argument("--epp-address", default=d.epp_address)
     p.add_argument("--epp-port", type=int, default=d.epp_port)
+    p.add_argument("--epp-outlier-detection", type=parse_bool, nargs="?", const=True,
+                   default=d.epp_outlier_detection,
+                   help="several EPP replicas (active-active): eject one at its first refused "
+                        "connection, retry its streams on another (on by itself when "
+                        "--epp-address lists several replicas)")
     p.add_argument("--epp-tls", type=parse_bool, nargs="?", const=True, default=d.epp_tls)
     p.add_argument("--body-mode", choices=sorted(BODY_MODES), default=d.body_mode)
     p.add_argument("--process-response", type=parse_bool, nargs="?", const=True,
@@ -235,5 +296,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--message-timeout", type=float, default=d.message_timeout)
     p.add_argument("--buffer-limit-bytes", type=int, default=d.buffer_limit_bytes)
     ns = p.parse_args(argv)
-    sys.stdout.write(render(EnvoyOptions(**vars(ns))))
+    try:
+        text = render(EnvoyOptions(**vars(ns)))
+    except ValueError as e:
+        p.error(str(e))
+    sys.stdout.write(text)
     return 0

@@ -282,7 +282,8 @@ STATE_SYNC_PEERS = Gauge(
 )
 STATE_SYNC_RECORDS = Counter(
     "inference_extension_state_sync_prefix_records_total",
-    "Prefix records shared with other replicas (sent) or merged from them (received).",
+    "Prefix records shared with other replicas (sent), merged from them (received), or "
+    "dropped because this replica lacks the chain's head (unknown_head).",
     ["direction"],
     registry=REGISTRY,
 )

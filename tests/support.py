@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from aiohttp import web
 
@@ -307,9 +307,11 @@ class EnvoyProcess:
 
 
 def start_envoy(epp_port: int, *, epp_tls: bool = False, body_mode: str = "full-duplex-streamed",
-                process_response: bool = True,
+                process_response: bool = True, more_epps: Sequence[int] = (),
                 patch: Callable[[dict[str, Any]], None] | None = None) -> EnvoyProcess:
-    """Envoy from `epp envoy-config`'s builder; `patch` may edit the config dict first."""
+    """Envoy from `epp envoy-config`'s builder; `patch` may edit the config dict first.
+    `more_epps`: the gRPC ports of more EPP replicas (active-active): the `epp` cluster
+    then lists them all, with the outlier detection the builder adds for replicas."""
     import yaml
 
     from epp.envoyconfig import EnvoyOptions, build
@@ -317,6 +319,7 @@ def start_envoy(epp_port: int, *, epp_tls: bool = False, body_mode: str = "full-
     port, admin = free_port(), free_port()
     cfg = build(EnvoyOptions(
         listen_address="127.0.0.1", listen_port=port, admin_port=admin, epp_port=epp_port,
+        epp_address=",".join(f"127.0.0.1:{p}" for p in (epp_port, *more_epps)),
         epp_tls=epp_tls, body_mode=body_mode, process_response=process_response,
         message_timeout=10.0)).to_dict()
     if patch is not None:
@@ -342,25 +345,6 @@ def start_envoy(epp_port: int, *, epp_tls: bool = False, body_mode: str = "full-
     if proc.p.poll() is not None:
         raise RuntimeError("Envoy exited:\n" + proc.output())
     return env
-
-
-def epp_replicas(*grpc_ports: int) -> Callable[[dict[str, Any]], None]:
-    """A `start_envoy` patch: the `epp` cluster holds more EPP replicas (active-active);
-    Envoy balances the ext_proc streams, one per request, round robin across them, and
-    ejects a replica whose connections fail (a dead one) at its first failure."""
-
-    def patch(cfg: dict[str, Any]) -> None:
-        (epp,) = [c for c in cfg["staticResources"]["clusters"] if c["name"] == "epp"]
-        endpoints = epp["loadAssignment"]["endpoints"][0]["lbEndpoints"]
-        for port in grpc_ports:
-            endpoints.append({"endpoint": {"address": {"socketAddress": {
-                "address": "127.0.0.1", "portValue": port}}}})
-        epp["outlierDetection"] = {
-            "splitExternalLocalOriginErrors": True, "consecutiveLocalOriginFailure": 1,
-            "enforcingConsecutiveLocalOriginFailure": 100, "interval": "1s",
-            "baseEjectionTime": "10s", "maxEjectionPercent": 50}
-
-    return patch
 
 
 @dataclass

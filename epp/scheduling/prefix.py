@@ -20,9 +20,9 @@ costs one encode per request instead of one per block.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from itertools import repeat
-from typing import Iterable, Sequence
+from typing import Container, Iterable, Sequence
 
 import xxhash
 
@@ -69,6 +69,19 @@ def block_hashes(model: str, data: bytes, block_chars: int, max_blocks: int) -> 
         h = _xxh64(data[start : start + block_chars], h)
         append(h)
     return out
+
+
+def leading_in(hashes: Sequence[int], held: Container[int], most: int) -> int:
+    """How many leading blocks of `hashes` (at most `most`) are in `held`, a prefix-closed
+    set of chains (holding a block means holding the blocks before it): a bisection."""
+    lo, hi = 0, most
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if hashes[mid - 1] in held:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class PrefixIndex:
@@ -160,14 +173,7 @@ class PrefixIndex:
         lru = self._lru.get(name)
         if lru is None:
             return 0
-        lo, hi = 0, len(hashes)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if hashes[mid - 1] in lru:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
+        return leading_in(hashes, lru, len(hashes))
 
     def record(
         self, name: str, hashes: Sequence[int], capacity: int, held: int | None = None,
@@ -201,10 +207,8 @@ class PrefixIndex:
         if new:
             before = len(lru)
             lru.update(zip(reversed(new), repeat(None)))
-            if not at_back:
-                move_front = lru.move_to_end
-                for h in new:  # the deepest ends up least recent
-                    move_front(h, False)
+            if not at_back:  # each moved to the front: the deepest ends up least recent
+                deque(map(lru.move_to_end, new, repeat(False)), 0)  # a loop in C
             self._size += len(lru) - before
             owners = self._owners
             # Blocks nobody holds yet (a prompt's unique tail) go in with one C-level update.

@@ -538,11 +538,19 @@ class PrefixCacheScorer:
         if self.outbox is not None:
             self.outbox(self.name, name, cap, hashes)
 
-    def learn_remote(self, endpoint: str, hashes: Sequence[int], capacity: int) -> None:
+    def learn_remote(self, endpoint: str, hashes: Sequence[int], capacity: int,
+                     continues: bool = False) -> bool:
         """Another EPP replica routed this prompt to `endpoint` (state sync): its new
-        blocks are added without refreshing the ones this replica already holds."""
+        blocks are added without refreshing the ones this replica already holds.
+        `continues`: `hashes[0]` is a block sent earlier; when this replica does not hold
+        it, the chain's head never arrived (or was evicted) and the record is dropped
+        (False), keeping the endpoint's blocks prefix-closed."""
         index = self.index
-        index.record(endpoint, hashes, capacity, index.held(endpoint, hashes), refresh=False)
+        held = index.held(endpoint, hashes)
+        if continues and not held:
+            return False
+        index.record(endpoint, hashes, capacity, held, refresh=False)
+        return True
 
     def forget_endpoint(self, name: str) -> None:
         self.index.forget(name)

@@ -3,9 +3,11 @@
 Nothing here runs on the request path. The request path keeps reading local state; this
 module only moves state in the background:
 
-- out: the prefix-cache scorer hands each record to `_on_record` (a list append); every
+- out: the prefix-cache scorer hands each record to `_on_record` (a dict insert); every
   `interval` the publisher appends one batch to the stream (`wire.py`), with this replica's
-  in-flight counts per endpoint, and at least once per heartbeat even when idle;
+  in-flight counts per endpoint, and at least once per heartbeat even when idle. A chain
+  goes out as only the blocks not yet sent for its endpoint (a shared system prompt
+  crosses the stream once per endpoint every `RESEND` seconds, not once per request);
 - in: the reader follows the stream (XREAD BLOCK) and merges the other replicas' prefix
   records into the same scorers (`learn_remote`) and their counts into `RemoteLoad`,
   which `InFlightTracker.extra_waiting` adds to this replica's own;
@@ -31,7 +33,7 @@ import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
@@ -43,6 +45,7 @@ from redis.retry import Retry
 from epp import observability as obs
 from epp.datastore import Datastore
 from epp.scheduling.inflight import InFlightTracker
+from epp.scheduling.prefix import leading_in
 from epp.scheduling.scorers import PrefixCacheScorer
 from epp.statesync import wire
 from epp.statesync.remote import RemoteLoad
@@ -56,6 +59,12 @@ an idle replica polls (each round trip costs ~0.4 ms of CPU in redis-py)."""
 
 BATCH_RECORDS = 2000
 """Records per stream entry (~1.6 MB at 100 blocks each); more wait for the next interval."""
+
+RESEND = 2.0
+"""Seconds after which a replica forgets which blocks it has sent and sends chains whole
+again: a receiver that missed a chain's head (it started later and the head was trimmed
+from the stream, it did not know the endpoint yet, or it evicted the head) drops the tails
+that continue it and learns the chain again within this time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +125,13 @@ class StateSync:
         for s in self.scorers.values():
             s.outbox = self._on_record
         # Records to send, deduplicated per (scorer, endpoint, chain); oldest first.
-        self._pending: OrderedDict[tuple[str, str, int, int], wire.PrefixRecord] = OrderedDict()
+        self._pending: OrderedDict[tuple[str, str, int, int], tuple[int, list[int]]] = (
+            OrderedDict())
+        # Per (scorer, endpoint), the blocks sent since `_sent_since` in this session: a
+        # chain goes out as its new tail after the last block already sent (the sets are
+        # prefix-closed, like the index, so a bisection finds that block).
+        self._sent: dict[tuple[str, str], set[int]] = {}
+        self._sent_since = 0.0
         self._last_load: dict[str, int] | None = None
         self._last_sent = -1e9
         self._last_id: str | None = None  # stream position read up to; None: bootstrap due
@@ -175,7 +190,7 @@ class StateSync:
         if key in pending:
             pending.move_to_end(key)
             return
-        pending[key] = wire.PrefixRecord(scorer, endpoint, capacity, hashes)
+        pending[key] = capacity, hashes
         if len(pending) > self.options.max_pending:
             pending.popitem(last=False)
             obs.STATE_SYNC_ERRORS.labels("overflow").inc()
@@ -238,6 +253,7 @@ class StateSync:
             # Cut off, we cannot hear the others' heartbeats: their load stops counting
             # now rather than going stale (it is re-announced within a second of reconnecting).
             self.remote.clear()
+            self._sent.clear()  # Redis may have lost what we sent: send chains whole again
             obs.STATE_SYNC_PEERS.set(0)
             await cancel_and_wait(pub, read)
 
@@ -318,19 +334,53 @@ class StateSync:
             obs.STATE_SYNC_PEERS.set(len(self.remote.peers))
             heartbeat_due = now - self._last_sent >= o.heartbeat
             load_changed = load != self._last_load
-            if self._pending or load_changed or heartbeat_due:
-                keys = list(itertools.islice(self._pending, BATCH_RECORDS))
-                records = [self._pending[k] for k in keys]
+            if now - self._sent_since >= RESEND:
+                self._sent.clear()
+                self._sent_since = now
+            records, done = self._outgoing()
+            if records or load_changed or heartbeat_due:
                 fields = wire.encode(self.replica, load if (load_changed or heartbeat_due)
                                      else None, records)
                 await client.xadd(o.key, fields, maxlen=o.max_entries, approximate=True)
-                for k in keys:  # records added meanwhile stay for the next batch
-                    self._pending.pop(k, None)
                 self._last_load = load
                 self._last_sent = now
                 self.sent_records += len(records)
                 obs.STATE_SYNC_RECORDS.labels("sent").inc(len(records))
+            done()  # only once in Redis: after a failed XADD they stay pending
             await asyncio.sleep(o.interval)
+
+    def _outgoing(self) -> tuple[list[wire.PrefixRecord], Callable[[], None]]:
+        """The next batch's records, and what to call once they are in the stream.
+
+        A chain whose head this replica already sent for that endpoint goes as the last
+        block sent plus the new ones; a chain sent whole already goes not at all. The
+        blocks are marked sent at once: when the XADD fails, the session ends and clears
+        the marks, so everything goes whole again."""
+        keys = list(itertools.islice(self._pending, BATCH_RECORDS))
+        records: list[wire.PrefixRecord] = []
+        pending, sent_by = self._pending, self._sent
+        for k in keys:
+            scorer, endpoint = k[0], k[1]
+            capacity, hashes = pending[k]
+            sent = sent_by.get((scorer, endpoint))
+            if sent is None:
+                sent = sent_by[(scorer, endpoint)] = set()
+            if hashes[-1] in sent:  # prefix-closed: the whole chain went already
+                continue
+            lo = leading_in(hashes, sent, len(hashes) - 1)
+            if lo:
+                records.append(wire.PrefixRecord(scorer, endpoint, capacity, hashes[lo - 1:],
+                                                 True))
+                sent.update(hashes[lo:])
+            else:
+                records.append(wire.PrefixRecord(scorer, endpoint, capacity, hashes))
+                sent.update(hashes)
+
+        def done() -> None:
+            for k in keys:  # records added meanwhile stay for the next batch
+                pending.pop(k, None)
+
+        return records, done
 
     def _local_load(self, now: float) -> dict[str, int]:
         snap = self.datastore.snapshot()
@@ -375,15 +425,20 @@ class StateSync:
         if not batch.records:
             return
         by_name = self.datastore.snapshot().by_name
-        merged = 0
+        merged = unknown_head = 0
+        scorers = self.scorers
         for r in batch.records:
-            scorer = self.scorers.get(r.scorer)
+            scorer = scorers.get(r.scorer)
             if scorer is None or r.endpoint not in by_name:
                 continue  # another config, or an endpoint this replica does not route to
-            scorer.learn_remote(r.endpoint, r.hashes, r.capacity)
-            merged += 1
+            if scorer.learn_remote(r.endpoint, r.hashes, r.capacity, r.continues):
+                merged += 1
+            else:
+                unknown_head += 1  # learnt whole within RESEND seconds
         self.received_records += merged
         obs.STATE_SYNC_RECORDS.labels("received").inc(merged)
+        if unknown_head:
+            obs.STATE_SYNC_RECORDS.labels("unknown_head").inc(unknown_head)
 
 
 def _id(v: bytes | str) -> str:

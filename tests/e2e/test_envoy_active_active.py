@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.redis_server import RedisServer, redis_fixture
-from tests.support import (EppProcess, UpstreamFleet, epp_replicas, http, post_json,
+from tests.support import (EppProcess, UpstreamFleet, http, post_json,
                            scratch_dir, start_envoy, start_epp, vllm_page)
 
 pytestmark = pytest.mark.e2e
@@ -73,8 +73,8 @@ def requests_seen(epp: EppProcess) -> float:
 
 def run(endpoints_file: str, replicas: int, sync: list[str]) -> tuple[float, list[float]]:
     epps = [start_epp(*sync, endpoints_file=endpoints_file) for _ in range(replicas)]
-    patch = epp_replicas(epps[1].grpc_port) if replicas == 2 else None
-    envoy = start_envoy(epps[0].grpc_port, patch=patch)
+    # The `epp` cluster as `epp envoy-config --epp-address a:port,b:port` writes it.
+    envoy = start_envoy(epps[0].grpc_port, more_epps=[e.grpc_port for e in epps[1:]])
     try:
         rate = shared_prefix_hit_rate(envoy.url, f"{replicas}-{bool(sync)}")
         return rate, [requests_seen(e) for e in epps]
@@ -100,3 +100,23 @@ def test_two_synced_replicas_hit_the_prefix_cache_like_one(endpoints_file: str,
     assert one >= best - 0.05, one
     assert synced >= one - 0.05, (synced, one)
     assert unsynced <= synced - 0.15, (unsynced, synced)
+
+
+def test_a_killed_replica_fails_no_request_sent_after_it_died(endpoints_file: str) -> None:
+    """The generated config for several replicas: streams the dead replica refuses are
+    retried on the other (Envoy keeps choosing an ejected host for about a second)."""
+    epps = [start_epp(endpoints_file=endpoints_file) for _ in range(2)]
+    envoy = start_envoy(epps[0].grpc_port, more_epps=[epps[1].grpc_port])
+    body = {"model": "food-review", "prompt": "hello", "max_tokens": 2}
+    try:
+        for _ in range(4):  # both replicas serve
+            assert post_json(envoy.url + "/v1/completions", body).status == 200
+        assert min(requests_seen(e) for e in epps) >= 1
+        epps[1].proc.p.kill()
+        epps[1].proc.p.wait(10)
+        statuses = [post_json(envoy.url + "/v1/completions", body).status for _ in range(10)]
+        assert statuses == [200] * 10, statuses
+    finally:
+        envoy.proc.stop()
+        for e in epps:
+            e.proc.stop()

@@ -87,6 +87,9 @@ async def test_token_counters_follow_the_requests(start_sim: StartSim, http):
     url = fleet.urls[0]
     usage = []
     for prompt in ("a" * 40, "b" * 80):
+        # Scraped between requests: the histograms' cached text must follow every request.
+        m = await scrape(http, url)
+        assert value(m, "vllm:e2e_request_latency_seconds_count") == len(usage)
         async with http.post(url + "/v1/completions",
                              json={"model": BASE, "prompt": prompt, "max_tokens": 5}) as r:
             usage.append((await r.json())["usage"])

@@ -28,6 +28,20 @@ def test_the_patch_keeps_the_base_args_and_adds_state_sync() -> None:
     assert settings.state_sync == "redis://r:6379"
 
 
+def test_the_replicas_spread_over_nodes_and_are_evicted_one_at_a_time() -> None:
+    base = next(d for d in docs(K8S / "epp.yaml") if d["kind"] == "Deployment")
+    labels = base["spec"]["selector"]["matchLabels"]
+    (patch,) = docs(OPTIONAL / "active-active.yaml")
+    (term,) = patch["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"] == {"topologyKey": "kubernetes.io/hostname",
+                                       "labelSelector": {"matchLabels": labels}}
+    (pdb,) = docs(OPTIONAL / "active-active-pdb.yaml")
+    assert pdb["kind"] == "PodDisruptionBudget" and pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": labels}}
+    assert patch["spec"]["replicas"] > pdb["spec"]["maxUnavailable"]
+
+
 def test_the_secret_feeds_both_the_epp_and_the_trial_redis() -> None:
     (secret,) = docs(OPTIONAL / "state-sync-secret.yaml")
     (patch,) = docs(OPTIONAL / "active-active.yaml")
@@ -75,3 +89,48 @@ def test_chart_state_sync_is_off_by_default_and_refuses_contradictions() -> None
         render(SELECTOR, "inferenceExtension.stateSync.enabled=true")
     with pytest.raises(RuntimeError, match="set inferenceExtension.stateSync instead"):
         render(SELECTOR, "inferenceExtension.flags.state-sync=redis://r:6379")
+
+
+SPREAD = {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+    "weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                       "labelSelector": {"matchLabels": None}}}]}}
+
+
+@needs_helm
+def test_chart_active_active_gets_a_disruption_budget_and_spreads_over_nodes() -> None:
+    out = render(SELECTOR, *SYNC, "inferenceExtension.replicas=2")
+    dep = one(out, "Deployment")
+    selector = dep["spec"]["selector"]["matchLabels"]
+    pdb = one(out, "PodDisruptionBudget")
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": selector}}
+    affinity = dep["spec"]["template"]["spec"]["affinity"]
+    term = affinity["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == selector
+    term["podAffinityTerm"]["labelSelector"]["matchLabels"] = None
+    assert affinity == SPREAD
+
+
+@needs_helm
+@pytest.mark.parametrize("sets", [
+    (),  # one replica, no sync
+    ("inferenceExtension.replicas=2",),  # leader election: one serves, the other waits
+    (*SYNC,),  # one synced replica: nothing to spread
+    (*SYNC, "inferenceExtension.replicas=2",
+     "inferenceExtension.stateSync.podDisruptionBudget=false",
+     "inferenceExtension.stateSync.spreadOverNodes=false"),
+])
+def test_chart_has_no_budget_or_spreading_unless_active_active_with_replicas(sets) -> None:
+    out = render(SELECTOR, *sets)
+    assert not [d for d in out if d["kind"] == "PodDisruptionBudget"]
+    assert "affinity" not in one(out, "Deployment")["spec"]["template"]["spec"]
+
+
+@needs_helm
+def test_chart_affinity_given_wins_over_the_spreading() -> None:
+    mine = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "pool", "operator": "In", "values": ["cpu"]}]}]}}}
+    out = render(SELECTOR, *SYNC, "inferenceExtension.replicas=3",
+                 values={"inferenceExtension": {"affinity": mine}})
+    assert one(out, "Deployment")["spec"]["template"]["spec"]["affinity"] == mine
+    assert one(out, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1

@@ -54,3 +54,48 @@ def test_envoy_and_xds_protos_share_the_envoy_package() -> None:
     from envoy.service.ext_proc.v3 import external_processor_pb2  # noqa: F401
 
     assert Path(envoy_binary()).exists()
+
+
+def test_several_epp_replicas_share_the_cluster_with_outlier_detection(tmp_path: Path) -> None:
+    """Active-active: listed replicas (or one headless Service name) in the `epp` cluster;
+    a replica that refuses connections is ejected at its first failure."""
+    text = render(EnvoyOptions(epp_address="10.0.0.1:9002, epp-1.epp ,[fd00::3]:9100, fd00::4"))
+    p = tmp_path / "envoy.yaml"
+    p.write_text(text)
+    r = validate(p)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (epp,) = [c for c in yaml.safe_load(text)["staticResources"]["clusters"]
+              if c["name"] == "epp"]
+    addresses = [e["endpoint"]["address"]["socketAddress"]
+                 for e in epp["loadAssignment"]["endpoints"][0]["lbEndpoints"]]
+    assert [(a["address"], a["portValue"]) for a in addresses] == [
+        ("10.0.0.1", 9002), ("epp-1.epp", 9002), ("fd00::3", 9100), ("fd00::4", 9002)]
+    assert epp["outlierDetection"] == {
+        "splitExternalLocalOriginErrors": True, "consecutiveLocalOriginFailure": 1,
+        "enforcingConsecutiveLocalOriginFailure": 100, "interval": "1s",
+        "baseEjectionTime": "10s", "maxEjectionPercent": 50}
+    # A stream a dead replica refused is opened on another; nothing after the EPP saw it.
+    grpc = ext_proc_of(yaml.safe_load(text))["grpcService"]
+    assert grpc["retryPolicy"]["retryOn"] == "connect-failure,refused-stream"
+    headless = yaml.safe_load(render(EnvoyOptions(epp_address="epp-headless",
+                                                  epp_outlier_detection=True)))
+    assert "outlierDetection" in headless["staticResources"]["clusters"][0]
+    single = yaml.safe_load(render(EnvoyOptions()))
+    assert "outlierDetection" not in single["staticResources"]["clusters"][0]
+    assert "retryPolicy" not in ext_proc_of(single)["grpcService"]
+
+
+def ext_proc_of(cfg: dict) -> dict:
+    hcm = cfg["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+    return hcm["httpFilters"][0]["typedConfig"]
+
+
+@pytest.mark.parametrize("address", ["epp:0", "epp:http", "epp:9002,", "[fd00::1]:x"])
+def test_a_bad_epp_address_is_refused_by_the_command(address: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from epp.envoyconfig import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--epp-address", address])
+    assert e.value.code == 2
+    assert "--epp-address: not a host[:port]" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -19,7 +20,8 @@ names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_si
                 max_size=40)
 records = st.lists(st.builds(
     wire.PrefixRecord, names, names, st.integers(1, 1 << 20),
-    st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=50).map(tuple)), max_size=20)
+    st.lists(st.integers(0, 2**64 - 1), min_size=2, max_size=50).map(tuple),
+    st.booleans()), max_size=20)
 
 
 @settings(deadline=None)  # a loaded CI machine must not turn a slow example red
@@ -28,8 +30,9 @@ def test_a_batch_survives_the_round_trip(replica: str, load: dict[str, int] | No
                                          recs: list[wire.PrefixRecord]) -> None:
     batch = wire.decode(wire.encode(replica, load, recs))
     assert (batch.replica, batch.load) == (replica, load)
-    assert [(r.scorer, r.endpoint, r.capacity, tuple(r.hashes)) for r in batch.records] == [
-        (r.scorer, r.endpoint, r.capacity, r.hashes) for r in recs]
+    assert [(r.scorer, r.endpoint, r.capacity, tuple(r.hashes), r.continues)
+            for r in batch.records] == [
+        (r.scorer, r.endpoint, r.capacity, r.hashes, r.continues) for r in recs]
 
 
 @settings(deadline=None)  # a loaded CI machine must not turn a slow example red
@@ -52,16 +55,27 @@ def test_corrupted_hash_bytes_never_half_merge(recs: list[wire.PrefixRecord],
         wire.decode(fields)
 
 
+def mp(v: object) -> bytes:
+    return msgspec.msgpack.encode(v)
+
+
 @pytest.mark.parametrize("fields, why", [
-    ({b"v": b"2", b"r": b"x"}, "version"),
-    ({b"v": b"1"}, "replica"),
-    ({b"v": b"1", b"r": b"x", b"l": b'{"a": -1}'}, "load count"),
-    ({b"v": b"1", b"r": b"x", b"l": b'{"a": true}'}, "load count"),
-    ({b"v": b"1", b"r": b"x", b"pm": b"[]"}, "together"),
-    ({b"v": b"1", b"r": b"x", b"pm": b'[["s", "e", 1, 0]]', b"ph": b""}, "block count"),
-    ({b"v": b"1", b"r": b"x", b"pm": b'[["s", "e", 1, 2]]', b"ph": b"\0" * 8}, "more blocks"),
-    ({b"v": b"1", b"r": b"x", b"pm": b"[]", b"ph": b"\0" * 8}, "left over"),
-    ({b"v": b"1", b"r": "é".encode("latin-1")}, "UTF-8"),
+    ({b"v": b"1", b"r": b"x"}, "version"),  # the JSON format of before: counted, skipped
+    ({b"v": b"2"}, "replica"),
+    ({b"v": b"2", b"r": b"x", b"l": mp({"a": -1})}, "load"),
+    ({b"v": b"2", b"r": b"x", b"l": mp({"a": True})}, "load"),
+    ({b"v": b"2", b"r": b"x", b"l": b'{"a": 1}'}, "load"),
+    ({b"v": b"2", b"r": b"x", b"pm": mp([])}, "together"),
+    ({b"v": b"2", b"r": b"x", b"pm": mp([["s", "e", 1, 0, False]]), b"ph": b""}, r"\[3\]"),
+    ({b"v": b"2", b"r": b"x", b"pm": mp([["s", "e", 1, 2, False]]), b"ph": b"\0" * 8},
+     "disagree"),
+    ({b"v": b"2", b"r": b"x", b"pm": mp([]), b"ph": b"\0" * 8}, "disagree"),
+    ({b"v": b"2", b"r": b"x", b"pm": mp([["s", "e", 1, 1, True]]), b"ph": b"\0" * 8},
+     "continuing"),
+    ({b"v": b"2", b"r": b"x", b"pm": mp([["", "e", 1, 1, False]]), b"ph": b"\0" * 8},
+     r"\[0\]"),
+    ({b"v": b"2", b"r": b"x", b"pm": b"\xc1", b"ph": b""}, "MessagePack"),
+    ({b"v": b"2", b"r": "é".encode("latin-1")}, "UTF-8"),
 ])
 def test_malformed_entries_are_refused_with_a_reason(fields: dict[bytes, bytes], why: str) -> None:
     with pytest.raises(wire.WireError, match=why):
@@ -205,3 +219,58 @@ def test_the_precise_scorers_approximate_fallback_is_shared_too() -> None:
                       "  - pluginRef: precise-prefix-cache-scorer\n")
     precise = cfg.plugins["precise-prefix-cache-scorer"]
     assert approximate_indexes(cfg.plugins) == {precise.approx.name: precise.approx}
+
+
+# -- a shared prefix crosses the stream once per endpoint ----------------------------------
+
+
+def test_a_shared_prefix_goes_out_once_per_endpoint_and_the_peer_learns_it_whole() -> None:
+    """Replica A routes 3 prompts sharing a 40-block system prompt to one endpoint; what
+    it publishes (without Redis: the batches go straight to B's merge) carries the shared
+    blocks once, and B's index ends up holding every prompt A's holds."""
+    from epp.scheduling.prefix import block_hashes
+    from epp.scheduling.scorers import PrefixCacheScorer
+    from epp.statesync.sync import StateSync, SyncOptions
+
+    def replica(name: str) -> tuple[StateSync, PrefixCacheScorer]:
+        scorer = PrefixCacheScorer()
+        sync = StateSync(SyncOptions(url="redis://unused"), pool("pod-a", "pod-b"),
+                         InFlightTracker(), {scorer.name: scorer}, replica=name)
+        return sync, scorer
+
+    def publish(sync: StateSync) -> dict[bytes, bytes]:
+        records, done = sync._outgoing()
+        done()
+        return wire.encode(sync.replica, None, records)
+
+    (a, a_scorer), (b, b_scorer) = replica("a"), replica("b")
+    system = "You are a helpful assistant. " * 90
+    prompts = [block_hashes("m", (system + q).encode(), 64, 256)
+               for q in ("What is 2+2?" * 3, "Name a colour." * 3, "Spell cat." * 3)]
+    for chain in prompts:
+        a._on_record(a_scorer.name, "pod-a", 1000, chain)
+    first = publish(a)
+    shared = sum(h == prompts[0][i] for i, h in enumerate(prompts[1]))
+    assert shared >= 40
+    # 3 records; the second and third start at the last shared block.
+    assert len(first[b"ph"]) // 8 == len(prompts[0]) + 2 * (len(prompts[1]) - shared + 1)
+    b._apply(first, bootstrap=False)
+    for chain in prompts:
+        assert b_scorer.index.held("pod-a", chain) == len(chain)
+    # Routed again: nothing new to send. To another endpoint: the whole chain once.
+    a._on_record(a_scorer.name, "pod-a", 1000, prompts[2])
+    a._on_record(a_scorer.name, "pod-b", 1000, prompts[2])
+    again = wire.decode(publish(a))
+    assert [(r.endpoint, r.continues, len(r.hashes)) for r in again.records] == [
+        ("pod-b", False, len(prompts[2]))]
+
+
+def test_a_tail_whose_head_never_arrived_is_dropped_until_the_chain_comes_whole() -> None:
+    from epp.scheduling.scorers import PrefixCacheScorer
+
+    scorer = PrefixCacheScorer()
+    assert not scorer.learn_remote("pod-a", [11, 12, 13], 100, continues=True)
+    assert scorer.index.blocks_of("pod-a") == 0  # nothing half-merged: still prefix-closed
+    assert scorer.learn_remote("pod-a", [10, 11], 100)
+    assert scorer.learn_remote("pod-a", [11, 12, 13], 100, continues=True)
+    assert scorer.index.held("pod-a", [10, 11, 12, 13]) == 4

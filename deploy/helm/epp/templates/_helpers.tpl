@@ -39,6 +39,11 @@ inferencepool: {{ include "epp.name" . }}
 {{- else if $le -}}true{{- end -}}
 {{- end -}}
 
+{{/* Active-active with 2+ replicas: a disruption budget and spreading over nodes. */}}
+{{- define "epp.activeActive" -}}
+{{- if and (.Values.inferenceExtension.stateSync | default (dict)).enabled (ge (int .Values.inferenceExtension.replicas) 2) }}true{{ end -}}
+{{- end -}}
+
 {{/* registry/repository:tag (upstream v1.1+), or hub/name:tag (upstream v1.0). */}}
 {{- define "epp.image" -}}
 {{- $i := .Values.inferenceExtension.image -}}
