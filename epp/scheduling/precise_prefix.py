@@ -48,7 +48,7 @@ from epp.plugins import check_params, param_float, param_int
 from epp.scheduling import prefix as _prefix
 from epp.scheduling.cycle import CycleState
 from epp.scheduling.interface import SchedulingRequest
-from epp.scheduling.scorers import PrefixCacheScorer
+from epp.scheduling.scorers import PrefixCacheScorer, load_discount
 from epp.tokenization import TokenizerError, TokenizerPool, prompt_of
 
 log = logging.getLogger(__name__)
@@ -318,4 +318,13 @@ class PrecisePrefixCacheScorer:
         full = self.match_scores(state)
         if full is None:
             return self.approx.score(state, candidates)
-        return state.take(full, candidates)
+        s = state.take(full, candidates)
+        approx = self.approx
+        if approx.hit_queue_worth > 0 and s.any():
+            # The same load-aware policy as the approximate scorer (docs/scoring.md): a
+            # holder far busier than the best alternative has nothing left to offer, and
+            # the group's home wins among equal holders.
+            s = s * load_discount(state, candidates, approx.hit_queue_worth,
+                                  approx.running_weight)
+            approx._away_share(state, candidates, s)
+        return s
