@@ -181,36 +181,6 @@ class KVBlockIndex:
             self._trim()
         return r
 
-    def store_keys(self, name: str, keys: Sequence[int], tag: Any) -> None:
-        """Record `keys` on `name` directly, under engine hashes (key, tag): for entries the
-        EPP predicts (a pick not yet confirmed by events) and removes with `remove_keys`."""
-        ep = self._endpoint(name)
-        bit = 1 << ep.slot
-        owners = self._owners
-        for key in keys:
-            h = (key, tag)
-            ep.by_engine[h] = key
-            held = ep.keys.get(key)
-            if held is None:
-                ep.keys[key] = h
-                owners[key] = owners.get(key, 0) | bit
-                self._size += 1
-            elif held.__class__ is list:
-                held.append(h)
-            else:
-                ep.keys[key] = [held, h]
-        if self._size > self.max_entries:
-            self._trim()
-
-    def remove_keys(self, name: str, keys: Sequence[int], tag: Any) -> None:
-        ep = self._eps.get(name)
-        if ep is None:
-            return
-        for key in keys:
-            h = (key, tag)
-            if ep.by_engine.pop(h, None) is not None:
-                self._drop(ep, h, key)
-
     def _endpoint(self, name: str) -> _Endpoint:
         ep = self._eps.get(name)
         if ep is None:
