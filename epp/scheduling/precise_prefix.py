@@ -332,7 +332,10 @@ class PrecisePrefixCacheScorer:
             s = s * load_discount(state, candidates, approx.hit_queue_worth,
                                   approx.running_weight)
             group = self._group(state)
-            prefer_home(state, candidates, s, self.homes.get(group) if group is not None else None)
+            home = self.homes.get(group) if group is not None else None
+            i = state.snapshot.by_name.get(home) if home is not None else None
+            if i is not None and full[i] > 0:  # only a home that still holds the group
+                prefer_home(state, candidates, s, home)
         return s
 
     def _group(self, state: CycleState) -> int | None:
