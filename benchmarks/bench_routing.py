@@ -73,8 +73,13 @@ GPU = SimConfig(
 
 
 def fleet(time_scale: float, replicas: int = 8, lora: LoraShape | None = None,
-          max_loras: int = 2) -> list[SimConfig]:
+          max_loras: int = 2, kv_events: bool = False) -> list[SimConfig]:
+    """`kv_events`: the pods tokenize (the tiny tokenizer) and publish KV events, for
+    the precise scorer (every strategy of the sweep then runs on that same fleet)."""
     base = replace(GPU, time_scale=time_scale)
+    if kv_events:
+        base = replace(base, tokenizer=str(ensure_tokenizer()), kv_events_port=0,
+                       kv_events_replay_port=0)
     if lora is not None:
         base = replace(base, lora_modules={a: f"/adapters/{a}" for a in lora.adapters},
                        max_loras=max_loras, lora_load_time=0.1)
@@ -135,7 +140,9 @@ def run_sweep(shape_name: str, strategies: list[str], qps_list: list[float], cou
     (about 10 simulated seconds of arrivals, at least `min_count`)."""
     points = []
     lora = LoraShape() if shape_name == "lora" else None
-    sims = stale_fleet(time_scale) if shape_name == "stale-prefix" else fleet(time_scale, lora=lora)
+    events = any(STRATEGIES[s].kv_events for s in strategies)
+    sims = (stale_fleet(time_scale) if shape_name == "stale-prefix"
+            else fleet(time_scale, lora=lora, kv_events=events))
     for qps in qps_list:
         n = min(count, max(min_count, int(qps * 10)))
         for name in strategies:
