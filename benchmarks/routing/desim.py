@@ -11,6 +11,13 @@ and the EPP's own CPU time.
 
     .venv/bin/python benchmarks/routing/desim.py --shapes skewed-prefix --qps 64 80
     .venv/bin/python benchmarks/routing/desim.py --variant w4:prefix-cache-scorer.cacheHitQueueWorth=4
+    .venv/bin/python benchmarks/routing/desim.py --shapes stale-prefix \
+        --strategies round-robin default precise --replicas 2
+
+For `stale-prefix` the pods tokenize (the tiny tokenizer) and their KV events go straight
+into the precise scorer's index at the end of each step; `--replicas`, `--direct` and
+`--restart-every` model what makes an approximate index stale in real deployments
+(unsynced EPP replicas, clients that bypass the EPP, pod restarts).
 
 Prints one markdown table row per (shape, strategy, load): medians over the seeds, and
 p90 TTFT as a multiple of the oracle's.
