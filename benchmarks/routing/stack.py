@@ -31,7 +31,6 @@ from typing import Any
 from epp.scheduling.upstream import upstream_default_config_text
 from epp.sim.config import SimConfig
 from tests.support import EnvoyProcess, EppProcess, start_envoy, start_epp
-from tests.support import epp_replicas as epp_replicas_patch
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -235,8 +234,8 @@ class Stack:
                         self.more_epps.append(_start_epp(args, endpoints, strategy.inflight))
             if strategy.kind == "epp":
                 assert self.epp is not None
-                self.envoy = start_envoy(self.epp.grpc_port, patch=epp_replicas_patch(
-                    *(e.grpc_port for e in self.more_epps)) if self.more_epps else None)
+                self.envoy = start_envoy(self.epp.grpc_port,
+                                         more_epps=[e.grpc_port for e in self.more_epps])
             elif strategy.kind == "oracle":
                 self.envoy = start_envoy(1, patch=_plain_cluster(
                     [f"127.0.0.1:{self.fleet.oracle_port}"], "ROUND_ROBIN"))
