@@ -165,8 +165,9 @@ def run(sims: list[SimConfig], schedule: list[Request], router: str,
             e = engines[k]
             adapter = r.model if r.model in adapters[k] else None
             tok = toks[k]
-            prompt = (ids_prompt(tok.encode(r.prompt, True), e.cfg.block_size, adapter or "")
-                      if tok is not None else text_prompt(r.prompt, e.cfg.block_size, adapter or ""))
+            salt = adapter or ""
+            prompt = (ids_prompt(tok.encode(r.prompt, True), e.cfg.block_size, salt)
+                      if tok is not None else text_prompt(r.prompt, e.cfg.block_size, salt))
             seq = Sequence(request_id=f"r{x}", prompt=prompt,
                            max_tokens=r.max_tokens, adapter=adapter)
             seq.arrival = now
