@@ -73,8 +73,13 @@ GPU = SimConfig(
 
 
 def fleet(time_scale: float, replicas: int = 8, lora: LoraShape | None = None,
-          max_loras: int = 2) -> list[SimConfig]:
+          max_loras: int = 2, kv_events: bool = False) -> list[SimConfig]:
+    """`kv_events`: the pods tokenize (the tiny tokenizer) and publish KV events, for
+    the precise scorer (every strategy of the sweep then runs on that same fleet)."""
     base = replace(GPU, time_scale=time_scale)
+    if kv_events:
+        base = replace(base, tokenizer=str(ensure_tokenizer()), kv_events_port=0,
+                       kv_events_replay_port=0)
     if lora is not None:
         base = replace(base, lora_modules={a: f"/adapters/{a}" for a in lora.adapters},
                        max_loras=max_loras, lora_load_time=0.1)
@@ -99,9 +104,10 @@ def scaled(schedule: list[Request], time_scale: float) -> list[Request]:
 
 
 def run_point(strategy: str, sims: list[SimConfig], schedule: list[Request],
-              time_scale: float, refresh: float = 0.05) -> dict[str, Any]:
+              time_scale: float, refresh: float = 0.05, epp_replicas: int = 1) -> dict[str, Any]:
     """One replay against a fresh stack; all times in simulated seconds."""
-    stack = Stack(STRATEGIES[strategy], sims, refresh_interval=refresh)
+    stack = Stack(STRATEGIES[strategy], sims, refresh_interval=refresh,
+                  epp_replicas=epp_replicas)
     try:
         time.sleep(0.5)  # a few scrapes before traffic
         q0, h0 = stack.fleet.prefix_counters()
@@ -128,12 +134,15 @@ def run_point(strategy: str, sims: list[SimConfig], schedule: list[Request],
 
 def run_sweep(shape_name: str, strategies: list[str], qps_list: list[float], count: int,
               repeat: int, time_scale: float, seed: int, log: Any,
-              min_count: int = 80, refresh: float = 0.05) -> list[dict[str, Any]]:
+              min_count: int = 80, refresh: float = 0.05,
+              epp_replicas: int = 1) -> list[dict[str, Any]]:
     """Every strategy at every load; `count` requests per run, fewer at light loads
     (about 10 simulated seconds of arrivals, at least `min_count`)."""
     points = []
     lora = LoraShape() if shape_name == "lora" else None
-    sims = stale_fleet(time_scale) if shape_name == "stale-prefix" else fleet(time_scale, lora=lora)
+    events = any(STRATEGIES[s].kv_events for s in strategies)
+    sims = (stale_fleet(time_scale) if shape_name == "stale-prefix"
+            else fleet(time_scale, lora=lora, kv_events=events))
     for qps in qps_list:
         n = min(count, max(min_count, int(qps * 10)))
         for name in strategies:
@@ -144,7 +153,7 @@ def run_sweep(shape_name: str, strategies: list[str], qps_list: list[float], cou
                                                   model=MODEL)
                 else:
                     sched = schedule_for(shape_name, qps, n, seed + rep, MODEL)
-                r = run_point(name, sims, sched, time_scale, refresh)
+                r = run_point(name, sims, sched, time_scale, refresh, epp_replicas)
                 runs.append(r)
                 log(f"{shape_name} {name:>20} qps={qps:<5g} rep={rep} "
                     f"ttft p50/p90={_s(r['ttft_p50'])}/{_s(r['ttft_p90'])} "
@@ -264,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--refresh-interval", type=float, default=0.05,
                     help="EPP metrics scrape interval, wall seconds (default %(default)s)")
+    ap.add_argument("--epp-replicas", type=int, default=1,
+                    help="EPP replicas behind Envoy, each on its own (no state sync); "
+                         "the stale-prefix shape's realistic case is 2 or more")
     ap.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/)")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
@@ -295,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {
         "command": "benchmarks/bench_routing.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "time_scale": args.time_scale, "refresh_interval": args.refresh_interval,
+        "epp_replicas": args.epp_replicas,
         "sim": asdict(GPU) | {"lora_modules": {}},
         "shared_prefix_shape": asdict(SharedPrefixShape()),
         "skewed_prefix_shape": asdict(SKEWED_PREFIX), "lora_shape": asdict(LoraShape()),
@@ -313,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes:
         strategies, loads, count, verdict_key, judge = plans[shape]
         points = run_sweep(shape, strategies, loads, count, repeat, args.time_scale, args.seed,
-                           log, min_count, args.refresh_interval)
+                           log, min_count, args.refresh_interval, args.epp_replicas)
         doc["sweeps"][shape] = points
         print(f"\n### {shape}\n")
         print(markdown_table(points))
@@ -327,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n" + "\n".join(doc[verdict_key]))
         if not args.no_plot:
             png = out.with_name(out.stem + f"-{shape}.png")
-            plot(points, png, f"{shape}: 8 simulated pods through Envoy "
+            eppn = f", {args.epp_replicas} EPP replicas unsynced" if args.epp_replicas > 1 else ""
+            plot(points, png, f"{shape}: 8 simulated pods through Envoy{eppn} "
                               f"({count}+ requests per point, median of {repeat})")
             print(f"\nplot: {png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}")
     doc["wall_s"] = time.perf_counter() - t0

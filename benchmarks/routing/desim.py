@@ -11,6 +11,13 @@ and the EPP's own CPU time.
 
     .venv/bin/python benchmarks/routing/desim.py --shapes skewed-prefix --qps 64 80
     .venv/bin/python benchmarks/routing/desim.py --variant w4:prefix-cache-scorer.cacheHitQueueWorth=4
+    .venv/bin/python benchmarks/routing/desim.py --shapes stale-prefix \
+        --strategies round-robin default precise --replicas 2
+
+For `stale-prefix` the pods tokenize (the tiny tokenizer) and their KV events go straight
+into the precise scorer's index at the end of each step; `--replicas`, `--direct` and
+`--restart-every` model what makes an approximate index stale in real deployments
+(unsynced EPP replicas, clients that bypass the EPP, pod restarts).
 
 Prints one markdown table row per (shape, strategy, load): medians over the seeds, and
 p90 TTFT as a multiple of the oracle's.
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
+import random
 import statistics
 import sys
 from dataclasses import dataclass, replace
@@ -37,9 +45,11 @@ from epp.config import DEFAULT_CONFIG_TEXT, load_config
 from epp.datastore import Datastore, Endpoint, EndpointMetrics
 from epp.scheduling import Scheduler, SchedulingRequest
 from epp.scheduling.inflight import InFlightTracker
+from epp.scheduling.precise_prefix import PrecisePrefixCacheScorer
 from epp.sim.config import SimConfig
 from epp.sim.engine import Engine, Sequence
-from epp.sim.tokens import text_prompt
+from epp.sim.tokens import ids_prompt, text_prompt
+from epp.tokenization import ModelTokenizer
 
 
 @dataclass
@@ -54,22 +64,42 @@ class Outcome:
 
 
 def run(sims: list[SimConfig], schedule: list[Request], router: str,
-        scrape: float = 0.05, warmup: float = 0.1) -> Outcome:
+        scrape: float = 0.05, warmup: float = 0.1, direct: float = 0.0,
+        restart_every: float = 0.0, replicas: int = 1) -> Outcome:
     """Replay `schedule`; `router` is an EndpointPickerConfig text ("" for the EPP's
-    default), "round-robin", or "oracle" / "oracle:<objective>"."""
+    default), "round-robin", or "oracle" / "oracle:<objective>".
+
+    Pods with a `tokenizer` tokenize prompts with it (as `epp-sim` does), and their KV
+    events go straight into any `precise-prefix-cache-scorer`'s index at the end of each
+    step (what its subscriber does over ZeroMQ, minus the transport's delay). `direct`:
+    the share of requests (chosen by a seeded draw) that another client sends straight to
+    the pods, round-robin, without the EPP; TTFT and hit rate are then over the EPP's
+    requests only. `restart_every`: every that many simulated seconds one pod (in turn)
+    restarts: its KV cache is cleared (AllBlocksCleared), its queue kept. `replicas`: EPP
+    replicas without state sync, each with its own indexes and in-flight tracker, taking
+    the requests in turn (as Envoy spreads them over the EPP's pods)."""
     engines = [Engine(replace(c, time_scale=1.0)) for c in sims]
+    toks = [ModelTokenizer(c.model, c.tokenizer) if c.tokenizer else None for c in sims]
     adapters = [dict(c.lora_modules) for c in sims]
     names = [c.name for c in sims]
     ds = Datastore(staleness_threshold=2.0)
     ds.set_endpoints([Endpoint(n, f"10.9.0.{i + 1}", 8000) for i, n in enumerate(names)])
     oracle = (router.partition(":")[2] or DEFAULT_OBJECTIVE) if router.startswith("oracle") else None
     rr = router == "round-robin"
-    sched = None
+    scheds: list[Scheduler] = []
     if not (oracle or rr):
         # A seeded picker: equal totals are broken the same way in every run.
         text = (router or DEFAULT_CONFIG_TEXT).replace(
             "- type: max-score-picker\n", "- type: max-score-picker\n  parameters: {seed: 1}\n")
-        sched = Scheduler.from_config(load_config(text), inflight=InFlightTracker())
+        scheds = [Scheduler.from_config(load_config(text), inflight=InFlightTracker())
+                  for _ in range(max(1, replicas))]
+    precise = [p for sched in scheds for p in _precise_scorers(sched)]
+    if precise:
+        for e in engines:
+            e.kv.events = []
+    rng = random.Random(7)
+    unrouted = {i for i in range(len(schedule)) if rng.random() < direct}
+    direct_rr = itertools.count()
     seq_rid: dict[int, str] = {}
     busy_until = [float("inf")] * len(engines)
     plans: list[Any] = [None] * len(engines)
@@ -78,6 +108,8 @@ def run(sims: list[SimConfig], schedule: list[Request], router: str,
     for i, r in enumerate(schedule):
         heapq.heappush(events, (r.at, next(tie), "arrive", i))
     heapq.heappush(events, (0.0, next(tie), "scrape", 0))
+    if restart_every > 0:
+        heapq.heappush(events, (restart_every, next(tie), "restart", 0))
     seqs: list[Sequence | None] = [None] * len(schedule)
     served_by = [-1] * len(schedule)
     pending = len(schedule)
@@ -110,21 +142,33 @@ def run(sims: list[SimConfig], schedule: list[Request], router: str,
         if kind == "scrape":
             scrape_all(now)
             heapq.heappush(events, (now + scrape, next(tie), "scrape", 0))
+        elif kind == "restart":
+            engines[x].kv.reset_prefix_cache()
+            _deliver(precise, names[x], engines[x])
+            heapq.heappush(events, (now + restart_every, next(tie), "restart",
+                                    (x + 1) % len(engines)))
         elif kind == "arrive":
             r = schedule[x]
-            if rr:
+            if x in unrouted:
+                k = next(direct_rr) % len(engines)
+            elif rr:
                 k = x % len(engines)
-            elif sched is None:
+            elif not scheds:
                 k = best(engines, r.prompt, r.model, r.max_tokens, adapters, oracle or DEFAULT_OBJECTIVE)
             else:
-                res = sched.schedule(SchedulingRequest(f"r{x}", r.model, r.prompt),
+                sched = scheds[x % len(scheds)]
+                res = sched.schedule(SchedulingRequest(f"r{x}", r.model, r.prompt,
+                                                       api="completions", body=r.body(False)),
                                      ds.snapshot(), now=now)
                 k = res.index
                 sched.inflight.started(f"r{x}", res.endpoint.name, now)  # as the director does
             e = engines[k]
             adapter = r.model if r.model in adapters[k] else None
-            seq = Sequence(request_id=f"r{x}", prompt=text_prompt(r.prompt, e.cfg.block_size,
-                                                                  adapter or ""),
+            tok = toks[k]
+            salt = adapter or ""
+            prompt = (ids_prompt(tok.encode(r.prompt, True), e.cfg.block_size, salt)
+                      if tok is not None else text_prompt(r.prompt, e.cfg.block_size, salt))
+            seq = Sequence(request_id=f"r{x}", prompt=prompt,
                            max_tokens=r.max_tokens, adapter=adapter)
             seq.arrival = now
             e.waiting.append(seq)
@@ -139,23 +183,26 @@ def run(sims: list[SimConfig], schedule: list[Request], router: str,
             plans[k] = None
             e.clock = now
             e._complete(work, now)
+            _deliver(precise, names[k], e)
             for seq, _n in work:
-                if seq.finished and sched is not None:
+                if seq.finished and scheds:
                     rid = seq_rid.pop(id(seq), None)
                     if rid is not None:
-                        sched.inflight.finished(rid)
+                        scheds[int(rid[1:]) % len(scheds)].inflight.finished(rid)
                         pending -= 1
                 elif seq.finished:
                     if seq_rid.pop(id(seq), None) is not None:
                         pending -= 1
             kick(k, now)
     skip = int(len(schedule) * warmup)
-    done = [s for s in seqs[skip:] if s is not None and s.first_token_at is not None]
+    done = [s for i, s in enumerate(seqs) if i >= skip and i not in unrouted
+            and s is not None and s.first_token_at is not None]
     ttft = [s.first_token_at - s.arrival for s in done]  # type: ignore[operator]
     all_done = [s for s in seqs if s is not None and s.finished_at is not None]
     span = max(s.finished_at for s in all_done) - schedule[0].at  # type: ignore[type-var]
-    q = sum(e.stats.prefix_queries for e in engines)
-    h = sum(e.stats.prefix_hits for e in engines)
+    mine = [s for i, s in enumerate(seqs) if i not in unrouted and s is not None]
+    q = sum(s.prompt.num_tokens for s in mine)
+    h = sum(s.cached_tokens for s in mine)
     hot = [served_by[i] for i, r in enumerate(schedule) if r.group == 0]
     by_pod = {k: hot.count(k) for k in set(hot)}
     return Outcome(
@@ -165,6 +212,24 @@ def run(sims: list[SimConfig], schedule: list[Request], router: str,
         adapter_swaps=sum(e.stats.lora_loads for e in engines),
         hot_pods=sum(1 for c in by_pod.values() if c >= 0.1 * len(hot)) if hot else 0,
         hot_top_share=max(by_pod.values()) / len(hot) if hot else 0.0)
+
+
+def _precise_scorers(sched: Scheduler) -> list[Any]:
+    """The scheduler's precise prefix scorers, told that every endpoint's stream is live."""
+    found = [p for prof in sched.profiles.values() for p in prof.plugins()
+             if isinstance(p, PrecisePrefixCacheScorer)]
+    for p in found:
+        p.subscriber.healthy = lambda name: True  # type: ignore[method-assign]
+    return found
+
+
+def _deliver(precise: list[Any], name: str, engine: Engine) -> None:
+    """An engine's pending KV events into every precise scorer's index."""
+    if not precise:
+        return
+    events = engine.kv.take_events()
+    for p in precise:
+        p.index.apply(name, events)
 
 
 def variant(assigns: str) -> str:
@@ -184,11 +249,22 @@ def variant(assigns: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.bench_routing import MODEL, fleet
+    from benchmarks.bench_routing import MODEL, fleet, stale_fleet
+    from benchmarks.routing.workload import StalePrefixShape, stale_prefix_schedule
     from benchmarks.routing.stack import STRATEGIES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", choices=[*SHAPES, "stale-prefix"],
+                    default=list(SHAPES))
+    ap.add_argument("--direct", type=float, default=0.0,
+                    help="share of requests sent straight to the pods, round-robin, "
+                         "without the EPP (reported figures are the EPP's requests)")
+    ap.add_argument("--restart-every", type=float, default=0.0,
+                    help="simulated seconds between pod restarts (cache cleared), 0: none")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="EPP replicas without state sync, taking requests in turn")
+    ap.add_argument("--stale", action="append", default=[],
+                    help="FIELD=VALUE: a StalePrefixShape field for the stale-prefix shape")
     ap.add_argument("--qps", type=float, nargs="+",
                     help="loads (default: 16 48 64 shared, 16 64 80 skewed, 16 24 LoRA)")
     ap.add_argument("--requests", type=int, default=600)
@@ -215,20 +291,27 @@ def main(argv: list[str] | None = None) -> int:
         name, _, assigns = spec.partition(":")
         routers[name] = variant(assigns)
     default_qps = {"shared-prefix": [16, 48, 64], "skewed-prefix": [16, 64, 80],
-                   "lora": [16, 24]}
+                   "lora": [16, 24], "stale-prefix": [10, 22]}
+    stale = StalePrefixShape(**{k: type(getattr(StalePrefixShape(), k))(v) for k, v in
+                                (a.split("=", 1) for a in args.stale)})
     print("| shape | strategy | QPS | TTFT p50 s | TTFT p90 s | x oracle | out tok/s | "
           "prefix hit | adapter swaps | hot group: pods (top share) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for shape_name in args.shapes:
         lora = LoraShape() if shape_name == "lora" else None
-        sims = fleet(1.0, lora=lora)
+        sims = stale_fleet(1.0) if shape_name == "stale-prefix" else fleet(1.0, lora=lora)
         for qps in args.qps or default_qps[shape_name]:
             ref = None
             for name, router in routers.items():
                 outs = []
                 for seed in range(1, args.seeds + 1):
-                    sched = schedule_for(shape_name, qps, args.requests, seed, MODEL)
-                    outs.append(run(sims, sched, router))
+                    if shape_name == "stale-prefix":
+                        sched = stale_prefix_schedule(stale, qps, args.requests, seed, MODEL)
+                    else:
+                        sched = schedule_for(shape_name, qps, args.requests, seed, MODEL)
+                    outs.append(run(sims, sched, router, direct=args.direct,
+                                    restart_every=args.restart_every,
+                                    replicas=args.replicas))
                 p90 = statistics.median(o.ttft_p90 or 0 for o in outs)
                 if name == "oracle":
                     ref = p90

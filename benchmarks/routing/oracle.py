@@ -45,6 +45,7 @@ from typing import Any
 
 from aiohttp import web
 
+from epp.scheduling.speculative import common_run
 from epp.sim.engine import Engine, Sequence
 from epp.sim.server import REPLICA_HEADER, ApiError, Replica
 from epp.sim.tokens import Prompt, text_prompt
@@ -61,18 +62,6 @@ class Estimate:
     queued: int
     work: float
     """Engine seconds of this request's own uncached prefill on the pod."""
-
-
-def _lcp(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    """Length of the common prefix of two chained hash tuples (chained: bisection works)."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[mid - 1] == b[mid - 1]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 def _uncached(engine: Engine, seq: Sequence) -> int:
@@ -100,12 +89,12 @@ def estimate(e: Engine, prompt: Prompt, max_tokens: int, adapter: str | None) ->
         remaining.append(max(1, s.max_tokens - s.generated))
         ctx += s.context_len
         if hashes and s.prompt.block_hashes[:1] == hashes[:1]:
-            cached_blocks = max(cached_blocks, _lcp(s.prompt.block_hashes, hashes))
+            cached_blocks = max(cached_blocks, common_run(s.prompt.block_hashes, hashes))
     for s in e.waiting:
         ahead += _uncached(e, s)
         ctx += s.prompt.num_tokens
         if hashes and s.prompt.block_hashes[:1] == hashes[:1]:
-            cached_blocks = max(cached_blocks, _lcp(s.prompt.block_hashes, hashes))
+            cached_blocks = max(cached_blocks, common_run(s.prompt.block_hashes, hashes))
     cached = min(cached_blocks * bs, prompt.num_tokens - 1)
     mine = prompt.num_tokens - cached
     batch = min(len(e.running) + len(e.waiting) + 1, cfg.max_num_seqs)

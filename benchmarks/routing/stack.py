@@ -208,9 +208,12 @@ class Stack:
     """Fleet + (EPP) + Envoy for one strategy; `url` is where the client sends."""
 
     def __init__(self, strategy: Strategy, sims: list[SimConfig],
-                 refresh_interval: float = 0.05) -> None:
+                 refresh_interval: float = 0.05, epp_replicas: int = 1) -> None:
+        """`epp_replicas` > 1: that many EPPs, each on its own (no state sync), with Envoy
+        spreading the requests over them round robin."""
         self.strategy = strategy
         self.epp: EppProcess | None = None
+        self.more_epps: list[EppProcess] = []
         self.envoy: EnvoyProcess | None = None
         self.fleet = Fleet(sims, oracle=strategy.kind == "oracle")
         try:
@@ -221,14 +224,18 @@ class Stack:
                 # The oracle's runs start an EPP too, unused for routing: its scrapes cost
                 # the simulator's process CPU (rendering /metrics), which slows the
                 # simulated engines, and the yardstick must bear the same load.
+                endpoints: str | None = ",".join(self.fleet.hostports)
                 if strategy.kv_events:
                     args += ["--endpoints-file", self._endpoints_file()]
-                    self.epp = _start_epp(args, None, strategy.inflight)
-                else:
-                    self.epp = _start_epp(args, ",".join(self.fleet.hostports), strategy.inflight)
+                    endpoints = None
+                self.epp = _start_epp(args, endpoints, strategy.inflight)
+                if strategy.kind == "epp":
+                    for _ in range(epp_replicas - 1):
+                        self.more_epps.append(_start_epp(args, endpoints, strategy.inflight))
             if strategy.kind == "epp":
                 assert self.epp is not None
-                self.envoy = start_envoy(self.epp.grpc_port)
+                self.envoy = start_envoy(self.epp.grpc_port,
+                                         more_epps=[e.grpc_port for e in self.more_epps])
             elif strategy.kind == "oracle":
                 self.envoy = start_envoy(1, patch=_plain_cluster(
                     [f"127.0.0.1:{self.fleet.oracle_port}"], "ROUND_ROBIN"))
@@ -265,6 +272,8 @@ class Stack:
             out["envoy"] = self.envoy.proc.p.pid
         if self.epp:
             out["epp"] = self.epp.proc.p.pid
+        for i, e in enumerate(self.more_epps):
+            out[f"epp{i + 2}"] = e.proc.p.pid
         return out
 
     def cpu(self) -> dict[str, float]:
@@ -273,8 +282,9 @@ class Stack:
     def stop(self) -> None:
         if self.envoy is not None:
             self.envoy.proc.stop()
-        if self.epp is not None:
-            self.epp.proc.stop()
+        for e in [self.epp, *self.more_epps]:
+            if e is not None:
+                e.proc.stop()
         self.fleet.stop()
         tmp = getattr(self, "_tmp", None)
         if tmp:

@@ -34,8 +34,6 @@ Parameters:
 from __future__ import annotations
 
 import logging
-from collections import deque
-from itertools import count
 from typing import Any, Mapping
 
 import numpy as np
@@ -48,7 +46,9 @@ from epp.plugins import check_params, param_float, param_int
 from epp.scheduling import prefix as _prefix
 from epp.scheduling.cycle import CycleState
 from epp.scheduling.interface import SchedulingRequest
-from epp.scheduling.scorers import PrefixCacheScorer
+from epp.scheduling.prefix import PrefixHomes
+from epp.scheduling.scorers import PrefixCacheScorer, load_discount, prefer_home
+from epp.scheduling.speculative import SpeculativePicks
 from epp.tokenization import TokenizerError, TokenizerPool, prompt_of
 
 log = logging.getLogger(__name__)
@@ -118,18 +118,18 @@ class PrecisePrefixCacheScorer:
             obs.PRECISE_PREFIX_FALLBACKS.labels(err.reason).inc(0)  # the series exists at once
         self.approx = PrefixCacheScorer(f"{name}/approximate", block_tokens=block_size,
                                         max_blocks=max_blocks)
-        self.producer = self.approx
-        """The approximate index learns from every pick (the scheduler records it), so
-        that endpoints and models we cannot score precisely still get its estimate."""
+        """The fallback for endpoints and models we cannot score precisely; it learns
+        only their picks (`post_pick`)."""
+        self.homes = PrefixHomes()
+        """Prompt group (its first block key) -> home endpoint, as the approximate
+        scorer keeps it."""
         self._said: set[str] = set()
         self._view: Any = None
-        self.speculative = KVBlockIndex(max_indexed_blocks)
-        """Blocks of recent picks, until the engine's events confirm them (or not): a
-        burst of one prompt then goes where its first request went, instead of being
-        spread before the first one's blocks are stored."""
+        self.speculative = SpeculativePicks(speculative_ttl)
+        """Recent picks, until the engine's events confirm them (or not): a burst of one
+        prompt then goes where its first request went, instead of being spread before
+        the first one's blocks are stored."""
         self.speculative_ttl = speculative_ttl
-        self._pending: deque[tuple[float, str, list[int], int]] = deque()
-        self._pick_ids = count()
 
     @classmethod
     def from_params(cls, name: str, params: dict[str, Any]) -> "PrecisePrefixCacheScorer":
@@ -237,7 +237,8 @@ class PrecisePrefixCacheScorer:
     def _match_scores(self, state: CycleState) -> np.ndarray | None:
         if isinstance(self.tokens(state.request), _Fallback):
             return None
-        self._expire(state.now)
+        now = state.now
+        self.speculative.expire(now)
         snap: Snapshot = state.snapshot
         by_name = snap.by_name
         unknown, base = self._pool_view(state)
@@ -253,8 +254,8 @@ class PrecisePrefixCacheScorer:
                 i = by_name.get(name)
                 if i is not None and members[i]:
                     out[i] = k / total
-            if self._pending:
-                for name, k in self.speculative.match(keys).items():
+            if self.speculative:
+                for name, k in self.speculative.match(keys, now).items():
                     i = by_name.get(name)
                     if i is not None and members[i] and k / total > out[i]:
                         out[i] = k / total
@@ -292,30 +293,55 @@ class PrecisePrefixCacheScorer:
 
     def post_pick(self, state: CycleState, index: int) -> None:
         """The picked endpoint will store this prompt's blocks: count them as held there
-        for `speculative_ttl` seconds (the approximate index learns separately)."""
-        self._expire(state.now)
+        for `speculative_ttl` seconds, and settle the group's home. The approximate
+        index learns the pick only where it is the fallback."""
+        name = state.snapshot.endpoints[index].name
         if isinstance(self.tokens(state.request), _Fallback):
+            self.approx.post_pick(state, index)
             return
+        if not self.subscriber.healthy(name):
+            self.approx.post_pick(state, index)
         _unknown, base = self._pool_view(state)
         keys = self.keys(state, None if base[index] else state.request.target_model)
         if not keys:
             return
-        name = state.snapshot.endpoints[index].name
-        tag = next(self._pick_ids)
-        self.speculative.store_keys(name, keys, tag)
-        self._pending.append((state.now + self.speculative_ttl, name, keys, tag))
-
-    def _expire(self, now: float) -> None:
-        pending = self._pending
-        while pending and pending[0][0] <= now:
-            _, name, keys, tag = pending.popleft()
-            self.speculative.remove_keys(name, keys, tag)
+        self.speculative.record(name, keys, state.now)
+        if self.approx.hit_queue_worth > 0:
+            full = self.match_scores(state)
+            endpoints = state.snapshot.endpoints
+            holders = ([endpoints[i].name for i in np.flatnonzero(full)]
+                       if full is not None else ())
+            group = self._group(state)
+            if group is not None:
+                self.homes.settle(group, name, holders, state.request.request_id)
 
     def forget_endpoint(self, name: str) -> None:
         self.speculative.forget(name)
+        self.approx.forget_endpoint(name)
 
     def score(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
         full = self.match_scores(state)
         if full is None:
             return self.approx.score(state, candidates)
-        return state.take(full, candidates)
+        s = state.take(full, candidates)
+        approx = self.approx
+        if approx.hit_queue_worth > 0 and s.any():
+            # The same load-aware policy as the approximate scorer (docs/scoring.md): a
+            # holder far busier than the best alternative has nothing left to offer, and
+            # the group's home wins among equal holders.
+            s = s * load_discount(state, candidates, approx.hit_queue_worth,
+                                  approx.running_weight)
+            group = self._group(state)
+            home = self.homes.get(group) if group is not None else None
+            i = state.snapshot.by_name.get(home) if home is not None else None
+            if i is not None and full[i] > 0:  # only a home that still holds the group
+                prefer_home(state, candidates, s, home)
+        return s
+
+    def _group(self, state: CycleState) -> int | None:
+        """The request's prompt group: the key of its first block on the base model."""
+        ids = self.tokens(state.request)
+        assert not isinstance(ids, _Fallback)
+        first = state.memo(("precise-group", id(self)),
+                           lambda: block_keys(ids, self.block_size, root_key(None), 1))
+        return first[0] if first else None

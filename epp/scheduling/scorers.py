@@ -322,6 +322,22 @@ def load_discount(
     return np.clip(excess, 0.0, 1.0, out=excess)
 
 
+def prefer_home(state: CycleState, candidates: np.ndarray, scores: np.ndarray,
+                home: str | None) -> None:
+    """Scale `scores` (one per candidate, a new array) by AWAY_SHARE for candidates other
+    than the group's `home` endpoint; the home keeps its score."""
+    i = state.snapshot.by_name.get(home) if home is not None else None
+    if i is None:
+        return
+    if candidates is state.derived.all:
+        kept = scores[i]
+        scores *= AWAY_SHARE
+        scores[i] = kept
+    else:
+        at_home = candidates == i
+        scores[~at_home] *= AWAY_SHARE
+
+
 def _running_or_zero(s: Snapshot) -> np.ndarray:
     return np.nan_to_num(s.running)
 
@@ -497,20 +513,8 @@ class PrefixCacheScorer:
         return hashes[0] if hashes else None
 
     def _away_share(self, state: CycleState, candidates: np.ndarray, scores: np.ndarray) -> None:
-        """Scale `scores` (one per candidate, a new array) by AWAY_SHARE for candidates
-        other than the group's home; the home keeps its score."""
         root = self._root(state)
-        home = self.homes.get(root) if root is not None else None
-        i = state.snapshot.by_name.get(home) if home is not None else None
-        if i is None:
-            return
-        if candidates is state.derived.all:
-            kept = scores[i]
-            scores *= AWAY_SHARE
-            scores[i] = kept
-        else:
-            at_home = candidates == i
-            scores[~at_home] *= AWAY_SHARE
+        prefer_home(state, candidates, scores, self.homes.get(root) if root is not None else None)
 
     # -- learning --------------------------------------------------------------------
 

@@ -41,12 +41,12 @@ def default_key(settings: Settings) -> str:
 
 def approximate_indexes(plugins: Mapping[str, Any]) -> dict[str, PrefixCacheScorer]:
     """The approximate prefix indexes to share, by scorer name: `prefix-cache-scorer`
-    plugins and those other plugins learn through (the precise scorer's fallback, its
-    `producer`). Exact, event-driven state is not shared: every replica subscribes to the
-    engines' events itself."""
+    plugins and those other plugins learn through (a filter's `producer`, the precise
+    scorer's fallback `approx`). Exact, event-driven state is not shared: every replica
+    subscribes to the engines' events itself."""
     found: dict[str, PrefixCacheScorer] = {}
     for p in plugins.values():
-        for s in (p, getattr(p, "producer", None)):
+        for s in (p, getattr(p, "producer", None), getattr(p, "approx", None)):
             if isinstance(s, PrefixCacheScorer):
                 found[s.name] = s
     return found

@@ -62,3 +62,27 @@ def test_desim_is_repeatable_and_the_oracle_keeps_groups_together() -> None:
     epp = desim.run(sims, sched, "")
     assert a.prefix_hit_rate > rr.prefix_hit_rate and epp.prefix_hit_rate > rr.prefix_hit_rate
     assert a.ttft_p90 is not None and a.ttft_p90 > 0
+
+
+def test_desim_feeds_kv_events_to_the_precise_scorer_of_every_replica(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from benchmarks.routing.stack import profile
+    from benchmarks.routing.workload import StalePrefixShape, stale_prefix_schedule
+    from epp.sim import tinytok
+
+    tok = str(tinytok.write(tmp_path / "tok"))
+    sims = [replace(CFG, name=f"s{i}", seed=i, tokenizer=tok) for i in range(4)]
+    shape = StalePrefixShape(num_groups=12, prompts_per_group=2, system_prompt_len=300,
+                             question_len=20, output_len=4)
+    sched = stale_prefix_schedule(shape, 10, 120, seed=3, model="m")
+    precise = profile({"queue-scorer": 1, "precise-prefix-cache-scorer": 3},
+                      params={"precise-prefix-cache-scorer":
+                              f'{{blockSize: 16, tokenizers: {{"m": "{tok}"}}}}'})
+    a = desim.run(sims, sched, precise, replicas=2)
+    assert a == desim.run(sims, sched, precise, replicas=2)
+    rr = desim.run(sims, sched, "round-robin")
+    assert a.prefix_hit_rate > rr.prefix_hit_rate
+    # Requests another client sends straight to the pods are left out of the figures,
+    # and restarts (caches cleared) cost hits.
+    assert desim.run(sims, sched, "round-robin", direct=1.0).ttft_p90 is None
+    assert desim.run(sims, sched, precise, replicas=2, restart_every=0.5).prefix_hit_rate \
+        < a.prefix_hit_rate

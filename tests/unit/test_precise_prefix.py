@@ -111,6 +111,33 @@ def test_unknown_endpoints_get_the_approximate_score_not_zero(tokdir: Path) -> N
     assert raw["a"] > 0.9 and raw["b"] == 0.0
 
 
+def test_the_approximate_fallback_learns_only_picks_it_is_asked_about(tokdir: Path) -> None:
+    scorer = PrecisePrefixCacheScorer(block_size=16, tokenizers={MODEL: str(tokdir)})
+    snap = pool("a", "b")
+    live(scorer, "a")  # b's stream is down
+    sched = Scheduler([_profile(scorer)])
+    sched.schedule(chat_request(), snap, [0], now=NOW)
+    assert len(scorer.approx.index) == 0  # a is live: its events are the truth
+    sched.schedule(chat_request(), snap, [1], now=NOW)
+    assert len(scorer.approx.index) == 1  # b's pick: the fallback will be asked about b
+
+
+def test_a_group_keeps_its_home_among_equal_holders(tokdir: Path) -> None:
+    scorer = PrecisePrefixCacheScorer(block_size=16, tokenizers={MODEL: str(tokdir)},
+                                      speculative_ttl=0)
+    snap = pool("a", "b")
+    live(scorer, "a", "b")
+    ids = chat_ids(scorer)
+    sched = Scheduler([_profile(scorer)])
+    sched.schedule(chat_request(), snap, [1], now=NOW)  # b serves the group first
+    for name in ("a", "b"):  # then both engines report holding it
+        engine_holds(scorer, name, ids, len(ids) // 16)
+    res = sched.schedule(chat_request(), snap, explain=True, now=NOW)
+    assert res.endpoint.name == "b"
+    scores = {c.endpoint: c.raw[scorer.name] for c in res.explanation.profiles[0].scores}
+    assert scores["b"] == 1.0 and scores["a"] < 1.0
+
+
 def test_without_a_tokenizer_it_is_the_approximate_scorer(tokdir: Path, tmp_path: Path) -> None:
     before = obs.REGISTRY.get_sample_value("inference_extension_precise_prefix_fallbacks_total",
                                            {"reason": "tokenizer_missing"}) or 0.0
