@@ -18,6 +18,8 @@ from epp.request import (
     SERVED_KEY,
     SUBSET_KEY,
     SUBSET_NAMESPACE,
+    TICKET_KEY,
+    TICKET_NAMESPACE,
 )
 
 _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -43,6 +45,20 @@ def lb_metadata(destination: str) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.fields[LB_NAMESPACE].struct_value.fields[DESTINATION_HEADER].string_value = destination
     return s
+
+
+def set_ticket(metadata: struct_pb2.Struct, ticket: str) -> None:
+    """The routing decision's ticket, for the response filters' streams to claim it."""
+    metadata.fields[TICKET_NAMESPACE].struct_value.fields[TICKET_KEY].string_value = ticket
+
+
+def ticket(msg: ep.ProcessingRequest) -> str | None:
+    """The ticket a response filter's first message carries, or None (a routing stream)."""
+    fm = msg.metadata_context.filter_metadata
+    if TICKET_NAMESPACE not in fm:
+        return None
+    fields = fm[TICKET_NAMESPACE].fields
+    return fields[TICKET_KEY].string_value if TICKET_KEY in fields else None
 
 
 def body_reply(mutation: ep.BodyMutation) -> ep.ProcessingResponse:

@@ -13,6 +13,12 @@ When the answer must go out depends on the body mode Envoy announces in
 - FULL_DUPLEX_STREAMED, and STREAMED with `send_body_without_waiting_for_header_response`:
   the headers reply is held until the whole body is in, then the body goes back as
   streamed (or per-chunk) body replies.
+
+With `epp envoy-config --response-path=observed` (the default), the routing filter's
+stream sees the request only: it hands the decision over (`_Tickets`) under a ticket it
+puts in dynamic metadata, and the stream of a later filter claims it by that ticket and
+follows the response: an observability-mode filter, which Envoy never waits on, or, for
+requests whose model was rewritten, a blocking filter that restores the client's model name.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
@@ -37,6 +43,10 @@ from epp.ratelog import RateLimitedLog
 from epp.request import (
     DESTINATION_HEADER,
     REQUEST_ID_HEADER,
+    RESPONSE_PATH_METADATA,
+    RESTORE_MODEL_HEADER,
+    TICKET_KEY,
+    TICKET_NAMESPACE,
     InferenceRequest,
     ResponseReader,
     Usage,
@@ -104,6 +114,57 @@ def add_to_server(server: grpc.aio.Server, director: Director, *,
 _log_fault = RateLimitedLog(log)
 
 
+class _Tickets:
+    """Routing decisions in transit from the routing stream to the response stream.
+
+    The response filters' streams claim theirs within milliseconds (Envoy opens them as
+    the request leaves the routing filter); one never claimed (a request abandoned in
+    between, or a config without the response filters) is finished as detached after
+    `ttl`, as a stream that closed before any response is."""
+
+    __slots__ = ("_held", "_seq", "_ttl", "_expire", "_handle")
+
+    def __init__(self, expire: Callable[[RoutingDecision], None], ttl: float = 10.0) -> None:
+        self._held: dict[str, tuple[float, RoutingDecision]] = {}
+        self._seq = 0
+        self._ttl = ttl
+        self._expire = expire
+        self._handle: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hand_over(self, decision: RoutingDecision) -> str:
+        self._seq += 1
+        ticket = str(self._seq)
+        loop = asyncio.get_running_loop()
+        self._held[ticket] = (loop.time() + self._ttl, decision)
+        if self._handle is None:
+            self._handle = loop.call_at(loop.time() + self._ttl, self._sweep)
+        return ticket
+
+    def claim(self, ticket: str) -> RoutingDecision | None:
+        held = self._held.pop(ticket, None)
+        return held[1] if held is not None else None
+
+    def _sweep(self) -> None:
+        self._handle = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._held:
+            ticket, (deadline, decision) = next(iter(self._held.items()))
+            if deadline > now:
+                self._handle = loop.call_at(deadline, self._sweep)
+                return
+            del self._held[ticket]
+            self._expire(decision)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
     """`envoy.service.ext_proc.v3.ExternalProcessor`; one `_Stream` per call."""
 
@@ -113,6 +174,16 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
         self.max_body_bytes = max_body_bytes
         self.limits = limits
         self.active = 0
+        self.tickets = _Tickets(self._unclaimed)
+
+    def _unclaimed(self, decision: RoutingDecision) -> None:
+        _log_fault("unclaimed", logging.DEBUG,
+                   "no response stream claimed request %s's decision: finished as detached",
+                   for_log(decision.inflight_key or "-"))
+        try:
+            self.director.finished(decision, None, detached=True)
+        except Exception:
+            log.exception("finishing an unclaimed decision failed")
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
@@ -127,7 +198,8 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
                                 f"endpoint picker at its ext_proc stream limit ({limits.max_streams})")
         self.active += 1
         obs.EXTPROC_STREAMS.inc()
-        stream = _Stream(self.director, self.max_body_bytes)
+        stream = _Stream(self.director, self.max_body_bytes, self.tickets,
+                         _observed(context.invocation_metadata()))
         messages = request_iterator.__aiter__()
         watch = _IdleWatch()
         phase = "request"
@@ -194,6 +266,14 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
                    for_log(stream.request_id or "-"), reason, message)
 
 
+def _observed(metadata: "tuple[tuple[str, str | bytes], ...] | None") -> bool:
+    """True when the routing filter says another filter follows the response."""
+    for key, value in metadata or ():
+        if key == RESPONSE_PATH_METADATA:
+            return value == "observed"
+    return False
+
+
 class _IdleTimeout(Exception):
     pass
 
@@ -255,12 +335,18 @@ class _Stream:
     __slots__ = (
         "director", "max_body", "modes", "req", "request_id", "generated_id", "chunks",
         "body_len", "decision", "done", "finished", "response", "status",
-        "saw_headers", "body_msgs", "saw_response",
+        "saw_headers", "body_msgs", "saw_response", "tickets", "observed", "observer",
     )
 
-    def __init__(self, director: Director, max_body: int) -> None:
+    def __init__(self, director: Director, max_body: int, tickets: _Tickets | None = None,
+                 observed: bool = False) -> None:
         self.director = director
         self.max_body = max_body
+        self.tickets = tickets
+        self.observed = observed
+        """A routing stream whose response another filter's stream follows."""
+        self.observer = False
+        """This stream is an observability-mode filter's: Envoy reads no reply."""
         self.modes = _Modes()
         self.req: InferenceRequest | None = None
         self.request_id = ""
@@ -283,6 +369,9 @@ class _Stream:
             self.modes = _Modes(pc.request_body_mode, pc.response_body_mode,
                                 pc.send_body_without_waiting_for_header_response)
         if kind == "request_headers":
+            ticket = msgs.ticket(msg)
+            if ticket is not None:
+                return self._claim(msg, ticket)
             return await self._on_request_headers(msg)
         if kind == "request_body":
             return await self._on_request_body(msg.request_body)
@@ -291,13 +380,43 @@ class _Stream:
         if kind in ("response_headers", "response_body", "response_trailers"):
             self._note_served(msg)
         if kind == "response_headers":
-            return self._on_response_headers(msg.response_headers)
-        if kind == "response_body":
-            return self._on_response_body(msg.response_body)
-        if kind == "response_trailers":
+            out = self._on_response_headers(msg.response_headers)
+        elif kind == "response_body":
+            out = self._on_response_body(msg.response_body)
+        elif kind == "response_trailers":
             self._finish(self.response.usage())
-            return [ep.ProcessingResponse(response_trailers=ep.TrailersResponse())]
-        raise ProtocolError("empty_message", "ProcessingRequest carries no request field")
+            out = [ep.ProcessingResponse(response_trailers=ep.TrailersResponse())]
+        else:
+            raise ProtocolError("empty_message", "ProcessingRequest carries no request field")
+        if not msg.observability_mode:
+            return out
+        # Envoy reads no reply in observability mode; once the response is over, end
+        # the stream rather than wait for Envoy's deferred close.
+        self.observer = True
+        if self.finished or self.decision is None:
+            self.done = True
+        return []
+
+    def _claim(self, msg: ep.ProcessingRequest, ticket: str) -> list[ep.ProcessingResponse]:
+        """A response filter's stream starts: it takes over the routing stream's decision."""
+        if self.saw_headers:
+            raise ProtocolError("out_of_order", "request_headers received twice")
+        self.saw_headers = True
+        self.observer = msg.observability_mode
+        decision = self.tickets.claim(ticket) if self.tickets is not None else None
+        if decision is None:
+            # Not (or no longer) held here: follow the response without accounting.
+            if self.observer:
+                self.done = True
+            _log_fault("unknown ticket", logging.DEBUG,
+                       "response stream for an unknown routing decision: passed through")
+        else:
+            self.decision = decision
+            self.request_id = decision.inflight_key
+            self.response = ResponseReader(decision.target_model, decision.model)
+        if self.observer:
+            return []
+        return [ep.ProcessingResponse(request_headers=ep.HeadersResponse())]
 
     # -- request -------------------------------------------------------------------
 
@@ -384,6 +503,15 @@ class _Stream:
         if new_body is not None:
             msgs.set_header(mutation, "content-length", str(len(new_body)).encode())
         metadata = msgs.lb_metadata(destination)
+        if self.observed and self.tickets is not None:
+            # The response filters' stream finishes this request, not this one.
+            self.finished = True
+            self.done = True
+            msgs.set_ticket(metadata, self.tickets.hand_over(decision))
+            if self.response.rewrites:
+                msgs.set_header(mutation, RESTORE_MODEL_HEADER, b"1")
+            else:
+                mutation.remove_headers.append(RESTORE_MODEL_HEADER)
         common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
 
         if self.body_msgs == 0:

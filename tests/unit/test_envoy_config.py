@@ -44,7 +44,7 @@ def test_the_pitfalls_from_design_are_encoded() -> None:
     ext_proc = hcm["httpFilters"][0]["typedConfig"]
     assert ext_proc["processingMode"]["requestHeaderMode"] == "SEND"
     assert ext_proc.get("failureModeAllow", False) is False
-    assert ext_proc["metadataOptions"]["receivingNamespaces"]["untyped"] == ["envoy.lb"]
+    assert ext_proc["metadataOptions"]["receivingNamespaces"]["untyped"] == ["envoy.lb", "epp.response"]
     upstream = next(c for c in cfg["staticResources"]["clusters"] if c["type"] == "ORIGINAL_DST")
     assert upstream["originalDstLbConfig"]["httpHeaderName"] == "x-gateway-destination-endpoint"
 
