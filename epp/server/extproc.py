@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
+import os
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
@@ -198,8 +198,7 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
                                 f"endpoint picker at its ext_proc stream limit ({limits.max_streams})")
         self.active += 1
         obs.EXTPROC_STREAMS.inc()
-        stream = _Stream(self.director, self.max_body_bytes, self.tickets,
-                         _observed(context.invocation_metadata()))
+        stream = _Stream(self.director, self.max_body_bytes, self.tickets, context)
         messages = request_iterator.__aiter__()
         watch = _IdleWatch()
         phase = "request"
@@ -335,16 +334,15 @@ class _Stream:
     __slots__ = (
         "director", "max_body", "modes", "req", "request_id", "generated_id", "chunks",
         "body_len", "decision", "done", "finished", "response", "status",
-        "saw_headers", "body_msgs", "saw_response", "tickets", "observed", "observer",
+        "saw_headers", "body_msgs", "saw_response", "tickets", "context", "observer",
     )
 
     def __init__(self, director: Director, max_body: int, tickets: _Tickets | None = None,
-                 observed: bool = False) -> None:
+                 context: grpc.aio.ServicerContext | None = None) -> None:
         self.director = director
         self.max_body = max_body
         self.tickets = tickets
-        self.observed = observed
-        """A routing stream whose response another filter's stream follows."""
+        self.context = context
         self.observer = False
         """This stream is an observability-mode filter's: Envoy reads no reply."""
         self.modes = _Modes()
@@ -427,7 +425,7 @@ class _Stream:
         headers = msgs.request_headers(msg.request_headers)
         rid = headers.get(REQUEST_ID_HEADER)
         if not rid:
-            rid = uuid.uuid4().hex
+            rid = os.urandom(16).hex()  # as unique as uuid4().hex, without the UUID object
             self.generated_id = True
         self.request_id = rid
         set_request_id(rid)
@@ -503,7 +501,8 @@ class _Stream:
         if new_body is not None:
             msgs.set_header(mutation, "content-length", str(len(new_body)).encode())
         metadata = msgs.lb_metadata(destination)
-        if self.observed and self.tickets is not None:
+        if (self.tickets is not None and self.context is not None
+                and _observed(self.context.invocation_metadata())):
             # The response filters' stream finishes this request, not this one.
             self.finished = True
             self.done = True
