@@ -192,32 +192,25 @@ def _grpc(o: EnvoyOptions, observed: bool = False) -> GrpcService:
 def _response_filters(o: EnvoyOptions) -> list[HttpFilter]:
     """The `observed` response path: a blocking filter that restores the model name (its
     route enables it only for rewritten requests) and an observability-mode filter that
-    reads status, served endpoint and usage without Envoy waiting on it."""
-    send, skip = ProcessingModeHeaderSendMode.SEND, ProcessingModeHeaderSendMode.SKIP
-    forward = MetadataOptions(forwarding_namespaces=MetadataOptionsMetadataNamespaces(
-        untyped=[LB_NAMESPACE, TICKET_NAMESPACE]))
-    restorer = ExternalProcessor(
-        grpc_service=_grpc(o), failure_mode_allow=False,
-        processing_mode=ProcessingMode(
-            # Request headers too: the ticket is claimed right after routing, not when
-            # the model server answers (minutes later for a long completion).
-            request_header_mode=send, request_body_mode=ProcessingModeBodySendMode.NONE,
-            request_trailer_mode=skip, response_header_mode=send,
-            response_body_mode=ProcessingModeBodySendMode.FULL_DUPLEX_STREAMED,
-            response_trailer_mode=send),
-        message_timeout=_dur(o.message_timeout), metadata_options=forward,
-        stat_prefix="restore")
-    observer = ExternalProcessor(
-        grpc_service=_grpc(o), failure_mode_allow=True, observability_mode=True,
-        processing_mode=ProcessingMode(
-            request_header_mode=send, request_body_mode=ProcessingModeBodySendMode.NONE,
-            request_trailer_mode=skip, response_header_mode=send,
-            response_body_mode=ProcessingModeBodySendMode.STREAMED,
-            response_trailer_mode=send),
-        message_timeout=_dur(o.message_timeout), metadata_options=forward,
-        stat_prefix="observe")
-    return [HttpFilter(name=RESTORE_FILTER, typed_config=Any.pack(restorer)),
-            HttpFilter(name=OBSERVE_FILTER, typed_config=Any.pack(observer))]
+    reads status, served endpoint and usage without Envoy waiting on it. Both see the
+    request headers, so the ticket is claimed right after routing, not when the model
+    server answers (minutes later for a long completion)."""
+
+    def follower(name: str, body: ProcessingModeBodySendMode, observe: bool) -> HttpFilter:
+        send, skip = ProcessingModeHeaderSendMode.SEND, ProcessingModeHeaderSendMode.SKIP
+        return HttpFilter(name=name, typed_config=Any.pack(ExternalProcessor(
+            grpc_service=_grpc(o), failure_mode_allow=observe, observability_mode=observe,
+            processing_mode=ProcessingMode(
+                request_header_mode=send, request_body_mode=ProcessingModeBodySendMode.NONE,
+                request_trailer_mode=skip, response_header_mode=send,
+                response_body_mode=body, response_trailer_mode=send),
+            message_timeout=_dur(o.message_timeout),
+            metadata_options=MetadataOptions(forwarding_namespaces=MetadataOptionsMetadataNamespaces(
+                untyped=[LB_NAMESPACE, TICKET_NAMESPACE])),
+            stat_prefix="observe" if observe else "restore")))
+
+    return [follower(RESTORE_FILTER, ProcessingModeBodySendMode.FULL_DUPLEX_STREAMED, False),
+            follower(OBSERVE_FILTER, ProcessingModeBodySendMode.STREAMED, True)]
 
 
 def _routes(observed: bool) -> list[Route]:
