@@ -45,8 +45,6 @@ from epp.request import (
     REQUEST_ID_HEADER,
     RESPONSE_PATH_METADATA,
     RESTORE_MODEL_HEADER,
-    TICKET_KEY,
-    TICKET_NAMESPACE,
     InferenceRequest,
     ResponseReader,
     Usage,
@@ -158,11 +156,6 @@ class _Tickets:
                 return
             del self._held[ticket]
             self._expire(decision)
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
 
 
 class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
