@@ -170,8 +170,10 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
         self.tickets = _Tickets(self._unclaimed)
 
     def _unclaimed(self, decision: RoutingDecision) -> None:
-        _log_fault("unclaimed", logging.DEBUG,
-                   "no response stream claimed request %s's decision: finished as detached",
+        _log_fault("unclaimed", logging.WARNING,
+                   "no response stream claimed request %s's routing decision: finished as "
+                   "detached (abandoned, or Envoy's response filters reach another EPP "
+                   "replica: use epp envoy-config --response-path=blocking there)",
                    for_log(decision.inflight_key or "-"))
         try:
             self.director.finished(decision, None, detached=True)
@@ -399,8 +401,10 @@ class _Stream:
             # Not (or no longer) held here: follow the response without accounting.
             if self.observer:
                 self.done = True
-            _log_fault("unknown ticket", logging.DEBUG,
-                       "response stream for an unknown routing decision: passed through")
+            _log_fault("unknown ticket", logging.WARNING,
+                       "response stream for a routing decision this EPP does not hold: "
+                       "passed through unaccounted (several EPP replicas behind per-stream "
+                       "balancing need epp envoy-config --response-path=blocking)")
         else:
             self.decision = decision
             self.request_id = decision.inflight_key
