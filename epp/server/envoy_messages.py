@@ -35,16 +35,20 @@ def request_headers(msg: ep.HttpHeaders) -> dict[str, str]:
     return headers
 
 
+# Replies are built in place (`add()`, field writes on the parent): constructing the nested
+# messages and passing them in copies each one again, 3-4x the cost per exchange.
+
+
 def set_header(m: ep.HeaderMutation, key: str, value: bytes) -> None:
-    m.set_headers.append(core.HeaderValueOption(
-        header=core.HeaderValue(key=key, raw_value=value), append_action=_OVERWRITE))
+    o = m.set_headers.add()
+    o.header.key = key
+    o.header.raw_value = value
+    o.append_action = _OVERWRITE
 
 
-def lb_metadata(destination: str) -> struct_pb2.Struct:
+def set_lb_metadata(metadata: struct_pb2.Struct, destination: str) -> None:
     """`envoy.lb` dynamic metadata naming the destination (as the header does)."""
-    s = struct_pb2.Struct()
-    s.fields[LB_NAMESPACE].struct_value.fields[DESTINATION_HEADER].string_value = destination
-    return s
+    metadata.fields[LB_NAMESPACE].struct_value.fields[DESTINATION_HEADER].string_value = destination
 
 
 def set_ticket(metadata: struct_pb2.Struct, ticket: str) -> None:
@@ -70,9 +74,11 @@ def streamed_body(body: bytes) -> list[ep.ProcessingResponse]:
     out = []
     n = len(body)
     for start in range(0, max(n, 1), STREAM_CHUNK):
-        piece = body[start:start + STREAM_CHUNK]
-        out.append(body_reply(ep.BodyMutation(streamed_response=ep.StreamedBodyResponse(
-            body=piece, end_of_stream=start + STREAM_CHUNK >= n))))
+        r = ep.ProcessingResponse()
+        streamed = r.request_body.response.body_mutation.streamed_response
+        streamed.body = body[start:start + STREAM_CHUNK]
+        streamed.end_of_stream = start + STREAM_CHUNK >= n
+        out.append(r)
     return out
 
 

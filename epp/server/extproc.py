@@ -493,35 +493,38 @@ class _Stream:
         self.response = ResponseReader(decision.target_model, decision.model)
         new_body = decision.body
         destination = decision.destination
-        mutation = self._id_mutation()
+        # The reply that carries the decision: the headers reply, or in BUFFERED mode (the
+        # headers were answered already) the body reply, which may still set headers.
+        buffered = (self.body_msgs > 0 and not headers_reply
+                    and self.modes.request_body != Mode.FULL_DUPLEX_STREAMED)
+        reply = ep.ProcessingResponse()
+        common = (reply.request_body if buffered else reply.request_headers).response
+        common.clear_route_cache = True
+        mutation = common.header_mutation
+        if self.generated_id:
+            msgs.set_header(mutation, REQUEST_ID_HEADER, self.request_id.encode())
         msgs.set_header(mutation, DESTINATION_HEADER, destination.encode())
         if new_body is not None:
             msgs.set_header(mutation, "content-length", str(len(new_body)).encode())
-        metadata = msgs.lb_metadata(destination)
+        msgs.set_lb_metadata(reply.dynamic_metadata, destination)
         if (self.tickets is not None and self.context is not None
                 and _observed(self.context.invocation_metadata())):
             # The response filters' stream finishes this request, not this one.
             self.finished = True
             self.done = True
-            msgs.set_ticket(metadata, self.tickets.hand_over(decision))
+            msgs.set_ticket(reply.dynamic_metadata, self.tickets.hand_over(decision))
             if self.response.rewrites:
                 msgs.set_header(mutation, RESTORE_MODEL_HEADER, b"1")
             else:
                 mutation.remove_headers.append(RESTORE_MODEL_HEADER)
-        common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
 
         if self.body_msgs == 0:
             # Routed on the headers alone: the headers reply carries everything.
-            return [ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common),
-                                          dynamic_metadata=metadata)]
+            return [reply]
         if self.modes.request_body == Mode.FULL_DUPLEX_STREAMED:
-            out = [ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common),
-                                         dynamic_metadata=metadata)]
-            out.extend(msgs.streamed_body(new_body if new_body is not None else body))
-            return out
+            return [reply, *msgs.streamed_body(new_body if new_body is not None else body)]
         if headers_reply:  # STREAMED, body sent without waiting: one reply per chunk
-            out = [ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common),
-                                         dynamic_metadata=metadata)]
+            out = [reply]
             for i in range(self.body_msgs):
                 if new_body is None:
                     out.append(ep.ProcessingResponse(request_body=ep.BodyResponse()))
@@ -530,11 +533,10 @@ class _Stream:
                 else:
                     out.append(msgs.body_reply(ep.BodyMutation(clear_body=True)))
             return out
-        # BUFFERED: headers were already answered; the body reply may still set headers.
+        # BUFFERED: headers were already answered; the body reply carries the decision.
         if new_body is not None:
             common.body_mutation.body = new_body
-        return [ep.ProcessingResponse(request_body=ep.BodyResponse(response=common),
-                                      dynamic_metadata=metadata)]
+        return [reply]
 
     def _id_mutation(self) -> ep.HeaderMutation:
         m = ep.HeaderMutation()
