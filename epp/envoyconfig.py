@@ -373,7 +373,7 @@ def main(argv: list[str]) -> int:
                    default=d.process_response)
     p.add_argument("--response-path", choices=RESPONSE_PATHS, default=d.response_path,
                    help="observed: Envoy waits on the EPP only for rewritten responses; "
-                        "blocking: for every response chunk")
+                        "blocking: for every response chunk (always, with several replicas)")
     p.add_argument("--message-timeout", type=float, default=d.message_timeout)
     p.add_argument("--buffer-limit-bytes", type=int, default=d.buffer_limit_bytes)
     ns = p.parse_args(argv)
