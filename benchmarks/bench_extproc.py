@@ -4,9 +4,11 @@ One entry point, everything on 127.0.0.1:
 
 1. starts 3 upstream HTTP servers (tests/support.py's fleet), the EPP as a real process
    (`python -m epp --secure-serving=false --endpoints ...`), the do-nothing grpc.aio
-   server `ghz/floor_server.py` (grpcio's own cost: the baseline), and four Envoys built by
-   `epp envoy-config`'s builder: the default config, `--process-response=false`, that plus
-   `--body-mode=buffered`, and one with the ext_proc filter removed;
+   server `ghz/floor_server.py` (grpcio's own cost: the baseline), and five Envoys built by
+   `epp envoy-config`'s builder: the default config (`--response-path=observed`),
+   `--response-path=blocking`, `--process-response=false`, the same with the floor server
+   in the EPP's place (the latency grpcio alone adds), and one with the ext_proc filters
+   removed;
 2. checks that each path really routes (a direct exchange must name an upstream; a request
    through each Envoy must come back 200 from an upstream), so errors are never timed;
 3. direct: ghz against `ExternalProcessor/Process` (one headers+body exchange per call, as
@@ -15,7 +17,8 @@ One entry point, everything on 127.0.0.1:
    EPP's own routed-request counter; CPU per exchange of the server process for each run;
 4. end to end: wrk (POST /v1/completions, a ~1 KB JSON body) through every Envoy,
    interleaved in the same run, so "added latency" is the p50 difference under the same
-   machine load, paired per repetition.
+   machine load, paired per repetition; and at concurrency 1, the time to the first event
+   of a streamed completion through each Envoy (token streaming).
 
 `--tuning uvloop gc-freeze ...` adds one more EPP per named runtime tuning (epp/tuning.py,
 environment variables, off by default) as direct targets `epp+<name>`, measured in the
@@ -93,7 +96,11 @@ METRICS_FIXTURE = ROOT / "tests" / "fixtures" / "metrics" / "vllm-v1-2025-11-qwe
 WRK_LUA = r"""
 local body = BODY
 local hosts = HOSTS
+local pace = PACE_MS
 local n = 0
+delay = function()
+  return pace
+end
 request = function()
   n = n + 1
   return wrk.format("POST", "/v1/completions", {
@@ -119,23 +126,25 @@ def _lua_str(b: bytes) -> str:
 
 
 def without_ext_proc(cfg: dict[str, Any]) -> None:
-    """Patch an `epp envoy-config` bootstrap: drop the ext_proc filter, keep everything else."""
+    """Patch an `epp envoy-config` bootstrap: drop the ext_proc filters (routing and the
+    response filters), keep everything else."""
     for lst in cfg["staticResources"]["listeners"]:
         for chain in lst["filterChains"]:
             for f in chain["filters"]:
                 hcm = f["typedConfig"]
-                before = len(hcm["httpFilters"])
-                hcm["httpFilters"] = [h for h in hcm["httpFilters"]
-                                      if h["name"] != "envoy.filters.http.ext_proc"]
-                if len(hcm["httpFilters"]) != before - 1:
+                kept = [h for h in hcm["httpFilters"]
+                        if "ext_proc" not in h["typedConfig"]["@type"]]
+                if len(kept) == len(hcm["httpFilters"]):
                     raise RuntimeError("no ext_proc filter to remove: config layout changed")
+                hcm["httpFilters"] = kept
 
 
-def start_floor() -> tuple[int, Proc]:
-    """The do-nothing grpc.aio ext_proc server: grpcio's own cost per exchange."""
+def start_floor(destination: str = "127.0.0.1:8000") -> tuple[int, Proc]:
+    """The do-nothing grpc.aio ext_proc server: grpcio's own cost per exchange (behind
+    Envoy, it names `destination`)."""
     port = free_port()
     proc = Proc([sys.executable, str(ROOT / "benchmarks" / "ghz" / "floor_server.py"),
-                 "--port", str(port)], "floor")
+                 "--port", str(port), "--destination", destination], "floor")
 
     def up() -> bool:
         import socket
@@ -339,19 +348,60 @@ def run_wrk(wrk: str, url: str, script: str, concurrency: int, seconds: float) -
     return d
 
 
+PACE_MS = 5
+"""Think time between a paced client's requests: a response's end no longer overlaps the next
+request, as with a real model server whose answers take far longer than the EPP's work."""
 VARIANTS = {
-    "with_epp": "Envoy + EPP (request and response phases, as `epp envoy-config` writes it)",
+    "with_epp": "Envoy + EPP as `epp envoy-config` writes it (--response-path=observed: the "
+                "response followed by an observability-mode filter)",
+    "with_epp_blocking": "Envoy + EPP, --response-path=blocking (the EPP holds every response "
+                         "chunk; the shipped config before issue 18)",
     "with_epp_request_only": "Envoy + EPP, request phases only (--process-response=false)",
+    "floor_request_only": "Envoy + the do-nothing grpc.aio server (ghz/floor_server.py) in the "
+                          "routing filter's place, request phases only: grpcio's bound",
     "with_epp_buffered_request_only": "Envoy + EPP, BUFFERED request body, request phases only "
                                       "(--body-mode=buffered --process-response=false)",
     "without_epp": "Envoy without the ext_proc filter (client names the upstream)",
 }
 
 
+def ttfb(port: int, body: bytes, count: int, destination: str) -> dict[str, Any]:
+    """Time to the first event of a streamed completion (`"stream": true`), in ms, over
+    `count` sequential requests on one keep-alive connection: what a token-streaming
+    client waits before its first token (the upstream sends it at once)."""
+    import socket
+
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            f"x-gateway-destination-endpoint: {destination}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    out, errors = [], 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for _ in range(count):
+            t0 = time.perf_counter()
+            sock.sendall(head + body)
+            buf = b""
+            first = None
+            while not buf.endswith(b"0\r\n\r\n"):  # the chunked body's end
+                data = sock.recv(65536)
+                if not data:
+                    raise RuntimeError("connection closed mid-response")
+                buf += data
+                if first is None and b"data:" in buf:
+                    first = time.perf_counter() - t0
+            if first is None or b" 200 " not in buf[:20]:
+                errors += 1
+                continue
+            out.append(first * 1000)
+    out.sort()
+    return {"count": len(out), "errors": errors,
+            "p50_ms": out[len(out) // 2] if out else float("nan"),
+            "p99_ms": out[min(len(out) - 1, int(0.99 * len(out)))] if out else float("nan")}
+
+
 def e2e_medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Medians per concurrency and variant; added p50 = median over same-repetition pairs."""
     out = []
-    for c in sorted({r["concurrency"] for r in runs}):
+    for c in sorted({r["concurrency"] for r in runs}, key=lambda c: (int(str(c).split()[0]), str(c))):
         row: dict[str, Any] = {"concurrency": c}
         for v in VARIANTS:
             rs = [r for r in runs if r["concurrency"] == c and r["variant"] == v]
@@ -373,6 +423,26 @@ def e2e_medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if pairs:
                 row[f"added_p50_ms/{v}"] = statistics.median(pairs)
                 row[f"added_p50_ms_pairs/{v}"] = pairs
+        out.append(row)
+    return out
+
+
+def ttfb_medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant: medians of p50/p99, and the p50 added over Envoy alone paired per
+    repetition."""
+    out = []
+    for v in VARIANTS:
+        rs = [r for r in runs if r["variant"] == v]
+        if not rs:
+            continue
+        row: dict[str, Any] = {"variant": v, "runs": len(rs),
+                               "p50_ms": statistics.median(r["p50_ms"] for r in rs),
+                               "p99_ms": statistics.median(r["p99_ms"] for r in rs),
+                               "errors": sum(r["errors"] for r in rs)}
+        pairs = [r["p50_ms"] - w["p50_ms"] for r in rs for w in runs
+                 if w["variant"] == "without_epp" and w["rep"] == r["rep"]]
+        if v != "without_epp" and pairs:
+            row["added_p50_ms"] = statistics.median(pairs)
         out.append(row)
     return out
 
@@ -464,9 +534,12 @@ def main() -> int:
             check_direct(epp.grpc_port, set(hosts))
             if wrk and not a.skip_envoy:
                 envoys["with_epp"] = start_envoy(epp.grpc_port)
+                envoys["with_epp_blocking"] = start_envoy(epp.grpc_port, response_path="blocking")
                 envoys["with_epp_request_only"] = start_envoy(epp.grpc_port, process_response=False)
-                envoys["with_epp_buffered_request_only"] = start_envoy(
-                    epp.grpc_port, process_response=False, body_mode="buffered")
+                if not a.no_floor:
+                    e2e_floor = start_floor(destination=hosts[0])
+                    procs.append(e2e_floor[1])
+                    envoys["floor_request_only"] = start_envoy(e2e_floor[0], process_response=False)
                 envoys["without_epp"] = start_envoy(epp.grpc_port, patch=without_ext_proc)
                 for v, env in envoys.items():
                     # Through the EPP a forged destination is overwritten; without it the
@@ -551,9 +624,19 @@ def main() -> int:
             if envoys and wrk:
                 with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
                     f.write(WRK_LUA.replace("BODY", _lua_str(body)).replace(
-                        "HOSTS", "{" + ",".join(json.dumps(h) for h in hosts) + "}"))
+                        "HOSTS", "{" + ",".join(json.dumps(h) for h in hosts) + "}").replace(
+                        "PACE_MS", "0"))
                     script = f.name
+                with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+                    f.write(WRK_LUA.replace("BODY", _lua_str(body)).replace(
+                        "HOSTS", "{" + ",".join(json.dumps(h) for h in hosts) + "}").replace(
+                        "PACE_MS", str(PACE_MS)))
+                    paced_script = f.name
                 runs2 = []
+                ttfb_runs: list[dict[str, Any]] = []
+                sb = json.loads(body)
+                sb["stream"] = True
+                stream_body = json.dumps(sb).encode()
                 try:
                     for rep in range(repeat):
                         for c in e2e_conc:
@@ -571,9 +654,28 @@ def main() -> int:
                                 runs2.append(d)
                                 for u in fleet.upstreams:
                                     u.requests.clear()
+                            if c != 1:
+                                continue
+                            for variant, env in order:  # one client with think time
+                                d = run_wrk(wrk, env.url + "/v1/completions", paced_script, 1, seconds)
+                                d.update(variant=variant, concurrency="1 paced", rep=rep)
+                                print(f"e2e rep {rep} c=1 paced {PACE_MS} ms {variant}: "
+                                      f"p50 {d['p50_us'] / 1000:.2f} ms, p99 {d['p99_us'] / 1000:.2f} ms, "
+                                      f"errors {d['errors']}", flush=True)
+                                runs2.append(d)
+                            for variant, env in order:  # time to first token, streamed
+                                t = ttfb(env.port, stream_body, 20 if a.quick else 300, hosts[0])
+                                t.update(variant=variant, rep=rep)
+                                print(f"ttfb rep {rep} {variant}: p50 {t['p50_ms']:.2f} ms, "
+                                      f"p99 {t['p99_ms']:.2f} ms, errors {t['errors']}", flush=True)
+                                ttfb_runs.append(t)
+                                for u in fleet.upstreams:
+                                    u.requests.clear()
                 finally:
                     os.unlink(script)
+                    os.unlink(paced_script)
                 result["e2e"] = {"runs": runs2, "medians": e2e_medians(runs2)}
+                result["ttfb"] = {"runs": ttfb_runs, "medians": ttfb_medians(ttfb_runs)}
         finally:
             for env in envoys.values():
                 env.proc.stop()
@@ -604,6 +706,14 @@ def main() -> int:
         for v, text in VARIANTS.items():
             print(f"- {v}: {text}")
         print(e2e_table(result["e2e"]["medians"]))
+    if result.get("ttfb", {}).get("medians"):
+        print("\nTime to the first streamed event (`\"stream\": true`, sequential, one connection):")
+        print("| variant | runs | p50 ms | p99 ms | added p50 ms vs no EPP | errors |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in result["ttfb"]["medians"]:
+            added = r.get("added_p50_ms")
+            print(f"| {r['variant']} | {r['runs']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                  f"{'' if added is None else f'{added:+.2f}'} | {r['errors']} |")
     out = a.out
     if out is None and not a.quick:
         out = ROOT / "benchmarks" / "results" / f"extproc-{started:%Y%m%dT%H%M%SZ}.json"
@@ -615,6 +725,7 @@ def main() -> int:
     bad += [m for m in result.get("direct_h2load", {}).get("medians", []) if m["errors"]]
     bad += [m for m in result["e2e"].get("medians", [])
             if any(m.get(v, {}).get("errors") for v in VARIANTS)]
+    bad += [m for m in result.get("ttfb", {}).get("medians", []) if m["errors"]]
     if bad:
         print("ERRORS during the runs: the numbers above are not valid", file=sys.stderr)
         return 1

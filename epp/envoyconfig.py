@@ -5,6 +5,13 @@ than in Envoy. The pitfalls this encodes are listed in docs/architecture.md: hea
 when only the body matters, `envoy.lb` metadata must be allowed in, the upstream cluster
 is ORIGINAL_DST reading the EPP's header (which the EPP always overwrites), and a failing
 EPP fails the request (`failure_mode_allow: false`) instead of letting it through.
+
+The response path (`--response-path`, docs/architecture.md "Envoy settings"): `observed`
+(the default) routes with one blocking ext_proc filter that sees the request only, and
+follows the response with a second filter in observability mode, which Envoy does not
+wait on; requests whose model was rewritten are re-routed (a header the EPP sets) to a
+route that enables a third, blocking filter that puts the client's model name back.
+`blocking` is the older single filter that holds every response chunk.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     BackoffStrategy,
     GrpcService,
     GrpcServiceEnvoyGrpc,
+    HeaderValue,
     Http2ProtocolOptions,
     RetryPolicy,
     SocketAddress,
@@ -44,6 +52,7 @@ from envoy_data_plane.envoy.config.endpoint.v3 import (
 )
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
 from envoy_data_plane.envoy.config.route.v3 import (
+    HeaderMatcher,
     Route,
     RouteAction,
     RouteConfiguration,
@@ -52,6 +61,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
 )
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
+    ExtProcPerRoute,
     MetadataOptions,
     MetadataOptionsMetadataNamespaces,
     ProcessingMode,
@@ -73,13 +83,24 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 )
 from envoy_data_plane.google.protobuf import Any
 
-from epp.request import DESTINATION_HEADER, LB_NAMESPACE, SUBSET_NAMESPACE
+from epp.request import (
+    DESTINATION_HEADER,
+    LB_NAMESPACE,
+    RESPONSE_PATH_METADATA,
+    RESTORE_MODEL_HEADER,
+    SUBSET_NAMESPACE,
+    TICKET_NAMESPACE,
+)
 
 BODY_MODES = {
     "full-duplex-streamed": ProcessingModeBodySendMode.FULL_DUPLEX_STREAMED,
     "streamed": ProcessingModeBodySendMode.STREAMED,
     "buffered": ProcessingModeBodySendMode.BUFFERED,
 }
+RESPONSE_PATHS = ("observed", "blocking")
+ROUTING_FILTER = "envoy.filters.http.ext_proc"
+RESTORE_FILTER = "epp.model_restorer"
+OBSERVE_FILTER = "epp.response_observer"
 
 
 @dataclass
@@ -98,6 +119,9 @@ class EnvoyOptions:
     epp_tls: bool = True
     body_mode: str = "full-duplex-streamed"
     process_response: bool = True
+    response_path: str = "observed"
+    """`observed`: Envoy never waits on the EPP for a response it does not change;
+    `blocking`: the routing filter also holds every response chunk (the older config)."""
     message_timeout: float = 60.0
     upstream_connect_timeout: float = 5.0
     buffer_limit_bytes: int = 16 * 1024 * 1024
@@ -156,12 +180,66 @@ def _replica_outlier_detection() -> OutlierDetection:
         base_ejection_time=_dur(10.0), max_ejection_percent=50)
 
 
+def _grpc(o: EnvoyOptions, observed: bool = False) -> GrpcService:
+    # The routing filter tells the EPP, per stream, that another filter follows the
+    # response (so the routing stream's end is not the request's end).
+    return GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="epp"),
+                       timeout=_dur(o.message_timeout),
+                       initial_metadata=([HeaderValue(key=RESPONSE_PATH_METADATA, value="observed")]
+                                         if observed else []))
+
+
+def _response_filters(o: EnvoyOptions) -> list[HttpFilter]:
+    """The `observed` response path: a blocking filter that restores the model name (its
+    route enables it only for rewritten requests) and an observability-mode filter that
+    reads status, served endpoint and usage without Envoy waiting on it. Both see the
+    request headers, so the ticket is claimed right after routing, not when the model
+    server answers (minutes later for a long completion)."""
+
+    def follower(name: str, body: ProcessingModeBodySendMode, observe: bool) -> HttpFilter:
+        send, skip = ProcessingModeHeaderSendMode.SEND, ProcessingModeHeaderSendMode.SKIP
+        return HttpFilter(name=name, typed_config=Any.pack(ExternalProcessor(
+            grpc_service=_grpc(o), failure_mode_allow=observe, observability_mode=observe,
+            processing_mode=ProcessingMode(
+                request_header_mode=send, request_body_mode=ProcessingModeBodySendMode.NONE,
+                request_trailer_mode=skip, response_header_mode=send,
+                response_body_mode=body, response_trailer_mode=send),
+            message_timeout=_dur(o.message_timeout),
+            metadata_options=MetadataOptions(forwarding_namespaces=MetadataOptionsMetadataNamespaces(
+                untyped=[LB_NAMESPACE, TICKET_NAMESPACE])),
+            stat_prefix="observe" if observe else "restore")))
+
+    return [follower(RESTORE_FILTER, ProcessingModeBodySendMode.FULL_DUPLEX_STREAMED, False),
+            follower(OBSERVE_FILTER, ProcessingModeBodySendMode.STREAMED, True)]
+
+
+def _routes(observed: bool) -> list[Route]:
+    action = RouteAction(cluster="model-servers", timeout=_dur(0))
+    if not observed:
+        return [Route(match=RouteMatch(prefix="/"), route=action)]
+    off = Any.pack(ExtProcPerRoute(disabled=True))
+    return [
+        # The EPP marks rewritten requests (and clears the route cache): they take the
+        # blocking restorer, not the observer. The marker never reaches the model server.
+        Route(match=RouteMatch(prefix="/", headers=[
+            HeaderMatcher(name=RESTORE_MODEL_HEADER, present_match=True)]),
+              route=action, typed_per_filter_config={OBSERVE_FILTER: off},
+              request_headers_to_remove=[RESTORE_MODEL_HEADER]),
+        Route(match=RouteMatch(prefix="/"), route=action,
+              typed_per_filter_config={RESTORE_FILTER: off},
+              request_headers_to_remove=[RESTORE_MODEL_HEADER]),
+    ]
+
+
 def build(o: EnvoyOptions) -> Bootstrap:
     body_mode = BODY_MODES[o.body_mode]
-    resp_mode = body_mode if o.process_response else ProcessingModeBodySendMode.NONE
+    # Several EPP replicas: Envoy balances each ext_proc stream on its own, and the
+    # observed path needs a request's streams to reach the replica that routed it.
+    observed = o.process_response and o.response_path == "observed" and not _replicas(o)
+    blocking_response = o.process_response and not observed
+    resp_mode = body_mode if blocking_response else ProcessingModeBodySendMode.NONE
     ext_proc = ExternalProcessor(
-        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="epp"),
-                                 timeout=_dur(o.message_timeout)),
+        grpc_service=_grpc(o, observed),
         failure_mode_allow=False,
         allow_mode_override=True,
         processing_mode=ProcessingMode(
@@ -170,7 +248,7 @@ def build(o: EnvoyOptions) -> Bootstrap:
             request_trailer_mode=(ProcessingModeHeaderSendMode.SEND
                                   if body_mode == ProcessingModeBodySendMode.FULL_DUPLEX_STREAMED
                                   else ProcessingModeHeaderSendMode.SKIP),
-            response_header_mode=(ProcessingModeHeaderSendMode.SEND if o.process_response
+            response_header_mode=(ProcessingModeHeaderSendMode.SEND if blocking_response
                                   else ProcessingModeHeaderSendMode.SKIP),
             response_body_mode=resp_mode,
             response_trailer_mode=(ProcessingModeHeaderSendMode.SEND
@@ -179,7 +257,8 @@ def build(o: EnvoyOptions) -> Bootstrap:
         ),
         message_timeout=_dur(o.message_timeout),
         metadata_options=MetadataOptions(
-            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[LB_NAMESPACE]),
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(
+                untyped=[LB_NAMESPACE, TICKET_NAMESPACE] if observed else [LB_NAMESPACE]),
             # A gateway that narrows the pool puts its subset hint here; a data plane that
             # reports the endpoint that served puts it under envoy.lb.
             forwarding_namespaces=MetadataOptionsMetadataNamespaces(
@@ -192,12 +271,11 @@ def build(o: EnvoyOptions) -> Bootstrap:
     hcm = HttpConnectionManager(
         stat_prefix="inference",
         route_config=RouteConfiguration(name="inference", virtual_hosts=[VirtualHost(
-            name="model-servers", domains=["*"],
-            routes=[Route(match=RouteMatch(prefix="/"),
-                          route=RouteAction(cluster="model-servers", timeout=_dur(0)))],
+            name="model-servers", domains=["*"], routes=_routes(observed),
         )]),
         http_filters=[
-            HttpFilter(name="envoy.filters.http.ext_proc", typed_config=Any.pack(ext_proc)),
+            HttpFilter(name=ROUTING_FILTER, typed_config=Any.pack(ext_proc)),
+            *(_response_filters(o) if observed else []),
             HttpFilter(name="envoy.filters.http.router", typed_config=Any.pack(Router())),
         ],
     )
@@ -293,6 +371,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--body-mode", choices=sorted(BODY_MODES), default=d.body_mode)
     p.add_argument("--process-response", type=parse_bool, nargs="?", const=True,
                    default=d.process_response)
+    p.add_argument("--response-path", choices=RESPONSE_PATHS, default=d.response_path,
+                   help="observed: Envoy waits on the EPP only for rewritten responses; "
+                        "blocking: for every response chunk (always, with several replicas)")
     p.add_argument("--message-timeout", type=float, default=d.message_timeout)
     p.add_argument("--buffer-limit-bytes", type=int, default=d.buffer_limit_bytes)
     ns = p.parse_args(argv)

@@ -26,6 +26,16 @@ SERVED_KEY = "x-gateway-destination-endpoint-served"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 LB_NAMESPACE = "envoy.lb"
+TICKET_NAMESPACE = "epp.response"
+"""Dynamic metadata the routing reply sets so that the response filters' streams find the
+request's routing decision (`--response-path=observed`); clients cannot set it."""
+TICKET_KEY = "ticket"
+RESTORE_MODEL_HEADER = "x-gateway-model-name-restore"
+"""Set by the EPP on requests whose model it rewrote: routes them to the filter that
+restores the client's model name in the response. Removed before the model server."""
+RESPONSE_PATH_METADATA = "x-epp-response-path"
+"""gRPC metadata on the routing filter's streams: `observed` when another filter follows
+the response, so the routing stream's end is not the request's end."""
 
 DEFAULT_FAIRNESS_ID = "default"
 

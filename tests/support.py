@@ -308,6 +308,7 @@ class EnvoyProcess:
 
 def start_envoy(epp_port: int, *, epp_tls: bool = False, body_mode: str = "full-duplex-streamed",
                 process_response: bool = True, more_epps: Sequence[int] = (),
+                response_path: str = "observed",
                 patch: Callable[[dict[str, Any]], None] | None = None) -> EnvoyProcess:
     """Envoy from `epp envoy-config`'s builder; `patch` may edit the config dict first.
     `more_epps`: the gRPC ports of more EPP replicas (active-active): the `epp` cluster
@@ -321,7 +322,7 @@ def start_envoy(epp_port: int, *, epp_tls: bool = False, body_mode: str = "full-
         listen_address="127.0.0.1", listen_port=port, admin_port=admin, epp_port=epp_port,
         epp_address=",".join(f"127.0.0.1:{p}" for p in (epp_port, *more_epps)),
         epp_tls=epp_tls, body_mode=body_mode, process_response=process_response,
-        message_timeout=10.0)).to_dict()
+        response_path=response_path, message_timeout=10.0)).to_dict()
     if patch is not None:
         patch(cfg)
     text = yaml.safe_dump(cfg)

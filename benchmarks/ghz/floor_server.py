@@ -7,6 +7,10 @@ same ghz load in the same benchmark, it shows how much of the EPP's cost per exc
 grpcio's per-stream overhead and how much is the EPP's own logic.
 
     python benchmarks/ghz/floor_server.py --port 50099 [--style generator|readwrite]
+        [--destination 127.0.0.1:8000]
+
+`--destination` is the endpoint its headers reply names, so that it can also stand behind a
+real Envoy (`bench_extproc.py`'s end-to-end floor) and route to a real upstream.
 
 `--style readwrite` uses `context.read()` / `context.write()` instead of an async
 generator, to measure that difference too; `--style epp-servicer` serves the EPP's own
@@ -42,8 +46,8 @@ def _headers_reply(hostport: str) -> ep.ProcessingResponse:
 
 
 class Floor(ep_grpc.ExternalProcessorServicer):
-    def __init__(self) -> None:
-        self.reply = _headers_reply("127.0.0.1:8000")
+    def __init__(self, destination: str = "127.0.0.1:8000") -> None:
+        self.reply = _headers_reply(destination)
 
     def _body(self, body: bytes) -> ep.ProcessingResponse:
         return ep.ProcessingResponse(request_body=ep.BodyResponse(response=ep.CommonResponse(
@@ -52,10 +56,13 @@ class Floor(ep_grpc.ExternalProcessorServicer):
 
     async def Process(self, request_iterator: AsyncIterator[ep.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[ep.ProcessingResponse]:
+        chunks: list[bytes] = []
         async for msg in request_iterator:
-            if msg.HasField("request_body") and msg.request_body.end_of_stream:
-                yield self.reply
-                yield self._body(msg.request_body.body)
+            if msg.HasField("request_body"):
+                chunks.append(msg.request_body.body)
+                if msg.request_body.end_of_stream:
+                    yield self.reply
+                    yield self._body(b"".join(chunks))
 
 
 class FloorReadWrite(Floor):
@@ -70,7 +77,7 @@ class FloorReadWrite(Floor):
                 await context.write(self._body(msg.request_body.body))
 
 
-def _epp_servicer() -> ep_grpc.ExternalProcessorServicer:
+def _epp_servicer(destination: str = "") -> ep_grpc.ExternalProcessorServicer:
     """The EPP's own servicer and director (built by `EppApp` from the default config) over
     3 fixed endpoints, without the rest of the EPP process (health server, scraper, metrics
     server): splits the EPP's cost into what its servicer adds to this floor and what the
@@ -86,10 +93,10 @@ def _epp_servicer() -> ep_grpc.ExternalProcessorServicer:
     return ExtProcServicer(app.director)
 
 
-async def serve(port: int, style: str) -> None:
+async def serve(port: int, style: str, destination: str) -> None:
     server = grpc.aio.server()
     servicer = {"readwrite": FloorReadWrite, "generator": Floor, "epp-servicer": _epp_servicer}
-    ep_grpc.add_ExternalProcessorServicer_to_server(servicer[style](), server)
+    ep_grpc.add_ExternalProcessorServicer_to_server(servicer[style](destination), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(f"floor ext_proc server ({style}) on 127.0.0.1:{port}", flush=True)
@@ -100,6 +107,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--style", choices=("generator", "readwrite", "epp-servicer"), default="generator")
+    p.add_argument("--destination", default="127.0.0.1:8000",
+                   help="the endpoint the headers reply names")
     p.add_argument("--uvloop", action="store_true", help="run on uvloop's event loop")
     a = p.parse_args()
     if a.uvloop:
@@ -107,7 +116,7 @@ def main() -> None:
 
         uvloop.install()
     try:
-        asyncio.run(serve(a.port, a.style))
+        asyncio.run(serve(a.port, a.style, a.destination))
     except KeyboardInterrupt:
         pass
 

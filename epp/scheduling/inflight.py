@@ -48,6 +48,12 @@ class InFlightTracker:
         self._nslots = 0
         self._ep_slot = np.zeros(cap, np.int64)
         self._start = np.full(cap, -math.inf)  # -inf: finished (or unused)
+        # Start times as recorded, never cleared: in time order (while `_ordered`), so that
+        # a read can skip the records every endpoint's last scrape already covers.
+        self._stamp = np.full(cap, -math.inf)
+        self._last = -math.inf
+        self._ordered = True
+        self._min_scraped = -math.inf
         self._rids: list[str | None] = []
         self._pos: dict[str, int] = {}
         self._n = 0
@@ -75,6 +81,11 @@ class InFlightTracker:
         i = self._n
         self._ep_slot[i] = slot
         self._start[i] = now
+        self._stamp[i] = now
+        if now < self._last:
+            self._ordered = False
+        else:
+            self._last = now
         self._rids.append(request_id)
         self._pos[request_id] = i
         self._n = i + 1
@@ -123,10 +134,16 @@ class InFlightTracker:
             return None
         self._sync_snapshot(snapshot)
         n = self._n
-        slots = self._ep_slot[:n]
+        floor = now - self.timeout
+        lo = 0
+        if self._ordered:
+            # Records up to the oldest scrape of the pool (or the timeout) cannot count: with
+            # 50 ms scrapes that leaves the last few dozen of up to `capacity` records.
+            lo = int(self._stamp[:n].searchsorted(max(self._min_scraped, floor), side="right"))
+        slots = self._ep_slot[lo:n]
         # Counts when routed after the endpoint's last scrape and within the timeout.
-        since = np.maximum(self._scraped_by_slot[slots], now - self.timeout)
-        counts = np.bincount(slots[self._start[:n] > since], minlength=len(self._scraped_by_slot))
+        since = np.maximum(self._scraped_by_slot[slots], floor)
+        counts = np.bincount(slots[self._start[lo:n] > since], minlength=len(self._scraped_by_slot))
         return counts[self._snap_slots]
 
     def _sync_snapshot(self, snapshot: Snapshot) -> None:
@@ -152,6 +169,7 @@ class InFlightTracker:
         scraped[snap_slots] = np.fmax(snapshot.scraped_at, -math.inf)  # fmax drops NaN
         self._snap_slots = snap_slots
         self._scraped_by_slot = scraped
+        self._min_scraped = float(scraped[snap_slots].min()) if len(snap_slots) else math.inf
         self._snap_version = snapshot.version
 
     def _compact(self, now: float) -> None:
@@ -171,16 +189,18 @@ class InFlightTracker:
             cap *= 2
         ep_slot = np.zeros(cap, np.int64)
         start = np.full(cap, -math.inf)
+        stamp = np.full(cap, -math.inf)
         m = len(idx)
         ep_slot[:m] = self._ep_slot[idx]
         start[:m] = self._start[idx]
+        stamp[:m] = self._stamp[idx]
         old_rids = self._rids
         rids: list[str | None] = [old_rids[i] for i in idx.tolist()]
         pos: dict[str, int] = {}
         for j, rid in enumerate(rids):
             if rid is not None:
                 pos[rid] = j
-        self._ep_slot, self._start = ep_slot, start
+        self._ep_slot, self._start, self._stamp = ep_slot, start, stamp
         self._rids, self._pos, self._n = rids, pos, m
 
     def _new_slot(self, name: str) -> int:

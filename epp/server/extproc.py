@@ -13,15 +13,22 @@ When the answer must go out depends on the body mode Envoy announces in
 - FULL_DUPLEX_STREAMED, and STREAMED with `send_body_without_waiting_for_header_response`:
   the headers reply is held until the whole body is in, then the body goes back as
   streamed (or per-chunk) body replies.
+
+With `epp envoy-config --response-path=observed` (the default), the routing filter's
+stream sees the request only: it hands the decision over (`_Tickets`) under a ticket it
+puts in dynamic metadata, and the stream of a later filter claims it by that ticket and
+follows the response: an observability-mode filter, which Envoy never waits on, or, for
+requests whose model was rewritten, a blocking filter that restores the client's model name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
+import os
+from time import monotonic as _monotonic
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
@@ -37,6 +44,8 @@ from epp.ratelog import RateLimitedLog
 from epp.request import (
     DESTINATION_HEADER,
     REQUEST_ID_HEADER,
+    RESPONSE_PATH_METADATA,
+    RESTORE_MODEL_HEADER,
     InferenceRequest,
     ResponseReader,
     Usage,
@@ -104,6 +113,52 @@ def add_to_server(server: grpc.aio.Server, director: Director, *,
 _log_fault = RateLimitedLog(log)
 
 
+class _Tickets:
+    """Routing decisions in transit from the routing stream to the response stream.
+
+    The response filters' streams claim theirs within milliseconds (Envoy opens them as
+    the request leaves the routing filter); one never claimed (a request abandoned in
+    between, or a config without the response filters) is finished as detached after
+    `ttl`, as a stream that closed before any response is."""
+
+    __slots__ = ("_held", "_seq", "_ttl", "_expire", "_handle")
+
+    def __init__(self, expire: Callable[[RoutingDecision], None], ttl: float = 10.0) -> None:
+        self._held: dict[str, tuple[float, RoutingDecision]] = {}
+        self._seq = 0
+        self._ttl = ttl
+        self._expire = expire
+        self._handle: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hand_over(self, decision: RoutingDecision) -> str:
+        self._seq += 1
+        ticket = str(self._seq)
+        loop = asyncio.get_running_loop()
+        self._held[ticket] = (loop.time() + self._ttl, decision)
+        if self._handle is None:
+            self._handle = loop.call_at(loop.time() + self._ttl, self._sweep)
+        return ticket
+
+    def claim(self, ticket: str) -> RoutingDecision | None:
+        held = self._held.pop(ticket, None)
+        return held[1] if held is not None else None
+
+    def _sweep(self) -> None:
+        self._handle = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._held:
+            ticket, (deadline, decision) = next(iter(self._held.items()))
+            if deadline > now:
+                self._handle = loop.call_at(deadline, self._sweep)
+                return
+            del self._held[ticket]
+            self._expire(decision)
+
+
 class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
     """`envoy.service.ext_proc.v3.ExternalProcessor`; one `_Stream` per call."""
 
@@ -113,6 +168,18 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
         self.max_body_bytes = max_body_bytes
         self.limits = limits
         self.active = 0
+        self.tickets = _Tickets(self._unclaimed)
+
+    def _unclaimed(self, decision: RoutingDecision) -> None:
+        _log_fault("unclaimed", logging.WARNING,
+                   "no response stream claimed request %s's routing decision: finished as "
+                   "detached (abandoned, or Envoy's response filters reach another EPP "
+                   "replica: use epp envoy-config --response-path=blocking there)",
+                   for_log(decision.inflight_key or "-"))
+        try:
+            self.director.finished(decision, None, detached=True)
+        except Exception:
+            log.exception("finishing an unclaimed decision failed")
 
     async def Process(
         self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
@@ -127,7 +194,7 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
                                 f"endpoint picker at its ext_proc stream limit ({limits.max_streams})")
         self.active += 1
         obs.EXTPROC_STREAMS.inc()
-        stream = _Stream(self.director, self.max_body_bytes)
+        stream = _Stream(self.director, self.max_body_bytes, self.tickets, context)
         messages = request_iterator.__aiter__()
         watch = _IdleWatch()
         phase = "request"
@@ -194,6 +261,14 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
                    for_log(stream.request_id or "-"), reason, message)
 
 
+def _observed(metadata: "tuple[tuple[str, str | bytes], ...] | None") -> bool:
+    """True when the routing filter says another filter follows the response."""
+    for key, value in metadata or ():
+        if key == RESPONSE_PATH_METADATA:
+            return value == "observed"
+    return False
+
+
 class _IdleTimeout(Exception):
     pass
 
@@ -218,10 +293,12 @@ class _IdleWatch:
 
     def waiting(self, timeout: float) -> None:
         self.timeout = timeout
-        self.since = self.loop.time()
+        # time.monotonic, a C call: loop.time() is a Python frame around it (2.5% of the
+        # busy samples in a profile, once per message); the timer runs on relative delays.
+        self.since = _monotonic()
         self.is_waiting = True
         if self.handle is None:
-            self.handle = self.loop.call_at(self.since + timeout, self._check)
+            self.handle = self.loop.call_later(timeout, self._check)
 
     def received(self) -> None:
         self.is_waiting = False
@@ -241,9 +318,9 @@ class _IdleWatch:
         self.handle = None
         if not self.is_waiting or self.task is None:
             return  # re-armed by the next wait
-        deadline = self.since + self.timeout
-        if self.loop.time() < deadline:
-            self.handle = self.loop.call_at(deadline, self._check)
+        left = self.since + self.timeout - _monotonic()
+        if left > 0:
+            self.handle = self.loop.call_later(left, self._check)
             return
         self.fired = True
         self.task.cancel()
@@ -255,12 +332,17 @@ class _Stream:
     __slots__ = (
         "director", "max_body", "modes", "req", "request_id", "generated_id", "chunks",
         "body_len", "decision", "done", "finished", "response", "status",
-        "saw_headers", "body_msgs", "saw_response",
+        "saw_headers", "body_msgs", "saw_response", "tickets", "context", "observer",
     )
 
-    def __init__(self, director: Director, max_body: int) -> None:
+    def __init__(self, director: Director, max_body: int, tickets: _Tickets | None = None,
+                 context: grpc.aio.ServicerContext | None = None) -> None:
         self.director = director
         self.max_body = max_body
+        self.tickets = tickets
+        self.context = context
+        self.observer = False
+        """This stream is an observability-mode filter's: Envoy reads no reply."""
         self.modes = _Modes()
         self.req: InferenceRequest | None = None
         self.request_id = ""
@@ -283,6 +365,9 @@ class _Stream:
             self.modes = _Modes(pc.request_body_mode, pc.response_body_mode,
                                 pc.send_body_without_waiting_for_header_response)
         if kind == "request_headers":
+            ticket = msgs.ticket(msg)
+            if ticket is not None:
+                return self._claim(msg, ticket)
             return await self._on_request_headers(msg)
         if kind == "request_body":
             return await self._on_request_body(msg.request_body)
@@ -291,13 +376,45 @@ class _Stream:
         if kind in ("response_headers", "response_body", "response_trailers"):
             self._note_served(msg)
         if kind == "response_headers":
-            return self._on_response_headers(msg.response_headers)
-        if kind == "response_body":
-            return self._on_response_body(msg.response_body)
-        if kind == "response_trailers":
+            out = self._on_response_headers(msg.response_headers)
+        elif kind == "response_body":
+            out = self._on_response_body(msg.response_body)
+        elif kind == "response_trailers":
             self._finish(self.response.usage())
-            return [ep.ProcessingResponse(response_trailers=ep.TrailersResponse())]
-        raise ProtocolError("empty_message", "ProcessingRequest carries no request field")
+            out = [ep.ProcessingResponse(response_trailers=ep.TrailersResponse())]
+        else:
+            raise ProtocolError("empty_message", "ProcessingRequest carries no request field")
+        if not msg.observability_mode:
+            return out
+        # Envoy reads no reply in observability mode; once the response is over, end
+        # the stream rather than wait for Envoy's deferred close.
+        self.observer = True
+        if self.finished or self.decision is None:
+            self.done = True
+        return []
+
+    def _claim(self, msg: ep.ProcessingRequest, ticket: str) -> list[ep.ProcessingResponse]:
+        """A response filter's stream starts: it takes over the routing stream's decision."""
+        if self.saw_headers:
+            raise ProtocolError("out_of_order", "request_headers received twice")
+        self.saw_headers = True
+        self.observer = msg.observability_mode
+        decision = self.tickets.claim(ticket) if self.tickets is not None else None
+        if decision is None:
+            # Not (or no longer) held here: follow the response without accounting.
+            if self.observer:
+                self.done = True
+            _log_fault("unknown ticket", logging.WARNING,
+                       "response stream for a routing decision this EPP does not hold: "
+                       "passed through unaccounted (several EPP replicas behind per-stream "
+                       "balancing need epp envoy-config --response-path=blocking)")
+        else:
+            self.decision = decision
+            self.request_id = decision.inflight_key
+            self.response = ResponseReader(decision.target_model, decision.model)
+        if self.observer:
+            return []
+        return [ep.ProcessingResponse(request_headers=ep.HeadersResponse())]
 
     # -- request -------------------------------------------------------------------
 
@@ -308,7 +425,7 @@ class _Stream:
         headers = msgs.request_headers(msg.request_headers)
         rid = headers.get(REQUEST_ID_HEADER)
         if not rid:
-            rid = uuid.uuid4().hex
+            rid = os.urandom(16).hex()  # as unique as uuid4().hex, without the UUID object
             self.generated_id = True
         self.request_id = rid
         set_request_id(rid)
@@ -379,25 +496,38 @@ class _Stream:
         self.response = ResponseReader(decision.target_model, decision.model)
         new_body = decision.body
         destination = decision.destination
-        mutation = self._id_mutation()
+        # The reply that carries the decision: the headers reply, or in BUFFERED mode (the
+        # headers were answered already) the body reply, which may still set headers.
+        buffered = (self.body_msgs > 0 and not headers_reply
+                    and self.modes.request_body != Mode.FULL_DUPLEX_STREAMED)
+        reply = ep.ProcessingResponse()
+        common = (reply.request_body if buffered else reply.request_headers).response
+        common.clear_route_cache = True
+        mutation = common.header_mutation
+        if self.generated_id:
+            msgs.set_header(mutation, REQUEST_ID_HEADER, self.request_id.encode())
         msgs.set_header(mutation, DESTINATION_HEADER, destination.encode())
         if new_body is not None:
             msgs.set_header(mutation, "content-length", str(len(new_body)).encode())
-        metadata = msgs.lb_metadata(destination)
-        common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+        msgs.set_lb_metadata(reply.dynamic_metadata, destination)
+        if (self.tickets is not None and self.context is not None
+                and _observed(self.context.invocation_metadata())):
+            # The response filters' stream finishes this request, not this one.
+            self.finished = True
+            self.done = True
+            msgs.set_ticket(reply.dynamic_metadata, self.tickets.hand_over(decision))
+            if self.response.rewrites:
+                msgs.set_header(mutation, RESTORE_MODEL_HEADER, b"1")
+            else:
+                mutation.remove_headers.append(RESTORE_MODEL_HEADER)
 
         if self.body_msgs == 0:
             # Routed on the headers alone: the headers reply carries everything.
-            return [ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common),
-                                          dynamic_metadata=metadata)]
+            return [reply]
         if self.modes.request_body == Mode.FULL_DUPLEX_STREAMED:
-            out = [ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common),
-                                         dynamic_metadata=metadata)]
-            out.extend(msgs.streamed_body(new_body if new_body is not None else body))
-            return out
+            return [reply, *msgs.streamed_body(new_body if new_body is not None else body)]
         if headers_reply:  # STREAMED, body sent without waiting: one reply per chunk
-            out = [ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common),
-                                         dynamic_metadata=metadata)]
+            out = [reply]
             for i in range(self.body_msgs):
                 if new_body is None:
                     out.append(ep.ProcessingResponse(request_body=ep.BodyResponse()))
@@ -406,11 +536,10 @@ class _Stream:
                 else:
                     out.append(msgs.body_reply(ep.BodyMutation(clear_body=True)))
             return out
-        # BUFFERED: headers were already answered; the body reply may still set headers.
+        # BUFFERED: headers were already answered; the body reply carries the decision.
         if new_body is not None:
             common.body_mutation.body = new_body
-        return [ep.ProcessingResponse(request_body=ep.BodyResponse(response=common),
-                                      dynamic_metadata=metadata)]
+        return [reply]
 
     def _id_mutation(self) -> ep.HeaderMutation:
         m = ep.HeaderMutation()

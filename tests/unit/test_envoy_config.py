@@ -44,7 +44,7 @@ def test_the_pitfalls_from_design_are_encoded() -> None:
     ext_proc = hcm["httpFilters"][0]["typedConfig"]
     assert ext_proc["processingMode"]["requestHeaderMode"] == "SEND"
     assert ext_proc.get("failureModeAllow", False) is False
-    assert ext_proc["metadataOptions"]["receivingNamespaces"]["untyped"] == ["envoy.lb"]
+    assert ext_proc["metadataOptions"]["receivingNamespaces"]["untyped"] == ["envoy.lb", "epp.response"]
     upstream = next(c for c in cfg["staticResources"]["clusters"] if c["type"] == "ORIGINAL_DST")
     assert upstream["originalDstLbConfig"]["httpHeaderName"] == "x-gateway-destination-endpoint"
 
@@ -99,3 +99,47 @@ def test_a_bad_epp_address_is_refused_by_the_command(address: str,
         main(["--epp-address", address])
     assert e.value.code == 2
     assert "--epp-address: not a host[:port]" in capsys.readouterr().err
+
+
+def _hcm(o: EnvoyOptions) -> dict:
+    cfg = yaml.safe_load(render(o))
+    return cfg["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+
+
+def test_observed_response_path_waits_on_the_epp_only_for_rewritten_requests() -> None:
+    hcm = _hcm(EnvoyOptions())
+    routing, restorer, observer, router = hcm["httpFilters"]
+    assert router["name"] == "envoy.filters.http.router"
+    # The routing filter sees the request only, and says so to the EPP.
+    mode = routing["typedConfig"]["processingMode"]
+    assert mode["responseHeaderMode"] == "SKIP" and mode.get("responseBodyMode", "NONE") == "NONE"
+    assert routing["typedConfig"]["grpcService"]["initialMetadata"] == [
+        {"key": "x-epp-response-path", "value": "observed"}]
+    assert observer["typedConfig"]["observabilityMode"] is True
+    assert restorer["typedConfig"].get("observabilityMode", False) is False
+    # Each route disables the response filter it does not use; the marker never goes upstream.
+    marked, plain = hcm["routeConfig"]["virtualHosts"][0]["routes"]
+    assert marked["match"]["headers"][0]["name"] == "x-gateway-model-name-restore"
+    assert list(marked["typedPerFilterConfig"]) == [observer["name"]]
+    assert list(plain["typedPerFilterConfig"]) == [restorer["name"]]
+    for route in (marked, plain):
+        assert route["requestHeadersToRemove"] == ["x-gateway-model-name-restore"]
+
+
+@pytest.mark.parametrize("options", [
+    EnvoyOptions(response_path="blocking"),
+    EnvoyOptions(process_response=False),
+    # Several replicas: each stream is balanced on its own, so the response is followed on
+    # the routing stream (the observed path needs one replica to see all of a request).
+    EnvoyOptions(epp_address="10.0.0.1:9002,10.0.0.2:9002"),
+])
+def test_blocking_and_request_only_configs_keep_one_filter(options: EnvoyOptions,
+                                                           tmp_path: Path) -> None:
+    hcm = _hcm(options)
+    assert [f["name"] for f in hcm["httpFilters"]] == ["envoy.filters.http.ext_proc",
+                                                       "envoy.filters.http.router"]
+    assert "initialMetadata" not in hcm["httpFilters"][0]["typedConfig"]["grpcService"]
+    p = tmp_path / "envoy.yaml"
+    p.write_text(render(options))
+    r = validate(p)
+    assert r.returncode == 0, r.stdout + r.stderr

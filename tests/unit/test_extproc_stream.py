@@ -301,3 +301,93 @@ async def test_the_response_status_reaches_request_completion(stub) -> None:
     await exchange(s, [headers("/v1/models", eos=True), failed], 2)
     await asyncio.sleep(0.05)
     assert director.statuses[-1] == 503
+
+
+# -- the observed response path (`epp envoy-config --response-path=observed`) ---------------
+
+OBSERVED = (("x-epp-response-path", "observed"),)
+
+
+async def route_observed(stub: ep_grpc.ExternalProcessorStub, body: bytes = COMPLETION
+                         ) -> tuple[ep.ProcessingResponse, str]:
+    """A routing stream that another filter's stream follows: its reply, and the ticket."""
+    call = stub.Process(metadata=OBSERVED)
+    for m in [with_mode(headers(), Mode.FULL_DUPLEX_STREAMED), chunk(body, True)]:
+        await call.write(m)
+    h = await asyncio.wait_for(call.read(), 5)
+    await asyncio.wait_for(call.read(), 5)
+    # The routing stream ends itself: the response is another stream's business.
+    assert await asyncio.wait_for(call.read(), 5) is grpc.aio.EOF
+    ticket = h.dynamic_metadata.fields["epp.response"].struct_value.fields["ticket"].string_value
+    assert ticket
+    return h, ticket
+
+
+def follower_headers(ticket: str, observe: bool) -> ep.ProcessingRequest:
+    m = headers()
+    m.observability_mode = observe
+    m.metadata_context.filter_metadata["epp.response"].fields["ticket"].string_value = ticket
+    return m
+
+
+def response(body: bytes, observe: bool, status: bytes = b"200") -> list[ep.ProcessingRequest]:
+    hv = core.HeaderMap(headers=[core.HeaderValue(key=":status", raw_value=status)])
+    return [ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=hv), observability_mode=observe),
+            ep.ProcessingRequest(response_body=ep.HttpBody(body=body, end_of_stream=True),
+                                 observability_mode=observe)]
+
+
+USAGE = b'{"model":"m","usage":{"prompt_tokens":5,"completion_tokens":2}}'
+
+
+async def test_observer_stream_finishes_the_request_with_its_usage(stub) -> None:
+    s, director, _ = stub
+    h, ticket = await route_observed(s, json.dumps({"model": "m", "prompt": "x"}).encode())
+    mutation = h.request_headers.response.header_mutation
+    assert "x-gateway-model-name-restore" in mutation.remove_headers  # not rewritten
+    assert director.usages == []  # the routing stream's end is not the request's end
+    call = s.Process()
+    for m in [follower_headers(ticket, True), *response(USAGE, True)]:
+        await call.write(m)
+    # Observability mode: nothing is answered, and the EPP ends the stream itself.
+    assert await asyncio.wait_for(call.read(), 5) is grpc.aio.EOF
+    assert director.usages[-1].completion_tokens == 2
+    assert director.statuses[-1] == 200 and director.detached[-1] is False
+
+
+async def test_rewritten_request_is_marked_and_its_restorer_puts_the_name_back(stub) -> None:
+    s, director, _ = stub
+    h, ticket = await route_observed(s)
+    assert set_headers(h.request_headers.response.header_mutation)["x-gateway-model-name-restore"]
+    msgs = [with_mode(follower_headers(ticket, False), Mode.NONE, Mode.FULL_DUPLEX_STREAMED),
+            *response(b'{"model":"food-review-v2","usage":{"prompt_tokens":5,"completion_tokens":2}}',
+                      False)]
+    out = await exchange(s, msgs, 3)
+    assert out[0].HasField("request_headers")
+    body = out[2].response_body.response.body_mutation.streamed_response.body
+    assert json.loads(body)["model"] == "food-review"
+    await asyncio.sleep(0.05)
+    assert director.usages[-1].completion_tokens == 2
+
+
+async def test_observer_stream_closed_before_the_response_leaves_the_request_detached(stub) -> None:
+    s, director, _ = stub
+    _, ticket = await route_observed(s)
+    call = s.Process()
+    await call.write(follower_headers(ticket, True))
+    await asyncio.sleep(0.05)
+    call.cancel()  # Envoy's client went away before any response
+    await asyncio.sleep(0.1)
+    assert director.detached[-1] is True
+
+
+async def test_unclaimed_decision_is_finished_as_detached_after_its_ttl() -> None:
+    from epp.server.extproc import _Tickets
+
+    expired: list[Any] = []
+    tickets = _Tickets(expired.append, ttl=0.05)
+    first, second = tickets.hand_over("d1"), tickets.hand_over("d2")  # type: ignore[arg-type]
+    assert tickets.claim(first) == "d1"
+    assert tickets.claim(first) is None  # claimed once only
+    await asyncio.sleep(0.15)
+    assert expired == ["d2"] and tickets.claim(second) is None and len(tickets) == 0

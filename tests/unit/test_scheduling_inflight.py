@@ -99,3 +99,34 @@ def test_pod_churn_does_not_grow_the_tracker() -> None:
         for n in names:
             t.forget_endpoint(n)
     assert t._nslots <= 8
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_EVENTS = st.lists(st.tuples(st.sampled_from("abc"), st.floats(0, 5), st.booleans()),
+                   max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=_EVENTS, scrapes=st.tuples(st.floats(0, 40), st.floats(0, 40), st.floats(0, 40)),
+       out_of_order=st.booleans())
+def test_reads_skip_covered_records_without_changing_the_counts(events, scrapes, out_of_order) -> None:
+    """The read skips records older than every endpoint's last scrape; counts equal a full
+    scan's, in time order and out of it (a caller's clock going backwards)."""
+    ds = _pool(dict(zip("abc", scrapes)))
+    t = InFlightTracker(timeout=30, capacity=16)
+    now, open_ = 0.0, {}
+    for i, (ep, step, finish) in enumerate(events):
+        now = now - step if out_of_order and i % 3 == 0 else now + step
+        t.started(f"r{i}", ep, now)
+        open_[f"r{i}"] = (ep, now)
+        if finish:
+            t.finished(f"r{i // 2}")
+            open_.pop(f"r{i // 2}", None)
+    read_at = now + 1
+    expected = [sum(1 for e, at in open_.values()
+                    if e == ep and at > max(scraped, read_at - 30))
+                for ep, scraped in zip("abc", scrapes)]
+    got = t.extra_waiting(ds.snapshot(), read_at)
+    assert (got.tolist() if got is not None else [0, 0, 0]) == expected
