@@ -123,7 +123,9 @@ class Replicas:
         try:
             for _ in range(n + idle):
                 self.epps.append(start_epp(*args, endpoints=",".join(hostports)))
-            self.envoy = start_envoy(self.epps[0].grpc_port,
+            # One response path for every mode: a multi-replica config is always
+            # `blocking` (each ext_proc stream is balanced on its own), so one replica too.
+            self.envoy = start_envoy(self.epps[0].grpc_port, response_path="blocking",
                                      more_epps=[e.grpc_port for e in self.epps[1:n]])
         except BaseException:
             self.stop()
