@@ -15,7 +15,7 @@ When the answer must go out depends on the body mode Envoy announces in
   streamed (or per-chunk) body replies.
 
 With `epp envoy-config --response-path=observed` (the default), the routing filter's
-stream sees the request only: it hands the decision over (`_Tickets`) under a ticket it
+stream sees the request only: it hands the decision over (`handover.py`) under a ticket it
 puts in dynamic metadata, and the stream of a later filter claims it by that ticket and
 follows the response: an observability-mode filter, which Envoy never waits on, or, for
 requests whose model was rewritten, a blocking filter that restores the client's model name.
@@ -26,9 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from time import monotonic as _monotonic
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 import grpc
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
@@ -52,6 +51,8 @@ from epp.request import (
     parse_request_body,
 )
 from epp.server import envoy_messages as msgs
+from epp.server.handover import DecisionTickets
+from epp.server.idle import IdleTimeout, IdleWatch, StreamLimits
 from epp.telemetry.logs import set_request_id
 
 log = logging.getLogger(__name__)
@@ -86,21 +87,6 @@ SERVICE_NAME = ep.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
 """`envoy.service.ext_proc.v3.ExternalProcessor`, for reflection and health."""
 
 
-@dataclass(frozen=True, slots=True)
-class StreamLimits:
-    """Bounds on ext_proc streams, so that idle or abandoned streams cannot pile up (3,000
-    idle streams were once held open with no timeout)."""
-
-    max_streams: int = 8192
-    """Concurrent streams; more are refused with RESOURCE_EXHAUSTED."""
-    request_idle: float = 30.0
-    """Longest wait for the next message until the request is routed (from the stream's
-    start: for its headers, then between body chunks)."""
-    response_idle: float = 600.0
-    """Longest wait for the next message after routing: the response headers (a non-streamed
-    completion sends them only when done) and each response chunk."""
-
-
 def add_to_server(server: grpc.aio.Server, director: Director, *,
                   max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                   limits: StreamLimits = StreamLimits()) -> "ExtProcServicer":
@@ -113,52 +99,6 @@ def add_to_server(server: grpc.aio.Server, director: Director, *,
 _log_fault = RateLimitedLog(log)
 
 
-class _Tickets:
-    """Routing decisions in transit from the routing stream to the response stream.
-
-    The response filters' streams claim theirs within milliseconds (Envoy opens them as
-    the request leaves the routing filter); one never claimed (a request abandoned in
-    between, or a config without the response filters) is finished as detached after
-    `ttl`, as a stream that closed before any response is."""
-
-    __slots__ = ("_held", "_seq", "_ttl", "_expire", "_handle")
-
-    def __init__(self, expire: Callable[[RoutingDecision], None], ttl: float = 10.0) -> None:
-        self._held: dict[str, tuple[float, RoutingDecision]] = {}
-        self._seq = 0
-        self._ttl = ttl
-        self._expire = expire
-        self._handle: asyncio.TimerHandle | None = None
-
-    def __len__(self) -> int:
-        return len(self._held)
-
-    def hand_over(self, decision: RoutingDecision) -> str:
-        self._seq += 1
-        ticket = str(self._seq)
-        loop = asyncio.get_running_loop()
-        self._held[ticket] = (loop.time() + self._ttl, decision)
-        if self._handle is None:
-            self._handle = loop.call_at(loop.time() + self._ttl, self._sweep)
-        return ticket
-
-    def claim(self, ticket: str) -> RoutingDecision | None:
-        held = self._held.pop(ticket, None)
-        return held[1] if held is not None else None
-
-    def _sweep(self) -> None:
-        self._handle = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        while self._held:
-            ticket, (deadline, decision) = next(iter(self._held.items()))
-            if deadline > now:
-                self._handle = loop.call_at(deadline, self._sweep)
-                return
-            del self._held[ticket]
-            self._expire(decision)
-
-
 class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
     """`envoy.service.ext_proc.v3.ExternalProcessor`; one `_Stream` per call."""
 
@@ -168,7 +108,7 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
         self.max_body_bytes = max_body_bytes
         self.limits = limits
         self.active = 0
-        self.tickets = _Tickets(self._unclaimed)
+        self.tickets = DecisionTickets(self._unclaimed)
 
     def _unclaimed(self, decision: RoutingDecision) -> None:
         _log_fault("unclaimed", logging.WARNING,
@@ -196,7 +136,7 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
         obs.EXTPROC_STREAMS.inc()
         stream = _Stream(self.director, self.max_body_bytes, self.tickets, context)
         messages = request_iterator.__aiter__()
-        watch = _IdleWatch()
+        watch = IdleWatch()
         phase = "request"
         try:
             # The idle deadline runs only while waiting for Envoy's next message, never
@@ -217,7 +157,7 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
                     yield out
                 if stream.done:
                     return
-        except _IdleTimeout:
+        except IdleTimeout:
             obs.EXTPROC_STREAM_TIMEOUTS.labels(phase).inc()
             _log_fault(f"idle {phase}", logging.INFO,
                        "ext_proc stream %s idle too long in the %s phase: closed",
@@ -269,63 +209,6 @@ def _observed(metadata: "tuple[tuple[str, str | bytes], ...] | None") -> bool:
     return False
 
 
-class _IdleTimeout(Exception):
-    pass
-
-
-class _IdleWatch:
-    """Ends a stream's wait for Envoy's next message after a timeout.
-
-    One timer per stream, re-armed only when it fires while time is left, and two
-    attribute writes per message: asyncio.timeout rescheduled per message cost ~50 µs a
-    message here, more than handling the message."""
-
-    __slots__ = ("loop", "task", "timeout", "since", "is_waiting", "fired", "handle")
-
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.task = asyncio.current_task()
-        self.timeout = 0.0
-        self.since = 0.0
-        self.is_waiting = False
-        self.fired = False
-        self.handle: asyncio.TimerHandle | None = None
-
-    def waiting(self, timeout: float) -> None:
-        self.timeout = timeout
-        # time.monotonic, a C call: loop.time() is a Python frame around it (2.5% of the
-        # busy samples in a profile, once per message); the timer runs on relative delays.
-        self.since = _monotonic()
-        self.is_waiting = True
-        if self.handle is None:
-            self.handle = self.loop.call_later(timeout, self._check)
-
-    def received(self) -> None:
-        self.is_waiting = False
-
-    def raise_if_idle(self) -> None:
-        """In the CancelledError handler of the wait: the cancel was this watch's."""
-        if self.fired and self.task is not None:
-            self.task.uncancel()
-            raise _IdleTimeout from None
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
-
-    def _check(self) -> None:
-        self.handle = None
-        if not self.is_waiting or self.task is None:
-            return  # re-armed by the next wait
-        left = self.since + self.timeout - _monotonic()
-        if left > 0:
-            self.handle = self.loop.call_later(left, self._check)
-            return
-        self.fired = True
-        self.task.cancel()
-
-
 class _Stream:
     """State of one ext_proc stream (one HTTP request and its response)."""
 
@@ -335,7 +218,7 @@ class _Stream:
         "saw_headers", "body_msgs", "saw_response", "tickets", "context", "observer",
     )
 
-    def __init__(self, director: Director, max_body: int, tickets: _Tickets | None = None,
+    def __init__(self, director: Director, max_body: int, tickets: DecisionTickets | None = None,
                  context: grpc.aio.ServicerContext | None = None) -> None:
         self.director = director
         self.max_body = max_body

@@ -382,10 +382,10 @@ async def test_observer_stream_closed_before_the_response_leaves_the_request_det
 
 
 async def test_unclaimed_decision_is_finished_as_detached_after_its_ttl() -> None:
-    from epp.server.extproc import _Tickets
+    from epp.server.handover import DecisionTickets
 
     expired: list[Any] = []
-    tickets = _Tickets(expired.append, ttl=0.05)
+    tickets = DecisionTickets(expired.append, ttl=0.05)
     first, second = tickets.hand_over("d1"), tickets.hand_over("d2")  # type: ignore[arg-type]
     assert tickets.claim(first) == "d1"
     assert tickets.claim(first) is None  # claimed once only
