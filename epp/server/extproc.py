@@ -329,8 +329,11 @@ class _Stream:
         if self.modes.defer_headers:
             return []
         # BUFFERED: Envoy waits for this reply before it sends the body.
-        return [ep.ProcessingResponse(request_headers=ep.HeadersResponse(
-            response=ep.CommonResponse(header_mutation=self._id_mutation())))]
+        reply = ep.ProcessingResponse()
+        mutation = reply.request_headers.response.header_mutation
+        mutation.SetInParent()  # a headers reply even with nothing to set
+        self._add_id(mutation)
+        return [reply]
 
     async def _on_request_body(self, body: ep.HttpBody) -> list[ep.ProcessingResponse]:
         if not self.saw_headers:
@@ -387,8 +390,7 @@ class _Stream:
         common = (reply.request_body if buffered else reply.request_headers).response
         common.clear_route_cache = True
         mutation = common.header_mutation
-        if self.generated_id:
-            msgs.set_header(mutation, REQUEST_ID_HEADER, self.request_id.encode())
+        self._add_id(mutation)
         msgs.set_header(mutation, DESTINATION_HEADER, destination.encode())
         if new_body is not None:
             msgs.set_header(mutation, "content-length", str(len(new_body)).encode())
@@ -424,11 +426,10 @@ class _Stream:
             common.body_mutation.body = new_body
         return [reply]
 
-    def _id_mutation(self) -> ep.HeaderMutation:
-        m = ep.HeaderMutation()
+    def _add_id(self, mutation: ep.HeaderMutation) -> None:
+        """The request id the EPP made up, for the model server and the logs downstream."""
         if self.generated_id:
-            msgs.set_header(m, REQUEST_ID_HEADER, self.request_id.encode())
-        return m
+            msgs.set_header(mutation, REQUEST_ID_HEADER, self.request_id.encode())
 
     def _immediate(self, e: EppError) -> list[ep.ProcessingResponse]:
         self.done = True
