@@ -17,11 +17,23 @@ which costs a cache hit, never a wrong claim).
 Only GPU blocks (medium absent or "GPU") of the first KV-cache group are indexed: blocks
 offloaded to CPU or disk, and hybrid models' other groups, are ignored.
 
+Two implementations with one behaviour: `KVBlockIndex` here, in Python, is the reference
+and the fallback; `NativeKVBlockIndex` keeps the same index in Rust (`native/src/lib.rs`,
+built by `make venv` into `epp/kvevents/_native.abi3.so` when cargo is there). Why: in
+CPython, indexing costs ~1.5 µs per event (a Python int per token id, a dozen dict
+operations per block), and intake at 64 endpoints x 2,000 events/s must stay under a
+quarter of a core (benchmarks/RESULTS.md, issue 14). The native index also decodes the
+common msgpack batch itself (`apply_payload`), so token ids never become Python objects;
+whatever it is not sure about it declines, unchanged, and the caller decodes in Python.
+`KVBlockIndex(...)` returns the native one when it is built, unless
+`EPP_KV_INDEX=python` (or `backend="python"`); the unit tests run over both.
+
 Everything here runs on the event loop thread and does no I/O.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from itertools import islice
 from dataclasses import dataclass, field
@@ -30,6 +42,19 @@ from typing import Any, Iterable, Sequence
 import xxhash
 
 from epp.kvevents.decode import AllBlocksCleared, BlockRemoved, BlockStored, EngineHash, KVEvent
+
+try:
+    from epp.kvevents import _native  # type: ignore[attr-defined]
+except ImportError:  # not built (no cargo when the venv was made): the Python index serves
+    _native = None
+
+BACKENDS = ("native", "python")
+DEFAULT_BACKEND = os.environ.get("EPP_KV_INDEX", "native")
+"""Which index `KVBlockIndex()` makes: "native" (when built; else Python) or "python"."""
+
+
+def native_available() -> bool:
+    return _native is not None
 
 _xxh64 = xxhash.xxh64_intdigest
 DEFAULT_MAX_ENTRIES = 2_000_000
@@ -131,9 +156,21 @@ class ApplyResult:
 
 
 class KVBlockIndex:
-    """Our block key -> endpoints that hold it; see the module docstring."""
+    """Our block key -> endpoints that hold it; see the module docstring.
 
-    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+    Constructing it gives a `NativeKVBlockIndex` when that is built and chosen."""
+
+    def __new__(cls, max_entries: int = DEFAULT_MAX_ENTRIES, *,
+                backend: str | None = None) -> KVBlockIndex:
+        b = backend or DEFAULT_BACKEND
+        if b not in BACKENDS:
+            raise ValueError(f"unknown KV index backend {b!r}; want one of {BACKENDS}")
+        if cls is KVBlockIndex and b == "native" and _native is not None:
+            return object.__new__(NativeKVBlockIndex)
+        return object.__new__(cls)
+
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, *,
+                 backend: str | None = None) -> None:
         self.max_entries = max(1, max_entries)
         self._owners: dict[int, int] = {}
         self._eps: dict[str, _Endpoint] = {}
@@ -155,6 +192,11 @@ class KVBlockIndex:
     def holds(self, name: str, key: int) -> bool:
         ep = self._eps.get(name)
         return ep is not None and key in ep.keys
+
+    def lru_keys(self, name: str) -> list[int]:
+        """An endpoint's keys, least recently stored first (tests compare implementations)."""
+        ep = self._eps.get(name)
+        return list(ep.keys) if ep is not None else []
 
     def match(self, keys: Sequence[int]) -> dict[str, int]:
         """Per endpoint, the longest run of leading blocks of `keys` it holds (0 omitted)."""
@@ -186,6 +228,14 @@ class KVBlockIndex:
         return out
 
     # -- writing (the event intake) -------------------------------------------------
+
+    def apply_payload(self, name: str, payload: bytes,
+                      block_size: int) -> tuple[int, int, int, int, int] | None:
+        """Decode and apply a msgpack EventBatch in one step, when this index can: returns
+        (events, stored, removed, orphans, malformed), or None having changed nothing (the
+        caller then decodes with `decode.decode_batch` and calls `apply`). The Python index
+        always declines; the native one takes the common case."""
+        return None
 
     def apply(self, name: str, events: Iterable[KVEvent], result: ApplyResult | None = None) -> ApplyResult:
         r = result if result is not None else ApplyResult()
@@ -348,3 +398,64 @@ class KVBlockIndex:
                         del ep.by_engine[e]
                 self._unown(key, bit)
                 self._size -= 1
+
+
+class NativeKVBlockIndex(KVBlockIndex):
+    """The same index in Rust (`native/src/lib.rs`); see the module docstring. Reads and
+    `apply_payload` go straight to the native object; `apply` (decoded events: replays,
+    batches the native decoder declined, tests) filters and translates here, as above."""
+
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, *,
+                 backend: str | None = None) -> None:
+        if _native is None:
+            raise RuntimeError("the native KV index is not built (make venv, with cargo)")
+        n = self._n = _native.Index(max(1, max_entries))
+        # Bound once: no Python frame between the caller and Rust.
+        self.match = n.match  # type: ignore[method-assign]
+        self.blocks_of = n.blocks_of  # type: ignore[method-assign]
+        self.holds = n.holds  # type: ignore[method-assign]
+        self.lru_keys = n.lru_keys  # type: ignore[method-assign]
+        self.clear = n.clear  # type: ignore[method-assign]
+        self.apply_payload = n.apply_payload  # type: ignore[method-assign]
+
+    @property  # type: ignore[override]
+    def max_entries(self) -> int:
+        return self._n.max_entries  # type: ignore[no-any-return]
+
+    @max_entries.setter
+    def max_entries(self, v: int) -> None:
+        self._n.max_entries = max(1, v)
+
+    @property
+    def size(self) -> int:
+        return self._n.size  # type: ignore[no-any-return]
+
+    def forget(self, name: str) -> None:
+        self._n.forget(name)
+
+    def apply(self, name: str, events: Iterable[KVEvent], result: ApplyResult | None = None) -> ApplyResult:
+        r = result if result is not None else ApplyResult()
+        n = self._n
+        for ev in events:
+            if isinstance(ev, BlockStored):
+                if ev.medium not in _GPU or ev.group_idx not in (None, 0):
+                    continue
+                extras = None
+                if ev.extra_keys is not None:
+                    extras = [_extra_bytes(e, ev.lora_name) for e in ev.extra_keys]
+                    if not any(extras):
+                        extras = None
+                stored, orphans, malformed = n.store_blocks(
+                    name, ev.block_hashes, ev.parent_block_hash, root_key(ev.lora_name),
+                    ev.token_ids, ev.block_size, extras)
+                r.stored += stored
+                r.orphans += orphans
+                r.malformed += malformed
+            elif isinstance(ev, BlockRemoved):
+                if ev.medium not in _GPU or ev.group_idx not in (None, 0):
+                    continue
+                r.removed += n.remove_blocks(name, ev.block_hashes)
+            elif isinstance(ev, AllBlocksCleared):
+                n.clear(name)
+        n.trim_if_over()
+        return r

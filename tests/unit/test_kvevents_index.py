@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from epp.kvevents.decode import AllBlocksCleared, BlockRemoved, BlockStored
 from epp.kvevents.index import KVBlockIndex, block_keys, root_key
+
+pytestmark = pytest.mark.usefixtures("kv_backend")  # each test over both index implementations
 
 BS = 4
 SYSTEM = list(range(1, 13))      # 3 blocks

@@ -23,6 +23,8 @@ from epp.kvevents.subscriber import (
 )
 from epp.sim.kvpublisher import KVEventPublisher
 
+pytestmark = pytest.mark.usefixtures("kv_backend")  # each test over both index implementations
+
 BS = 4
 
 
