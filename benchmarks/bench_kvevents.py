@@ -47,7 +47,7 @@ from epp.kvevents.decode import (  # noqa: E402
     encode_batch,
     encode_seq,
 )
-from epp.kvevents.index import KVBlockIndex  # noqa: E402
+from epp.kvevents.index import KVBlockIndex, native_available  # noqa: E402
 from epp.kvevents.subscriber import PORT_LABEL, REPLAY_PORT_LABEL, KVEventsSubscriber  # noqa: E402
 from epp.scheduling import Scheduler, SchedulingRequest  # noqa: E402
 from epp.scheduling.pickers import MaxScorePicker  # noqa: E402
@@ -132,7 +132,8 @@ def free_ports(n: int) -> list[int]:
     return out
 
 
-async def bench_intake(endpoints: int, rate: float, seconds: float) -> dict[str, Any]:
+async def bench_intake(endpoints: int, rate: float, seconds: float,
+                       backend: str = "native") -> dict[str, Any]:
     batches = int(seconds * rate / BATCH_EVENTS)
     payloads = _stream(batches)
     ports = free_ports(endpoints)
@@ -145,7 +146,7 @@ async def bench_intake(endpoints: int, rate: float, seconds: float) -> dict[str,
     ds.set_endpoints([Endpoint(f"pod-{i}", "127.0.0.1", 8000 + i,
                                {PORT_LABEL: str(p), REPLAY_PORT_LABEL: "0"})
                       for i, p in enumerate(ports)])
-    index = KVBlockIndex()
+    index = KVBlockIndex(backend=backend)
     sub = KVEventsSubscriber(index, block_size=BS)
     await sub.start(ds)
     deadline = time.monotonic() + 10
@@ -172,13 +173,14 @@ async def bench_intake(endpoints: int, rate: float, seconds: float) -> dict[str,
     events = got * BATCH_EVENTS
     us_per_event = (cpu1 - cpu0) / max(1, events) * 1e6
     # Baseline in the same run: decoding and indexing the same batches without sockets.
-    base_index = KVBlockIndex()
+    base_index = KVBlockIndex(backend=backend)
     c0 = time.process_time()
     for i, p in enumerate(payloads):
-        base_index.apply("pod", decode_batch(i, p).events)
+        if base_index.apply_payload("pod", p, BS) is None:
+            base_index.apply("pod", decode_batch(i, p).events)
     base_us = (time.process_time() - c0) / (len(payloads) * BATCH_EVENTS) * 1e6
     target = endpoints * rate
-    return {"endpoints": endpoints, "events_per_s_each": rate, "seconds": round(dt, 2),
+    return {"index": type(index).__name__, "endpoints": endpoints, "events_per_s_each": rate, "seconds": round(dt, 2),
             "batches_sent": want * endpoints, "batches_applied": got,
             "events_per_s_total": round(events / dt),
             "cores": round((cpu1 - cpu0) / dt, 3),
@@ -277,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--endpoints", type=int, default=64)
     ap.add_argument("--rate", type=float, default=2000.0, help="events/s per endpoint")
     ap.add_argument("--seconds", type=float, default=None)
+    ap.add_argument("--index", choices=["native", "python", "both"], default="both",
+                    help="KV index for the intake run(s); both = native then Python, same run")
     args = ap.parse_args(argv)
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     rounds = 200 if args.quick else 2000
@@ -284,8 +288,13 @@ def main(argv: list[str] | None = None) -> int:
           f"load {os.getloadavg()[0]:.1f}; python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as d:
         tokdir = tinytok.write(d)
-        intake = asyncio.run(bench_intake(args.endpoints, args.rate, seconds))
-        print("intake:", intake)
+        backends = ["native", "python"] if args.index == "both" else [args.index]
+        for backend in backends:
+            if backend == "native" and not native_available():
+                print("intake: the native index is not built (make venv needs cargo); skipped")
+                continue
+            intake = asyncio.run(bench_intake(args.endpoints, args.rate, seconds, backend))
+            print("intake:", intake)
         print("pick:", bench_pick(tokdir, args.endpoints, rounds))
         print("tokenize:", bench_tokenize(tokdir, rounds))
     return 0

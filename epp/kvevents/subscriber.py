@@ -47,7 +47,7 @@ from epp.kvevents.decode import (
     decode_seq,
     encode_seq,
 )
-from epp.kvevents.index import ApplyResult, KVBlockIndex
+from epp.kvevents.index import ApplyResult, KVBlockIndex, NativeKVBlockIndex, native_available
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,10 @@ SLICE_SECONDS = 0.001
 each stream gets an equal share (at least `MIN_SLICE_SECONDS`) before it yields."""
 MIN_SLICE_SECONDS = 0.00005
 HEARTBEAT_MS = 1000
+# Plain ints: pyzmq's enum constants cost ~0.5 µs per `&` and getsockopt (per message).
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,9 +196,9 @@ class EndpointStream:
         mon = self._mon
         if mon is None or mon.closed:
             return
-        while mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while mon.getsockopt(_EVENTS) & _POLLIN:
             try:
-                frames = mon.recv_multipart(zmq.NOBLOCK)
+                frames = mon.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 break
             self._on_monitor(parse_monitor_message(frames)["event"])
@@ -208,9 +212,9 @@ class EndpointStream:
         clock = time.perf_counter
         until = clock() + self.slice_seconds
         try:
-            while sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            while sub.getsockopt(_EVENTS) & _POLLIN:
                 try:
-                    frames = sub.recv_multipart(zmq.NOBLOCK)
+                    frames = sub.recv_multipart(_NOBLOCK)
                 except zmq.Again:
                     break
                 gap = self.receive(frames)
@@ -426,6 +430,11 @@ class KVEventsSubscriber:
         return s is not None and s.healthy
 
     async def start(self, datastore: Any) -> None:
+        if isinstance(self.index, NativeKVBlockIndex):
+            log.info("kv events: native block index (Rust)")
+        else:
+            log.info("kv events: pure-Python block index%s", "" if native_available()
+                     else " (the native one is not built: make venv with cargo)")
         self._ctx = zmq.Context()
         datastore.add_listener(self.on_endpoints_changed)
         self.on_endpoints_changed(list(datastore.endpoints()), [])
