@@ -1,6 +1,6 @@
 """Cost of exact prefix-cache routing: event intake, the scorer's pick, tokenization.
 
-Run: .venv/bin/python benchmarks/bench_kvevents.py [--quick]
+Run: .venv/bin/python benchmarks/bench_kvevents.py [--quick] [--index native|python|both]
 
 1. Intake: N endpoints (64) each publishing R events/s (2,000) over real ZeroMQ from a
    child process (vLLM's framing: topic, 8-byte sequence, msgpack EventBatch), in
@@ -10,7 +10,10 @@ Run: .venv/bin/python benchmarks/bench_kvevents.py [--quick]
    this process (the EPP's intake: SUB sockets and libzmq's I/O thread, decoding,
    indexing) per wall second and per event, whether every event arrived, how late the
    event loop ran (what a request would wait), and, as the same-run baseline, decoding and
-   indexing the same batches without sockets. `cores_at_target_rate` = CPU per event x the
+   indexing the same batches without sockets. With `--index both` (the default) the
+   intake runs twice in the same run, with the native block index (`native/`, Rust; it
+   decodes the batches itself) and with the pure-Python one, the baseline and fallback.
+   `cores_at_target_rate` = CPU per event x the
    offered rate: on a machine too busy to give the process the CPU it needs, the offered
    rate is not reached and `cores` alone understates the cost.
 2. Pick: one `Scheduler.schedule()` with the precise-prefix-cache-scorer alone and with
