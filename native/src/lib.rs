@@ -113,12 +113,12 @@ fn root_key(lora_name: Option<&str>) -> u64 {
     }
 }
 
-/// Chained keys exactly as `index.block_keys`: token ids as native-endian int64s, each
-/// block's bytes (plus its extra-key bytes, when any) hashed with the previous key as seed.
+/// Chained keys exactly as `index.block_keys`, into `out`: token ids as native-endian
+/// int64s, each block's bytes (plus its extra-key bytes, when any) hashed with the previous
+/// key as seed; `buf` is scratch space.
 fn chain_keys(tokens: &[i64], bs: usize, n: usize, parent: u64,
-              extras: Option<&[Option<Vec<u8>>]>) -> Vec<u64> {
-    let mut out = Vec::with_capacity(n);
-    let mut buf: Vec<u8> = Vec::with_capacity(bs * 8);
+              extras: Option<&[Option<Vec<u8>>]>, buf: &mut Vec<u8>, out: &mut Vec<u64>) {
+    out.clear();
     let mut h = parent;
     for i in 0..n {
         buf.clear();
@@ -130,10 +130,9 @@ fn chain_keys(tokens: &[i64], bs: usize, n: usize, parent: u64,
                 buf.extend_from_slice(e);
             }
         }
-        h = xxh64(&buf, h);
+        h = xxh64(buf, h);
         out.push(h);
     }
-    out
 }
 
 // -- the index ---------------------------------------------------------------------------
@@ -149,6 +148,9 @@ struct Index {
     free_slots: Vec<usize>,
     size: usize,
     stamp: u64,
+    /// Scratch space for `store` (no allocation per event).
+    buf: Vec<u8>,
+    keys_buf: Vec<u64>,
 }
 
 /// One decoded event of the fast path.
@@ -224,7 +226,7 @@ impl Index {
         if !self.eps.contains_key(name) {
             self.endpoint(py, name);
         }
-        let Index { owners, eps, size, stamp, .. } = self;
+        let Index { owners, eps, size, stamp, buf, keys_buf, .. } = self;
         let ep = eps.get_mut(name).unwrap();
         let parent_key = match parent {
             None => root,
@@ -241,7 +243,8 @@ impl Index {
             return;
         }
         let n = hashes.len();
-        let keys = chain_keys(tokens, bs, n, parent_key, extras);
+        chain_keys(tokens, bs, n, parent_key, extras, buf, keys_buf);
+        let keys = &*keys_buf;
         let word = ep.slot / 64;
         let bit = 1u64 << (ep.slot % 64);
         for (e, key) in hashes.into_iter().zip(keys.iter().copied()) {
@@ -381,6 +384,8 @@ impl Index {
             free_slots: Vec::new(),
             size: 0,
             stamp: 0,
+            buf: Vec::new(),
+            keys_buf: Vec::new(),
         }
     }
 
@@ -550,9 +555,15 @@ impl<'a> Rd<'a> {
         self.i = end;
         Some(s)
     }
+    #[inline]
     fn be(&mut self, n: usize) -> Option<u64> {
         let s = self.take(n)?;
-        Some(s.iter().fold(0u64, |a, &x| (a << 8) | x as u64))
+        Some(match n {
+            1 => s[0] as u64,
+            2 => u16::from_be_bytes([s[0], s[1]]) as u64,
+            4 => u32::from_be_bytes([s[0], s[1], s[2], s[3]]) as u64,
+            _ => s.iter().fold(0u64, |a, &x| (a << 8) | x as u64),
+        })
     }
     fn array(&mut self) -> Option<usize> {
         match self.byte()? {
@@ -570,6 +581,7 @@ impl<'a> Rd<'a> {
             false
         }
     }
+    #[inline]
     fn int(&mut self) -> Option<i128> {
         let t = self.byte()?;
         Some(match t {
