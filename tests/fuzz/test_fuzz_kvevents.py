@@ -11,10 +11,14 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from epp.kvevents.decode import DecodeError, decode_batch
-from epp.kvevents.index import KVBlockIndex, native_available
+from epp.kvevents.index import KVBlockIndex
+from tests.native_index import require_native_index
 
-pytestmark = pytest.mark.skipif(not native_available(),
-                                reason="the native KV index is not built (make venv needs cargo)")
+
+@pytest.fixture(autouse=True, scope="module")
+def _native() -> None:
+    require_native_index()
+
 
 BS = 2
 ints = st.one_of(st.integers(-3, 12), st.integers(-(2**63), 2**64 - 1))

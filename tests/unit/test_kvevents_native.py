@@ -21,10 +21,14 @@ from epp.kvevents.decode import (
     decode_batch,
     encode_batch,
 )
-from epp.kvevents.index import ApplyResult, KVBlockIndex, block_keys, native_available, root_key
+from epp.kvevents.index import ApplyResult, KVBlockIndex, block_keys, root_key
+from tests.native_index import require_native_index
 
-pytestmark = pytest.mark.skipif(not native_available(),
-                                reason="the native KV index is not built (make venv needs cargo)")
+
+@pytest.fixture(autouse=True, scope="module")
+def _native() -> None:
+    require_native_index()
+
 
 BS = 4
 NAMES = ["pod-a", "pod-b", "pod-c"]
