@@ -198,8 +198,13 @@ class ModelTokenizer:
         except Exception as e:
             raise TokenizerError("untokenizable", f"cannot tokenize the prompt: {e}") from None
 
-    def encode_pieces(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text without special tokens, releasing the GIL (one call)."""
+    def encode_pieces(self, texts: Sequence[str], unlocked: bool = False) -> list[list[int]]:
+        """Token ids of each text without special tokens. `unlocked` (for the worker
+        thread): one batch call that releases the GIL; it runs on the library's rayon
+        pool, so short pieces on the event loop's thread are tokenized with `encode`
+        instead, which has no thread hop to wait for on a busy machine."""
+        if not unlocked:
+            return [self.encode(t, False) for t in texts]
         try:
             return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
         except Exception as e:
@@ -401,7 +406,7 @@ class TokenizerPool:
                 new = tok.encode_pieces(s.missing)
             else:
                 new = await asyncio.get_running_loop().run_in_executor(
-                    self._executor(), tok.encode_pieces, s.missing)
+                    self._executor(), tok.encode_pieces, s.missing, True)
             ids = self._join(model, prompt, s, new)
             if ids is not None:
                 return ids

@@ -118,9 +118,9 @@ async def test_a_shared_system_prompt_is_tokenized_once(
     tokenized: list[tuple[str, list[str]]] = []
     real = ModelTokenizer.encode_pieces
 
-    def spy(self: ModelTokenizer, texts: list[str]) -> list[list[int]]:
+    def spy(self: ModelTokenizer, texts: list[str], unlocked: bool = False) -> list[list[int]]:
         tokenized.append((threading.current_thread().name, list(texts)))
-        return real(self, texts)
+        return real(self, texts, unlocked)
 
     monkeypatch.setattr(ModelTokenizer, "encode_pieces", spy)
     pool = TokenizerPool({MODEL: str(tokdir)}, inline_max_chars=2048)
