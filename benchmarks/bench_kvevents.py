@@ -23,6 +23,14 @@ Run: .venv/bin/python benchmarks/bench_kvevents.py [--quick] [--index native|pyt
 3. Tokenization: the project's tiny byte-level BPE tokenizer (`epp.sim.tinytok`; a real
    model's tokenizer has a larger vocabulary and costs differ), µs per KB of prompt, and the
    chat template rendering.
+4. Prefix cache of tokenization (`epp.tokensplice`): chat requests of one shared system
+   prompt (2, 4 or 8 KB) and a new ~200 B question each, rendered with the chat template,
+   tokenized by a `TokenizerPool` with the exact-text cache only ("whole": the question
+   makes every prompt new) and with the prefix cache ("spliced", system prompt already
+   cached), interleaved request by request in the same run; plus "cold" (a new system
+   prompt, every piece tokenized: the price of cutting) and the ids compared. For the tiny
+   tokenizer and two locally built kinds (`tests/local_tokenizers.py`: GPT-2/Qwen-style
+   byte-level BPE, Llama 2-style Metaspace "first"). `--only tokenize` runs 3 and 4 alone.
 """
 
 from __future__ import annotations
@@ -276,6 +284,77 @@ def bench_tokenize(tokdir: Path, rounds: int) -> dict[str, Any]:
     return out
 
 
+def bench_prefix_cache(tokdir: Path, rounds: int) -> dict[str, Any]:
+    from epp.tokenization import Prompt, TokenizerPool
+    from tests import local_tokenizers
+
+    rng = random.Random(3)
+    words = ("the model server cache token prefix route queue batch data pod review, "
+             "Answer briefly. You are a helpful assistant; cite sources (2025).").split()
+
+    def text(chars: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(chars // 3))[:chars]
+
+    async def timed(pool: TokenizerPool, p: Prompt) -> tuple[list[int], float, float]:
+        c0, t0 = time.process_time(), time.perf_counter()
+        r = await pool.encode_async(MODEL, p)
+        return r, (time.perf_counter() - t0) * 1e6, (time.process_time() - c0) * 1e6
+
+    async def run(path: Path) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        # `whole`: today's path (exact-text cache only, which a new question misses:
+        # long prompts in the worker thread); `spliced`: the prefix cache.
+        whole = TokenizerPool({MODEL: str(path)}, splice_min_chars=None)
+        spliced = TokenizerPool({MODEL: str(path)}, splice_min_chars=0)
+        t0 = time.perf_counter()
+        tok = spliced.get(MODEL)
+        assert tok.splicer() is not None
+        out["load_check_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
+        for kb in (0.5, 1, 2, 4, 8):
+            system = text(int(kb * 1024) - 250)
+            n = max(20, int(rounds // (4 * kb)))
+
+            def chat(sys_text: str) -> Prompt:
+                return Prompt(tok.render_chat([{"role": "system", "content": sys_text},
+                                               {"role": "user", "content": text(200)}]), False)
+
+            await spliced.encode_async(MODEL, chat(system))  # the shared prefix is cached
+            rows: dict[str, list[float]] = {}
+            same = True
+            for i in range(n):
+                a, b, c = chat(system), chat(system), chat(f"{kb}:{i}" + system[6:])
+                ia, w, wc = await timed(whole, a)
+                ib, sp, spc = await timed(spliced, b)
+                _, cold, coldc = await timed(spliced, c)  # a new system prompt: all pieces
+                for k, v in (("whole", w), ("whole_cpu", wc), ("spliced", sp),
+                             ("spliced_cpu", spc), ("cold", cold), ("cold_cpu", coldc)):
+                    rows.setdefault(k, []).append(v)
+                same = same and ib == tok.encode(b.text, False) and ia == tok.encode(a.text, False)
+            size = len(a.text.encode()) / 1024
+            med = {k: statistics.median(v) for k, v in rows.items()}
+            out[f"{kb}kb"] = {
+                "prompt_kb": round(size, 2), "n": n,
+                **{f"{k}_us": round(v, 1) for k, v in med.items()},
+                "whole_us_per_kb": round(med["whole"] / size, 1),
+                "spliced_us_per_kb": round(med["spliced"] / size, 1),
+                "speedup": round(med["whole"] / med["spliced"], 1),
+                "cold_over_whole": round(med["cold"] / med["whole"], 2),
+                "ids_equal": same}
+        whole.close()
+        spliced.close()
+        return out
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as d:
+        dirs = {"tiny": tokdir,
+                "bytelevel": local_tokenizers.write("byte_level", Path(d) / "bl"),
+                "metaspace": local_tokenizers.write("metaspace_first", Path(d) / "ms")}
+        for name, path in dirs.items():
+            for k, v in asyncio.run(run(path)).items():
+                out[f"{name}_{k}"] = v
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short: CI")
@@ -284,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=None)
     ap.add_argument("--index", choices=["native", "python", "both"], default="both",
                     help="KV index for the intake run(s); both = native then Python, same run")
+    ap.add_argument("--only", choices=("tokenize",), default=None,
+                    help="run only the tokenization parts (3 and 4)")
     args = ap.parse_args(argv)
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     rounds = 200 if args.quick else 2000
@@ -291,15 +372,18 @@ def main(argv: list[str] | None = None) -> int:
           f"load {os.getloadavg()[0]:.1f}; python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as d:
         tokdir = tinytok.write(d)
-        backends = ["native", "python"] if args.index == "both" else [args.index]
-        for backend in backends:
-            if backend == "native" and not native_available():
-                print("intake: the native index is not built (make venv needs cargo); skipped")
-                continue
-            intake = asyncio.run(bench_intake(args.endpoints, args.rate, seconds, backend))
-            print("intake:", intake)
-        print("pick:", bench_pick(tokdir, args.endpoints, rounds))
+        if args.only is None:
+            backends = ["native", "python"] if args.index == "both" else [args.index]
+            for backend in backends:
+                if backend == "native" and not native_available():
+                    print("intake: the native index is not built (make venv needs cargo); skipped")
+                    continue
+                intake = asyncio.run(bench_intake(args.endpoints, args.rate, seconds, backend))
+                print("intake:", intake)
+            print("pick:", bench_pick(tokdir, args.endpoints, rounds))
         print("tokenize:", bench_tokenize(tokdir, rounds))
+        for k, v in bench_prefix_cache(tokdir, rounds).items():
+            print(f"tokenize prefix cache {k}:", v)
     return 0
 
 

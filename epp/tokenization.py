@@ -16,6 +16,14 @@ and reported by `TokenizerError.reason`; callers fall back to approximate routin
 and short ones inline, where a thread hop would cost more than the work. Results are kept
 in a small LRU keyed by the exact text: retries, Explain after a pick, and identical
 prompts (benchmarks, health probes) hit it.
+
+Prompts that share a long prefix (a system prompt) but differ after it are cached by
+piece: when the tokenizer is loaded, `epp.tokensplice` decides whether its input can be
+cut in front of the special tokens the chat template emits (`<|eot_id|>`, ...) so that the
+pieces' ids joined are exactly the whole text's, and checks that on probe texts. If so, a
+prompt of `SPLICE_MIN_CHARS` or more is cut there, each piece is looked up in the same
+exact-text LRU, and only the pieces not found (the new question) are tokenized. If not
+(logged once per model), only whole prompts are cached.
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from epp import tokensplice
+from epp.tokensplice import Piece, Splicer
+
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -38,6 +49,16 @@ INLINE_MAX_CHARS = 2048
 """Prompts up to this length are tokenized on the calling thread (see module docstring)."""
 CACHE_MAX_TOKENS = 2_000_000
 """Bound of the LRU of tokenized prompts, in token ids held (~8 bytes each in arrays)."""
+SPLICE_MIN_CHARS = 1024
+"""Prompts shorter than this are tokenized whole: little to save (benchmarks/RESULTS.md)."""
+_PROBE_CHATS: list[list[dict[str, str]]] = [
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Hello!\n"},
+     {"role": "user", "content": "  ok  "}],
+    [{"role": "user", "content": "x"}],
+]
+"""Conversations rendered at load time: the special tokens in them are where prompts are
+cut (tokensplice)."""
 
 
 class TokenizerError(Exception):
@@ -107,6 +128,25 @@ class ModelTokenizer:
                                              _token_text(cfg.get("eos_token")))
         self._compiled: Any = None
         self._lock = threading.Lock()
+        self._splicer: Splicer | str | None = None
+
+    def splicer(self) -> Splicer | None:
+        """How prompts may be cut into pieces tokenized separately (None: not safely;
+        `splice_off_reason` says why). Decided, with a self-check, on first use."""
+        if self._splicer is None:
+            renders = []
+            if self.template is not None:
+                for chat in _PROBE_CHATS:
+                    try:
+                        renders.append(self.render_chat(chat))
+                    except TokenizerError:
+                        pass  # templates may refuse some role orders
+            self._splicer = tokensplice.plan(self._tok, renders)
+        return self._splicer if isinstance(self._splicer, Splicer) else None
+
+    @property
+    def splice_off_reason(self) -> str | None:
+        return self._splicer if isinstance(self._splicer, str) else None
 
     # -- rendering -------------------------------------------------------------------
 
@@ -158,6 +198,28 @@ class ModelTokenizer:
         except Exception as e:
             raise TokenizerError("untokenizable", f"cannot tokenize the prompt: {e}") from None
 
+    def encode_pieces(self, texts: Sequence[str], unlocked: bool = False) -> list[list[int]]:
+        """Token ids of each text without special tokens. `unlocked` (for the worker
+        thread): one batch call that releases the GIL; it runs on the library's rayon
+        pool, so short pieces on the event loop's thread are tokenized with `encode`
+        instead, which has no thread hop to wait for on a busy machine."""
+        if not unlocked:
+            return [self.encode(t, False) for t in texts]
+        try:
+            return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+        except Exception as e:
+            raise TokenizerError("untokenizable", f"cannot tokenize the prompt: {e}") from None
+
+
+@dataclass(slots=True)
+class _Spliced:
+    """A prompt cut into pieces: the ids of those found in the cache, the texts of the rest."""
+
+    splicer: Splicer
+    pieces: list[Piece]
+    found: list[list[int] | None]
+    missing: list[str]
+
 
 @dataclass(frozen=True, slots=True)
 class Prompt:
@@ -197,7 +259,8 @@ class TokenizerPool:
     """Tokenizers by model name, a cache of results, and one worker thread."""
 
     def __init__(self, paths: Mapping[str, str], *, cache_max_tokens: int = CACHE_MAX_TOKENS,
-                 inline_max_chars: int = INLINE_MAX_CHARS) -> None:
+                 inline_max_chars: int = INLINE_MAX_CHARS,
+                 splice_min_chars: int | None = SPLICE_MIN_CHARS) -> None:
         self.paths = dict(paths)
         self._loaded: dict[str, ModelTokenizer] = {}
         self._errors: dict[str, TokenizerError] = {}
@@ -205,6 +268,8 @@ class TokenizerPool:
         self._cached_tokens = 0
         self.cache_max_tokens = cache_max_tokens
         self.inline_max_chars = inline_max_chars
+        self.splice_min_chars = splice_min_chars
+        """None: never cut prompts into pieces (whole-text cache only)."""
         self._pool: ThreadPoolExecutor | None = None
 
     def load_all(self) -> dict[str, TokenizerError]:
@@ -241,6 +306,12 @@ class TokenizerPool:
             log.warning("tokenizer for model %r unusable (%s): %s; prefix routing for it falls "
                         "back to the approximate scorer", model, e.reason, e)
             raise
+        if self.splice_min_chars is not None:
+            if tok.splicer() is None:
+                log.info("tokenizer for model %r: prompts are cached whole only, not by "
+                         "prefix (%s)", model, tok.splice_off_reason)
+            else:
+                log.info("tokenizer for model %r: prompts are cached by prefix", model)
         return tok
 
     def cached(self, model: str, prompt: Prompt) -> list[int] | None:
@@ -251,7 +322,9 @@ class TokenizerPool:
         return ids
 
     def _remember(self, model: str, prompt: Prompt, ids: list[int]) -> None:
-        key = (model, prompt.text, prompt.add_special_tokens)
+        self._remember_key((model, prompt.text, prompt.add_special_tokens), ids)
+
+    def _remember_key(self, key: tuple[str, str, bool], ids: list[int]) -> None:
         if key in self._cache or len(ids) > self.cache_max_tokens // 4:
             return
         self._cache[key] = ids
@@ -260,29 +333,95 @@ class TokenizerPool:
             _, old = self._cache.popitem(last=False)
             self._cached_tokens -= len(old)
 
+    # -- by piece (tokensplice) --------------------------------------------------------
+
+    def _splice(self, model: str, tok: ModelTokenizer, prompt: Prompt) -> _Spliced | None:
+        """The prompt in pieces with the cached ones' ids, or None to tokenize it whole."""
+        if self.splice_min_chars is None or len(prompt.text) < self.splice_min_chars:
+            return None
+        sp = tok.splicer()
+        if sp is None or not sp.can_splice(prompt.add_special_tokens):
+            return None
+        pieces = sp.pieces(prompt.text)
+        if len(pieces) < 2:
+            return None
+        cache = self._cache
+        found: list[list[int] | None] = []
+        missing: list[str] = []
+        for _, text in pieces:
+            key = (model, text, False)
+            ids = cache.get(key)
+            if ids is None:
+                if text not in missing:  # a handful of pieces: a list is fine
+                    missing.append(text)
+            else:
+                cache.move_to_end(key)
+            found.append(ids)
+        return _Spliced(sp, pieces, found, missing)
+
+    def _join(self, model: str, prompt: Prompt, s: _Spliced,
+              new: Sequence[list[int]]) -> list[int] | None:
+        """The prompt's ids from its pieces' (None: a piece did not start with its anchor,
+        tokenize the prompt whole)."""
+        got = dict(zip(s.missing, new))
+        parts = []
+        for piece, ids in zip(s.pieces, s.found):
+            if ids is None:
+                ids = got[piece[1]]
+                if not s.splicer.piece_ok(piece, ids):
+                    return None
+                self._remember_key((model, piece[1], False), ids)
+            parts.append(ids)
+        return s.splicer.join(parts, prompt.add_special_tokens)
+
+    # -- entry points ------------------------------------------------------------------
+
     def encode(self, model: str, prompt: Prompt) -> list[int]:
         """Token ids on this thread (for Explain and callers that cannot await)."""
-        ids = self.cached(model, prompt)
-        if ids is None:
-            ids = self.get(model).encode(prompt.text, prompt.add_special_tokens)
-            self._remember(model, prompt, ids)
-        return ids
-
-    async def encode_async(self, model: str, prompt: Prompt) -> list[int]:
-        """Token ids; long prompts are tokenized in the worker thread."""
         ids = self.cached(model, prompt)
         if ids is not None:
             return ids
         tok = self.get(model)
+        s = self._splice(model, tok, prompt)
+        if s is not None:
+            ids = self._join(model, prompt, s, tok.encode_pieces(s.missing) if s.missing else [])
+            if ids is not None:
+                return ids
+        ids = tok.encode(prompt.text, prompt.add_special_tokens)
+        self._remember(model, prompt, ids)
+        return ids
+
+    async def encode_async(self, model: str, prompt: Prompt) -> list[int]:
+        """Token ids; long prompts (or long new pieces of one) are tokenized in the
+        worker thread."""
+        ids = self.cached(model, prompt)
+        if ids is not None:
+            return ids
+        tok = self.get(model)
+        s = self._splice(model, tok, prompt)
+        if s is not None:
+            if not s.missing:
+                new: list[list[int]] = []
+            elif sum(map(len, s.missing)) <= self.inline_max_chars:
+                new = tok.encode_pieces(s.missing)
+            else:
+                new = await asyncio.get_running_loop().run_in_executor(
+                    self._executor(), tok.encode_pieces, s.missing, True)
+            ids = self._join(model, prompt, s, new)
+            if ids is not None:
+                return ids
         if len(prompt.text) <= self.inline_max_chars:
             ids = tok.encode(prompt.text, prompt.add_special_tokens)
         else:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="epp-tokenize")
             ids = await asyncio.get_running_loop().run_in_executor(
-                self._pool, tok.encode_unlocked, prompt.text, prompt.add_special_tokens)
+                self._executor(), tok.encode_unlocked, prompt.text, prompt.add_special_tokens)
         self._remember(model, prompt, ids)
         return ids
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="epp-tokenize")
+        return self._pool
 
     def close(self) -> None:
         if self._pool is not None:

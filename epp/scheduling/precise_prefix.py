@@ -255,7 +255,7 @@ class PrecisePrefixCacheScorer:
                 if i is not None and members[i]:
                     out[i] = k / total
             if self.speculative:
-                for name, k in self.speculative.match(keys, now).items():
+                for name, k in self.speculative.match(keys, now, self.index.holds).items():
                     i = by_name.get(name)
                     if i is not None and members[i] and k / total > out[i]:
                         out[i] = k / total

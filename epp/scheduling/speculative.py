@@ -5,6 +5,15 @@ ends, seconds later under load. Until then the precise scorer would see the prom
 nowhere and spread a burst of one prompt group over the pool. So each pick is remembered
 for a TTL, and a request matching it scores as if the blocks were stored.
 
+A pick stands only until the engine's events settle it: once the index shows the
+endpoint holding the pick's last block, the index is the truth for that endpoint (the
+entry is "confirmed"), and a confirmed entry whose last block the index no longer shows
+was evicted, so it is dropped: a pick must not claim blocks the engine has reported
+evicted. (On the routing benchmark's virtual clock this changed no decision: there, a
+group read often enough to see its blocks stored was not evicted within the TTL.) An
+entry whose blocks were stored and evicted between two reads of its group is only
+bounded by the TTL.
+
 Cost, chosen for the request path: a pick is one dict entry holding a reference to the
 request's key list (no per-block work), filed under the group's first block key, one
 entry per (group, endpoint): the latest pick there. Matching compares the request's keys
@@ -15,7 +24,7 @@ equal blocks 0..k, and the common run is found by bisection.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 DEFAULT_MAX_PICKS = 200_000
 
@@ -33,14 +42,28 @@ def common_run(a: Sequence[int], b: Sequence[int]) -> int:
     return lo
 
 
+Holds = Callable[[str, int], bool]
+"""Whether the index shows an endpoint holding a block key."""
+
+
+class _Pick:
+    __slots__ = ("until", "keys", "confirmed")
+
+    def __init__(self, until: float, keys: Sequence[int]) -> None:
+        self.until = until
+        self.keys = keys
+        self.confirmed = False
+
+
 class SpeculativePicks:
-    """(group root key, endpoint) -> (expiry, keys) of the latest pick, until its TTL ends;
-    at most `max_picks` live entries (the oldest expire early beyond that)."""
+    """(group root key, endpoint) -> the latest pick (expiry, keys), until its TTL ends or
+    the engine's events settle it; at most `max_picks` live entries (the oldest expire
+    early beyond that)."""
 
     def __init__(self, ttl: float, max_picks: int = DEFAULT_MAX_PICKS) -> None:
         self.ttl = ttl
         self.max_picks = max(1, max_picks)
-        self._by_root: dict[int, dict[str, tuple[float, Sequence[int]]]] = {}
+        self._by_root: dict[int, dict[str, _Pick]] = {}
         self._queue: deque[tuple[float, int, str]] = deque()
 
     @property
@@ -59,7 +82,7 @@ class SpeculativePicks:
         if picks is None:
             picks = self._by_root[root] = {}
         until = now + self.ttl
-        picks[name] = (until, keys)
+        picks[name] = _Pick(until, keys)
         self._queue.append((until, root, name))
         if len(self._queue) > self.max_picks:
             self._drop(*self._queue.popleft(), until)
@@ -75,20 +98,38 @@ class SpeculativePicks:
         if picks is None:
             return
         entry = picks.get(name)
-        if entry is not None and entry[0] <= now:
+        if entry is not None and entry.until <= now:
             del picks[name]
             if not picks:
                 del self._by_root[root]
 
-    def match(self, keys: Sequence[int], now: float) -> dict[str, int]:
-        """Per endpoint with a live pick of this group, the leading blocks it shares."""
+    def match(self, keys: Sequence[int], now: float, holds: Holds | None = None) -> dict[str, int]:
+        """Per endpoint with a live, unsettled pick of this group, the leading blocks it
+        shares with `keys`. `holds` reads the index (see the module docstring); without
+        it every live pick counts until its TTL."""
         if not keys:
             return {}
         picks = self._by_root.get(keys[0])
         if not picks:
             return {}
-        return {name: common_run(keys, held) for name, (until, held) in picks.items()
-                if until > now}
+        out: dict[str, int] = {}
+        evicted: list[str] = []
+        for name, p in picks.items():
+            if p.until <= now:
+                continue
+            if holds is not None:
+                if holds(name, p.keys[-1]):
+                    p.confirmed = True  # stored: the index speaks for this endpoint now
+                    continue
+                if p.confirmed:
+                    evicted.append(name)
+                    continue
+            out[name] = common_run(keys, p.keys)
+        for name in evicted:
+            del picks[name]
+        if not picks:
+            del self._by_root[keys[0]]
+        return out
 
     def forget(self, name: str) -> None:
         """An endpoint left the pool (rare: a scan of the live entries)."""

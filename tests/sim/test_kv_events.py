@@ -2,19 +2,52 @@
 parent, evictions, resets. (Publishing them over ZeroMQ, replay included, is exercised by
 tests/unit/test_kvevents_stream.py and the e2e test with a real Envoy.)
 
-No cross-check against llm-d-inference-sim v0.10.2's events: it has `--enable-kvcache`,
-`--zmq-endpoint` (its PUB socket connects there, so the consumer binds) and
-`--use-vllm-map-event-format`, and needs `POD_IP` set; run offline with
-`--force-dummy-tokenizer` (no tokenizer download is possible here) it served completions,
-but no event batch reached a SUB socket bound at its `--zmq-endpoint` within 3 s after three
-requests, in either event format (tried 2026-12-02). Why was not found in the time
-available; the decoding tests use fixtures built from vLLM's documented layouts instead.
+Cross-check against an independent publisher, llm-d-inference-sim v0.10.2 (Go; built into
+~/.cache/epp-tools by tests/tools.py): our decoder and index consume its real events, over
+loopback. It publishes offline with `--enable-kvcache --force-dummy-tokenizer`, `POD_IP`
+set, and `--zmq-endpoint` naming a socket *we* bind (its PUB dials out:
+`pkg/common/publisher.go`, `NewPublisher`). Its dummy tokenizer (`pkg/tokenizer/
+tokenizer.go`, `SimpleTokenizer`) makes one token per word or punctuation mark (a hash
+of it), and only full blocks are stored, so a prompt needs `--block-size` words or more
+to produce an event. Events leave in batches of `--event-batch-size` or once a second
+(`pkg/kv-cache/kv_cache_sender.go`, `KVEventSender.Run`).
+
+Why an earlier attempt (2026-12-02) saw no event at all: its PUB socket (go-zeromq/zmq4,
+ZMTP 3.0) sends a message only to peers whose subscription it has received (`pub.go`,
+`pubMWriter.sendMsg`), and a libzmq SUB socket sends its subscription only when the
+application next calls into the socket: libzmq processes the socket's pending commands
+(here: attach the new connection's pipe, then send the subscription) in the caller's
+thread, on `poll`/`recv`/`getsockopt`. A test that binds the SUB, sends its requests and
+only then polls has its subscription leave after the events were published and dropped
+(seen on the wire with a relay). Below, the subscription is proven live first: the
+socket is polled while `/sleep` (with `--enable-sleep-mode`, `VLLM_SERVER_DEV_MODE=1`)
+makes the simulator publish `AllBlocksCleared`, until one arrives.
+
+Known difference from vLLM: in its default (array) event format a first block's
+`parent_block_hash` is 0, not nil (`encodeEvent`; vLLM sends None and so does its map
+format, `--use-vllm-map-event-format`). Our index treats 0 as an unknown parent and skips
+such blocks as orphans, so the cross-check of indexing uses the map format, and the array
+format is checked to decode.
 """
 
 from __future__ import annotations
 
-from epp.kvevents.decode import AllBlocksCleared, BlockRemoved, BlockStored
+import asyncio
+import os
+import socket
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import zmq
+import zmq.asyncio
+
+from epp.kvevents.decode import AllBlocksCleared, BlockRemoved, BlockStored, decode_message
+from epp.kvevents.index import KVBlockIndex, block_keys, root_key
 from epp.sim.kvcache import KVCache
+from tests.sim.conftest import BASE
+from tests.tools import LLM_D_INFERENCE_SIM, require
 
 
 def test_store_evict_and_reset_events() -> None:
@@ -49,3 +82,138 @@ def test_no_events_unless_recording() -> None:
     kv = KVCache(num_blocks=4, block_size=2)
     kv.commit(kv.allocate([], 1), (1,), [1, 2])
     assert kv.events is None and kv.take_events() == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # type: ignore[no-any-return]
+
+
+def _words(tag: str, n: int) -> str:
+    """A prompt of n dummy-tokenizer tokens (one per word)."""
+    return " ".join(f"{tag}{i}" for i in range(n))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["map", "array"])
+async def test_our_intake_reads_llm_d_inference_sims_events(
+        layout: str, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    binary = await asyncio.to_thread(require, LLM_D_INFERENCE_SIM)
+    ctx = zmq.asyncio.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.LINGER, 0)
+    zport = _free_port()
+    sub.bind(f"tcp://127.0.0.1:{zport}")
+    port = _free_port()
+    args = [str(binary), "--port", str(port), "--model", BASE, "--force-dummy-tokenizer",
+            "--enable-kvcache", "--zmq-endpoint", f"tcp://127.0.0.1:{zport}",
+            "--block-size", "16", "--kv-cache-size", "6", "--event-batch-size", "1",
+            "--enable-sleep-mode", "--time-to-first-token", "1ms",
+            "--inter-token-latency", "1ms"]
+    if layout == "map":
+        args.append("--use-vllm-map-event-format")
+    log_path = tmp_path / "llm-d-inference-sim.log"
+    with open(log_path, "wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdout=log, stderr=log, cwd=tmp_path,
+            env=dict(os.environ, POD_IP="127.0.0.1", VLLM_SERVER_DEV_MODE="1"))
+    url = f"http://127.0.0.1:{port}"
+    index = KVBlockIndex()
+
+    async def events(within: float) -> list[object]:
+        """Decoded events received within `within` s (stops at the first quiet 0.3 s
+        after some arrived)."""
+        out: list[object] = []
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if not await sub.poll(300):
+                if out:
+                    break
+                continue
+            frames = await sub.recv_multipart()
+            assert frames[0] == f"kv@127.0.0.1@{BASE}".encode()  # kv@<POD_IP>@<model>
+            batch = decode_message(frames)
+            assert batch.unknown == 0
+            out.extend(batch.events)
+        return out
+
+    async def complete(prompt: str) -> None:
+        async with http.post(url + "/v1/completions",
+                             json={"model": BASE, "prompt": prompt, "max_tokens": 1}) as r:
+            assert r.status == 200, await r.text()
+
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.returncode is None, log_path.read_text()[-2000:]
+            try:
+                async with http.get(url + "/health") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            assert time.monotonic() < deadline, "llm-d-inference-sim not healthy in 20 s"
+            await asyncio.sleep(0.1)
+        # The subscription is live once a reset published after it arrives (docstring).
+        for _ in range(20):
+            async with http.post(url + "/sleep") as r:
+                assert r.status == 200
+            got = await events(0.5)
+            async with http.post(url + "/wake_up") as r:
+                assert r.status == 200
+            if any(isinstance(e, AllBlocksCleared) for e in got):
+                break
+        else:
+            pytest.fail("no AllBlocksCleared from llm-d-inference-sim after 20 resets")
+
+        # A: 40 tokens -> two full blocks stored, no parent.
+        await complete(_words("a", 40))
+        (a,) = await events(5)
+        assert isinstance(a, BlockStored)
+        assert (len(a.block_hashes), len(a.token_ids), a.block_size, a.medium) == (2, 32, 16, "GPU")
+        if layout == "array":
+            assert a.parent_block_hash == 0  # not None: the known difference (docstring)
+            assert index.apply("go", [a]).orphans == 2
+            return
+        assert a.parent_block_hash is None
+        assert index.apply("go", [a]).stored == 2
+        keys_a = block_keys(a.token_ids, 16, root_key(None))
+        assert index.match(keys_a) == {"go": 2}
+
+        # B shares A's first block: only its second block is stored, chained on A's first
+        # engine hash, which our index translates into our key.
+        await complete(_words("a", 16) + " " + _words("b", 24))
+        (b,) = await events(5)
+        assert isinstance(b, BlockStored)
+        assert b.parent_block_hash == a.block_hashes[0] and len(b.block_hashes) == 1
+        assert index.apply("go", [b]).stored == 1
+        keys_b = block_keys(a.token_ids[:16] + b.token_ids, 16, root_key(None))
+        assert keys_b[0] == keys_a[0] and index.match(keys_b) == {"go": 2}
+
+        # C needs 4 new blocks in a cache of 6 holding 3: the least recently used of A's
+        # and B's blocks is evicted, and our index forgets exactly that one.
+        await complete(_words("c", 64))
+        got = await events(5)
+        removed = [h for e in got if isinstance(e, BlockRemoved) for h in e.block_hashes]
+        (c,) = [e for e in got if isinstance(e, BlockStored)]
+        assert len(removed) == 1 and len(c.block_hashes) == 4
+        result = index.apply("go", got)
+        assert (result.stored, result.removed, result.orphans, result.malformed) == (4, 1, 0, 0)
+        assert index.match(block_keys(c.token_ids, 16, root_key(None))) == {"go": 4}
+        held = {h: k for h, k in zip([*a.block_hashes, *b.block_hashes],
+                                     [*keys_a, keys_b[1]])}
+        for h, k in held.items():
+            assert index.holds("go", k) == (h not in removed)
+        assert index.blocks_of("go") == 6
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        sub.close()
+        ctx.term()

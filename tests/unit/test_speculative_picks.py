@@ -43,3 +43,16 @@ def test_bounded_and_forgets_endpoints() -> None:
     picks.forget("a")
     assert picks.match([9, 109], now=9.0) == {"b": 2}
     assert SpeculativePicks(ttl=0.0).match([1], now=0.0) == {}
+
+
+def test_the_engines_events_settle_a_pick_before_its_ttl() -> None:
+    held: set[tuple[str, int]] = set()
+    holds = lambda name, key: (name, key) in held  # noqa: E731  (the index's `holds`)
+    picks = SpeculativePicks(ttl=10.0)
+    picks.record("a", [1, 2, 3], now=0.0)
+    assert picks.match([1, 2, 3], now=1.0, holds=holds) == {"a": 3}  # prefill still running
+    held |= {("a", 1), ("a", 2), ("a", 3)}  # BlockStored: the index speaks for "a" now
+    assert picks.match([1, 2, 3], now=2.0, holds=holds) == {}
+    held.discard(("a", 3))  # BlockRemoved: evicted, and the pick must not claim it back
+    assert picks.match([1, 2, 3], now=3.0, holds=holds) == {}
+    assert picks.size == 0
