@@ -72,7 +72,7 @@ enum EH {
 
 /// One of our keys on one endpoint. Which engine hashes stored it is `Ep::by_engine`
 /// (each engine hash names one key); `holders` counts them (almost always 1). Python's
-/// index keeps the hashes themselves; a count is all the Rust side needs, 3x smaller.
+/// index keeps the hashes themselves; a count is all the Rust side needs (16 bytes, not 64).
 struct Held {
     stamp: u64,
     holders: u32,
