@@ -57,6 +57,10 @@ def native_available() -> bool:
     return _native is not None
 
 _xxh64 = xxhash.xxh64_intdigest
+NO_PARENT = (None, 0)
+"""Parent hashes that mean "first block of the sequence": vLLM sends None;
+llm-d-inference-sim's default (array) event format sends 0, as llm-d's own indexer
+accepts. A real engine hash of 0 has odds of 2**-64 (at worst one block keyed as a root)."""
 DEFAULT_MAX_ENTRIES = 2_000_000
 _GPU = (None, "GPU")
 
@@ -268,7 +272,7 @@ class KVBlockIndex:
             return
         ep = self._endpoint(name)
         by_engine = ep.by_engine
-        if ev.parent_block_hash is None:
+        if ev.parent_block_hash in NO_PARENT:
             parent = root_key(ev.lora_name)
         else:
             p = by_engine.get(ev.parent_block_hash)

@@ -229,7 +229,8 @@ impl Index {
         let Index { owners, eps, size, stamp, buf, keys_buf, .. } = self;
         let ep = eps.get_mut(name).unwrap();
         let parent_key = match parent {
-            None => root,
+            // 0 means "no parent" too (NO_PARENT in index.py).
+            None | Some(EH::I(0)) => root,
             Some(p) => match ep.by_engine.get(p) {
                 None => {
                     c.orphans += hashes.len() as u64;

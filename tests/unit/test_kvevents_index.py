@@ -133,3 +133,9 @@ def test_many_endpoints() -> None:
         idx.apply(f"pod-{i}", [stored([1, 2][: 1 + i % 2], SYSTEM[: 4 * (1 + i % 2)])])
     m = idx.match(keys(SYSTEM))
     assert len(m) == 200 and m["pod-0"] == 1 and m["pod-199"] == 2
+
+
+def test_a_zero_parent_is_a_first_block_as_llm_d_inference_sim_sends_it() -> None:
+    idx = KVBlockIndex()
+    assert idx.apply("a", [stored([11, 12, 13], SYSTEM, parent=0)]).stored == 3
+    assert idx.match(keys(SYSTEM)) == {"a": 3}
