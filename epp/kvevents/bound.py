@@ -62,6 +62,8 @@ DEFAULT_BIND = "tcp://*:5557"
 DEFAULT_TOPIC_FILTER = "kv@"
 BACKLOG_LIMIT = 10_000
 """Messages of one endpoint kept while it catches up (at 2,000 batches/s, 5 s)."""
+MAX_MESSAGE_BYTES = 64 << 20
+"""Largest message frame accepted; an engine step's batch is far smaller."""
 _TOPIC_CACHE = 4096
 _AMBIGUOUS = ""
 
@@ -168,6 +170,8 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
         sock.setsockopt(zmq.IPV6, 1)  # `*` takes IPv6 peers too (IPv4 only where there is none)
+        # The port is open to the cluster: a peer sending more than any engine batch is cut off.
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         try:
             sock.bind(self.bind)
         except zmq.ZMQError as e:
