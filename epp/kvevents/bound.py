@@ -106,7 +106,8 @@ class PublisherStream(EndpointStream):
         if self._task is not None or self.backlog:
             if len(self.backlog) >= self.backlog_limit:
                 # Lost: the sequence numbers show the gap once the backlog is applied.
-                obs.KV_EVENTS_ERRORS.labels("backlog_full").inc()
+                self.faults.report("backlog_full", f"more than {self.backlog_limit} messages "
+                                                   f"arrived during a catch-up; dropped")
                 return
             self.backlog.append(frames)
             return

@@ -255,3 +255,23 @@ async def test_a_bind_address_in_use_stops_the_start_with_a_clear_error(
     g = BoundKVEventsSubscriber(KVBlockIndex(), block_size=BS, bind=f.sub.bound_to or "")
     with pytest.raises(RuntimeError, match="cannot bind kvEventsConfig.zmqEndpoint"):
         await g.start(Datastore())
+
+
+async def test_a_full_backlog_during_a_catch_up_drops_and_the_stream_recovers(
+        fleet: Callable[..., Fleet]) -> None:
+    # The replay port has nobody behind it: each catch-up waits its whole timeout (1 s).
+    f = fleet([Endpoint("pod-a", "127.0.0.1", 8000, {REPLAY_PORT_LABEL: str(free_port())})])
+    await f.sub.start(f.ds)
+    a = f.engine("127.0.0.1")
+    await f.joined(a, "pod-a")
+    f.sub.streams["pod-a"].backlog_limit = 3
+    full = errors("backlog_full")
+    a.drop_next = 1
+    a.publish(store(1, blocks(0, 1)))  # lost: the next batch starts a catch-up
+    for i in range(10):                # 3 wait for it; the rest do not fit
+        a.publish(store(10 + i, blocks(100 + 4 * i, 1)))
+    await until(lambda: errors("backlog_full") > full)
+    # The dropped batches show as a gap with the next one that fits: rebuilt from there on.
+    await until(lambda: (a.publish(store(99, blocks(900, 1))),
+                         f.index.match(keys(blocks(900, 1))) == {"pod-a": 1})[1])
+    assert f.sub.healthy("pod-a")
