@@ -76,6 +76,8 @@ BENCHES = (
           note="beside the upstream Go EPP v1.5.0 and a kube-apiserver (full mode only; "
                "`make bench-compare` builds both first)"),
     Bench("kvevents", "bench_kvevents.py", ("--quick",)),
+    Bench("kvevents-bound", "bench_kvevents_bound.py", ("--quick",),
+          note="intake with one bound socket (llm-d's deployment) against the connect mode"),
     Bench("routing-stale", "bench_routing.py", None,
           ("--shapes", "stale-prefix", "--repeat", "2"), out_flag="--out",
           note="exact vs approximate prefix-cache routing where the approximate index goes "

@@ -244,7 +244,8 @@ KV_EVENTS_ERRORS = Counter(
     "inference_extension_kv_events_errors_total",
     "Faults in KV-cache event intake: garbage, bad_frame, unknown_event, unknown_parent, "
     "sequence_gap, sequence_reset, replay_timeout, publisher_gone, block_size_mismatch, "
-    "bad_address.",
+    "bad_address; with a bound socket also bad_topic, unknown_publisher, ambiguous_publisher, "
+    "backlog_full.",
     ["reason"],
     registry=REGISTRY,
 )

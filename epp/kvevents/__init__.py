@@ -1,2 +1,3 @@
 """Model servers' own KV-cache events: decoding (`decode`), the block index (`index`) and
-the ZeroMQ intake that keeps it current (`subscriber`)."""
+the ZeroMQ intake that keeps it current (`subscriber`: the EPP connects to each engine;
+`bound`: the engines connect to the EPP)."""

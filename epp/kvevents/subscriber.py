@@ -5,7 +5,9 @@ Each model-server engine publishes its KV-cache events on a PUB socket (vLLM
 "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}'`). For every endpoint the datastore
 knows, an `EndpointStream` task connects a SUB socket there and applies each batch to the
 `KVBlockIndex` in sequence order. It all runs as background tasks on the event loop;
-the request path only reads the index and `healthy()`.
+the request path only reads the index and `healthy()`. (`bound.py` is the other way
+round: engines connect to one socket the EPP binds; its per-endpoint streams are
+`EndpointStream`s without a socket.)
 
 Sequence numbers make the stream reliable:
 - a gap (a batch missed, or one that did not decode) is filled from the engine's ROUTER
@@ -238,7 +240,7 @@ class EndpointStream:
             log.exception("kv events from %s: catch-up failed", self.name)
         finally:
             self._task = None
-        self._on_readable()
+        self._on_readable()  # bound.PublisherStream: applies what arrived meanwhile
 
     def _on_monitor(self, event: int) -> None:
         if event == zmq.EVENT_CONNECTED:

@@ -29,17 +29,38 @@ Parameters:
     tokenizers:                    # model name -> directory with tokenizer.json
       meta-llama/Llama-3.1-8B-Instruct: /models/llama-3.1-8b
 ```
+
+Two ways to get the events. By default (above) the EPP connects a SUB socket to every
+endpoint at `kvEventsPort`, where vLLM binds (`"endpoint": "tcp://*:5557"`,
+`epp.kvevents.subscriber`). With `kvEventsConfig.zmqEndpoint` (llm-d's parameter names
+and defaults) the EPP binds one SUB socket and every engine connects to it, naming itself
+in the topic (`"endpoint": "tcp://<epp>:5557", "topic": "kv@<pod-ip>@<model>"`,
+`epp.kvevents.bound`); `kvEventsPort` then does not apply, and replay is used only when
+`kvEventsReplayPort` is set:
+
+```yaml
+- type: precise-prefix-cache-scorer
+  parameters:
+    blockSize: 16
+    kvEventsConfig:
+      zmqEndpoint: tcp://*:5557    # bound by the EPP
+      topicFilter: kv@             # subscription prefix; topics are kv@<pod-ip>@<model>
+    tokenizers:
+      meta-llama/Llama-3.1-8B-Instruct: /models/llama-3.1-8b
+```
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Mapping
 
 import numpy as np
 
 from epp import observability as obs
 from epp.datastore import Snapshot
+from epp.kvevents.bound import DEFAULT_TOPIC_FILTER, BoundKVEventsSubscriber
 from epp.kvevents.index import DEFAULT_MAX_ENTRIES, KVBlockIndex, block_keys, root_key
 from epp.kvevents.subscriber import DEFAULT_PORT, DEFAULT_REPLAY_PORT, KVEventsSubscriber
 from epp.plugins import check_params, param_float, param_int
@@ -57,6 +78,41 @@ SPECULATIVE_TTL = 10.0
 """Seconds a pick's blocks count as held on its endpoint before the engine's events
 must confirm them: blocks are stored only when the prefill ends, which under load (a
 queue, chunked prefill of a long prompt) takes seconds."""
+
+
+KV_EVENTS_CONFIG_KEYS = ("zmqEndpoint", "topicFilter")
+_BIND = re.compile(r"tcp://(\*|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})|ipc://.+")
+
+
+def _kv_events_config(params: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(bind address, topic filter) from `kvEventsConfig`, or None for the connect mode."""
+    kv = params.get("kvEventsConfig")
+    if kv is None:
+        return None
+    if not isinstance(kv, Mapping):
+        raise ValueError("parameter 'kvEventsConfig' must be a mapping: "
+                         "{zmqEndpoint: tcp://*:5557, topicFilter: kv@}")
+    unknown = sorted(set(kv) - set(KV_EVENTS_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"kvEventsConfig: unknown key(s) {', '.join(map(repr, unknown))} "
+                         f"(known: {', '.join(KV_EVENTS_CONFIG_KEYS)}; without zmqEndpoint "
+                         f"the EPP connects to each endpoint at kvEventsPort)")
+    bind = kv.get("zmqEndpoint")
+    if not isinstance(bind, str) or not bind:
+        raise ValueError("kvEventsConfig.zmqEndpoint is required: the address the EPP binds "
+                         "for engines to publish to, such as tcp://*:5557")
+    m = _BIND.fullmatch(bind)
+    if m is None or (m.group(2) is not None and not 0 < int(m.group(2)) < 65536):
+        raise ValueError(f"kvEventsConfig.zmqEndpoint must be tcp://<host, IP or *>:<port 1-65535>"
+                         f" or ipc://<path>, got {bind!r}")
+    topic = kv.get("topicFilter", DEFAULT_TOPIC_FILTER)
+    if not isinstance(topic, str):
+        raise ValueError(f"kvEventsConfig.topicFilter must be a string, got {topic!r}")
+    if "kvEventsPort" in params:
+        raise ValueError("kvEventsPort is where the EPP connects to each engine; with "
+                         "kvEventsConfig.zmqEndpoint the engines connect to the EPP instead: "
+                         "set one of them")
+    return bind, topic
 
 
 class _Fallback:
@@ -91,7 +147,7 @@ class PrecisePrefixCacheScorer:
     plugin_type = "precise-prefix-cache-scorer"
     bounded = True
     PARAMS = ("blockSize", "maxPrefixBlocksToMatch", "kvEventsPort", "kvEventsReplayPort",
-              "maxIndexedBlocks", "tokenizers", "speculativeTTLSeconds")
+              "maxIndexedBlocks", "tokenizers", "speculativeTTLSeconds", "kvEventsConfig")
 
     def __init__(
         self,
@@ -105,14 +161,23 @@ class PrecisePrefixCacheScorer:
         tokenizers: Mapping[str, str] | None = None,
         replay_timeout: float = 0.5,
         speculative_ttl: float = SPECULATIVE_TTL,
+        kv_events_bind: str | None = None,
+        topic_filter: str = DEFAULT_TOPIC_FILTER,
     ) -> None:
         self.name = name
         self.block_size = block_size
         self.max_blocks = max_blocks
         self.index = KVBlockIndex(max_indexed_blocks)
-        self.subscriber = KVEventsSubscriber(self.index, block_size=block_size, port=port,
-                                             replay_port=replay_port,
-                                             replay_timeout=replay_timeout)
+        self.subscriber: KVEventsSubscriber
+        if kv_events_bind is not None:  # engines connect to us (llm-d's deployment)
+            self.subscriber = BoundKVEventsSubscriber(
+                self.index, block_size=block_size, bind=kv_events_bind,
+                topic_filter=topic_filter, replay_port=replay_port,
+                replay_timeout=replay_timeout)
+        else:  # we connect to each engine
+            self.subscriber = KVEventsSubscriber(self.index, block_size=block_size, port=port,
+                                                 replay_port=replay_port,
+                                                 replay_timeout=replay_timeout)
         self.tokenizers = TokenizerPool(tokenizers or {})
         for err in self.tokenizers.load_all().values():
             obs.PRECISE_PREFIX_FALLBACKS.labels(err.reason).inc(0)  # the series exists at once
@@ -138,8 +203,11 @@ class PrecisePrefixCacheScorer:
         if not isinstance(toks, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, str) and k and v for k, v in toks.items()):
             raise ValueError("parameter 'tokenizers' must map model names to directories")
+        bound = _kv_events_config(params)
         port = param_int(params, "kvEventsPort", DEFAULT_PORT, minimum=1)
-        replay = param_int(params, "kvEventsReplayPort", DEFAULT_REPLAY_PORT, minimum=0)
+        # Bound: engines deployed llm-d's way usually have no replay socket; ask only if told.
+        replay = param_int(params, "kvEventsReplayPort",
+                           DEFAULT_REPLAY_PORT if bound is None else 0, minimum=0)
         if port > 65535 or replay > 65535:
             raise ValueError("kvEventsPort and kvEventsReplayPort must be <= 65535")
         return cls(
@@ -154,6 +222,8 @@ class PrecisePrefixCacheScorer:
             tokenizers=dict(toks),
             speculative_ttl=param_float(params, "speculativeTTLSeconds", SPECULATIVE_TTL,
                                         minimum=0.0, maximum=3600.0),
+            kv_events_bind=bound[0] if bound is not None else None,
+            topic_filter=bound[1] if bound is not None else DEFAULT_TOPIC_FILTER,
         )
 
     # -- lifecycle (the app starts and stops it) ------------------------------------

@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
            "(0: any free port; needs --tokenizer; replica i uses port + 2i)")
     a("--kv-events-replay-port", type=int, default=None,
       help="ROUTER port replaying past event batches (default: events port + 1 when events are on)")
+    a("--kv-events-connect", default=None, metavar="ADDR",
+      help="connect the events PUB socket to ADDR (e.g. tcp://127.0.0.1:5557, where the EPP "
+           "binds with kvEventsConfig.zmqEndpoint) instead of binding --kv-events-port; "
+           "topic kv@<replica name>@<model>; needs --tokenizer")
     a("--log-level", default="INFO", help="logging level (default %(default)s)")
     return p
 
@@ -106,7 +110,7 @@ def configs_from_args(args: argparse.Namespace) -> list[SimConfig]:
         default_max_tokens=args.default_max_tokens, time_scale=args.time_scale,
         seed=args.seed, legacy_cache_metric=args.legacy_cache_metric,
         tokenizer=args.tokenizer, kv_events_port=args.kv_events_port,
-        kv_events_replay_port=_replay_port(args))
+        kv_events_replay_port=_replay_port(args), kv_events_connect=args.kv_events_connect)
     if args.fleet_config is None and args.replicas == 1 and args.base_port is None:
         return [base.validate()]
     return fleet_configs(base, args.replicas, args.base_port, args.fleet_config)
@@ -127,7 +131,8 @@ async def serve(configs: list[SimConfig]) -> None:
             adapters = ",".join(sorted(r.adapters)) or "-"
             events = ""
             if r.kv_events is not None:
-                events = f" kv-events={r.kv_events.port} kv-events-replay={r.kv_events.replay_port}"
+                where = r.kv_events.connect or r.kv_events.port
+                events = f" kv-events={where} kv-events-replay={r.kv_events.replay_port}"
             print(f"epp-sim: {r.name} {r.url} model={r.cfg.model} adapters={adapters}{events}",
                   flush=True)
         print(f"epp-sim: ready ({len(fleet.replicas)} replicas)", flush=True)

@@ -78,6 +78,10 @@ class SimConfig:
     kv_events_replay_port: int | None = None
     """The ROUTER port that replays past event batches (0: any free port; None: none)."""
     kv_events_layout: str = "array"
+    kv_events_connect: str | None = None
+    """Connect the PUB socket to this address (a SUB that binds, such as the EPP's
+    `kvEventsConfig.zmqEndpoint`, llm-d's way) instead of binding `kv_events_port`; the
+    topic `kv@<name>@<model>` names this replica. Needs `tokenizer`."""
     """How events are encoded: "array" (positional, vLLM until mid-2026) or "map"."""
 
     @property
@@ -114,9 +118,9 @@ class SimConfig:
             v = getattr(self, name)
             if v is not None and not 0 <= v <= 65535:
                 raise ConfigError(f"{self.name}: {name} {v} out of range")
-        if self.kv_events_port is not None and not self.tokenizer:
-            raise ConfigError(f"{self.name}: kv_events_port needs a tokenizer (events carry "
-                              f"token ids)")
+        if (self.kv_events_port is not None or self.kv_events_connect) and not self.tokenizer:
+            raise ConfigError(f"{self.name}: kv_events_port/kv_events_connect needs a "
+                              f"tokenizer (events carry token ids)")
         if self.kv_events_layout not in ("array", "map"):
             raise ConfigError(f"{self.name}: kv_events_layout must be 'array' or 'map'")
         if self.model in self.lora_modules:

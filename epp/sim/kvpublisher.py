@@ -5,6 +5,10 @@ EventBatch]`, sequence numbers from 0; the last `buffer_steps` batches are kept 
 ROUTER replay socket, which answers a request `[identity, "", start_seq]` with every
 buffered batch from `start_seq` (`[identity, "", seq, payload]`) and then
 `[identity, "", -1, ""]`. Everything runs on the simulator's event loop.
+
+With `connect` the PUB socket dials out to a SUB socket that binds instead (vLLM does that
+when its `endpoint` has no `*`, as llm-d deploys it); the topic then names the publisher,
+`kv@<pod-ip>@<model>`. The replay socket still binds at `host`:`replay_port`.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ log = logging.getLogger(__name__)
 
 class KVEventPublisher:
     def __init__(self, host: str, port: int, replay_port: int | None, *, topic: str = "",
-                 layout: str = "array", buffer_steps: int = 10_000) -> None:
+                 layout: str = "array", buffer_steps: int = 10_000,
+                 connect: str | None = None) -> None:
         self.host = host
         self.port = port
         self.replay_port = replay_port
         self.topic = topic.encode()
         self.layout = layout
+        self.connect = connect
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._seq = 0
         self._ctx = zmq.asyncio.Context()
@@ -54,7 +60,10 @@ class KVEventPublisher:
         self._pub.setsockopt(zmq.LINGER, 0)
         if self.host != "127.0.0.1" and ":" in self.host:
             self._pub.setsockopt(zmq.IPV6, 1)
-        self.port = self._bind(self._pub, self.port)
+        if self.connect is not None:
+            self._pub.connect(self.connect)
+        else:
+            self.port = self._bind(self._pub, self.port)
         if self.replay_port is not None:
             self._router = self._ctx.socket(zmq.ROUTER)
             self._router.setsockopt(zmq.LINGER, 0)

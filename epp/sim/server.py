@@ -90,10 +90,11 @@ class Replica:
 
                 raise ConfigError(f"{cfg.name}: tokenizer: {e}") from None
         self.kv_events: KVEventPublisher | None = None
-        if cfg.kv_events_port is not None:
+        if cfg.kv_events_port is not None or cfg.kv_events_connect:
             self.kv_events = KVEventPublisher(
-                cfg.host, cfg.kv_events_port, cfg.kv_events_replay_port,
-                topic=f"kv@{cfg.name}@{cfg.model}", layout=cfg.kv_events_layout)
+                cfg.host, cfg.kv_events_port or 0, cfg.kv_events_replay_port,
+                topic=f"kv@{cfg.name}@{cfg.model}", layout=cfg.kv_events_layout,
+                connect=cfg.kv_events_connect)
             self.engine.kv.events = []
             self.engine.on_kv_events = self.kv_events.publish
         self.app = self._make_app()

@@ -6,6 +6,10 @@ prompts sent straight to X fill its small KV cache) while replica Y caches the p
 (sent straight to Y). The approximate prefix-cache-scorer only knows what the EPP routed,
 so it still says "X"; the engines' events say "Y". The request through Envoy goes to Y,
 and Y reports the prompt's tokens as cached.
+
+Both ways of getting the events: the EPP connecting to each replica's PUB socket (the
+default), and the EPP binding one socket that every replica connects to
+(`kvEventsConfig.zmqEndpoint`, llm-d's deployment; the topic names the replica).
 """
 
 from __future__ import annotations
@@ -50,14 +54,18 @@ PROMPT = [{"role": "system", "content": "You are a helpful assistant. " + text(1
           {"role": "user", "content": "What is a pod?"}]
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[tuple[EppProcess, EnvoyProcess, dict[str, str]]]:
-    d = Path(scratch_dir()) / "precise"
+@pytest.fixture(scope="module", params=["connect", "bound"])
+def stack(request: pytest.FixtureRequest) -> Iterator[tuple[EppProcess, EnvoyProcess, dict[str, str]]]:
+    mode = request.param
+    d = Path(scratch_dir()) / f"precise-{mode}"
     tok = tinytok.write(d / "tokenizer")
+    bind = f"tcp://127.0.0.1:{free_port()}"
     replicas = []
     for name in ("sim-x", "sim-y"):
         replicas.append({"name": name, "port": free_port(), "kv_events_port": free_port(),
                          "kv_events_replay_port": free_port()})
+        if mode == "bound":
+            replicas[-1]["kv_events_connect"] = bind
     (d / "fleet.yaml").write_text(yaml.safe_dump({
         "defaults": {"model": MODEL, "tokenizer": str(tok), "block_size": 16,
                      "num_gpu_blocks": 80, "max_model_len": 1280, "time_scale": 50.0},
@@ -73,6 +81,8 @@ def stack() -> Iterator[tuple[EppProcess, EnvoyProcess, dict[str, str]]]:
              "labels": {"kv-events.epp/port": str(r["kv_events_port"]),
                         "kv-events.epp/replay-port": str(r["kv_events_replay_port"])}}
             for r in replicas]))
+        kv_events_config = (f"    kvEventsConfig: {{zmqEndpoint: '{bind}'}}\n"
+                            if mode == "bound" else "")
         (d / "epp.yaml").write_text(f"""
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -84,7 +94,7 @@ plugins:
   parameters:
     blockSize: 16
     speculativeTTLSeconds: 0           # every precise score below comes from events
-    tokenizers: {{"{MODEL}": "{tok}"}}
+{kv_events_config}    tokenizers: {{"{MODEL}": "{tok}"}}
 - type: max-score-picker
 schedulingProfiles:
 - name: default

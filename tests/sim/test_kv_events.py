@@ -23,11 +23,17 @@ only then polls has its subscription leave after the events were published and d
 socket is polled while `/sleep` (with `--enable-sleep-mode`, `VLLM_SERVER_DEV_MODE=1`)
 makes the simulator publish `AllBlocksCleared`, until one arrives.
 
+The same simulator also feeds our bound intake itself (`epp.kvevents.bound`, the
+precise scorer's `kvEventsConfig.zmqEndpoint`, llm-d's deployment): it binds, the
+simulator's PUB dials in, the topic's POD_IP names the pool's endpoint. There the intake
+reads whenever libzmq wakes the socket's file descriptor, which it also does for the new
+connection, so the subscription leaves at once; the test still waits for a reset to be
+applied before it sends requests, as the first one proves the subscription live.
+
 Known difference from vLLM: in its default (array) event format a first block's
 `parent_block_hash` is 0, not nil (`encodeEvent`; vLLM sends None and so does its map
-format, `--use-vllm-map-event-format`). Our index treats 0 as an unknown parent and skips
-such blocks as orphans, so the cross-check of indexing uses the map format, and the array
-format is checked to decode.
+format, `--use-vllm-map-event-format`). Our index reads 0 as "no parent" too
+(`epp.kvevents.index.NO_PARENT`), so both formats are cross-checked the same way.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ import asyncio
 import os
 import socket
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -43,6 +51,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from epp.datastore import Datastore, Endpoint
+from epp.kvevents.bound import BoundKVEventsSubscriber
 from epp.kvevents.decode import AllBlocksCleared, BlockRemoved, BlockStored, decode_message
 from epp.kvevents.index import KVBlockIndex, block_keys, root_key
 from epp.sim.kvcache import KVCache
@@ -95,31 +105,71 @@ def _words(tag: str, n: int) -> str:
     return " ".join(f"{tag}{i}" for i in range(n))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", ["map", "array"])
-async def test_our_intake_reads_llm_d_inference_sims_events(
-        layout: str, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+@asynccontextmanager
+async def llm_d_sim(tmp_path: Path, http: aiohttp.ClientSession, zmq_endpoint: str,
+                    *extra: str) -> AsyncIterator[str]:
+    """llm-d-inference-sim publishing to `zmq_endpoint` (which we bind), healthy; yields
+    its URL. Blocks of 16 tokens, a cache of 6 blocks, one event per batch."""
     binary = await asyncio.to_thread(require, LLM_D_INFERENCE_SIM)
-    ctx = zmq.asyncio.Context()
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.setsockopt(zmq.LINGER, 0)
-    zport = _free_port()
-    sub.bind(f"tcp://127.0.0.1:{zport}")
     port = _free_port()
     args = [str(binary), "--port", str(port), "--model", BASE, "--force-dummy-tokenizer",
-            "--enable-kvcache", "--zmq-endpoint", f"tcp://127.0.0.1:{zport}",
+            "--enable-kvcache", "--zmq-endpoint", zmq_endpoint,
             "--block-size", "16", "--kv-cache-size", "6", "--event-batch-size", "1",
             "--enable-sleep-mode", "--time-to-first-token", "1ms",
-            "--inter-token-latency", "1ms"]
-    if layout == "map":
-        args.append("--use-vllm-map-event-format")
+            "--inter-token-latency", "1ms", *extra]
     log_path = tmp_path / "llm-d-inference-sim.log"
     with open(log_path, "wb") as log:
         proc = await asyncio.create_subprocess_exec(
             *args, stdout=log, stderr=log, cwd=tmp_path,
             env=dict(os.environ, POD_IP="127.0.0.1", VLLM_SERVER_DEV_MODE="1"))
     url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.returncode is None, log_path.read_text()[-2000:]
+            try:
+                async with http.get(url + "/health") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            assert time.monotonic() < deadline, "llm-d-inference-sim not healthy in 20 s"
+            await asyncio.sleep(0.1)
+        yield url
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def complete(http: aiohttp.ClientSession, url: str, prompt: str) -> None:
+    async with http.post(url + "/v1/completions",
+                         json={"model": BASE, "prompt": prompt, "max_tokens": 1}) as r:
+        assert r.status == 200, await r.text()
+
+
+async def reset(http: aiohttp.ClientSession, url: str) -> None:
+    """/sleep then /wake_up: the simulator publishes AllBlocksCleared."""
+    async with http.post(url + "/sleep") as r:
+        assert r.status == 200
+    async with http.post(url + "/wake_up") as r:
+        assert r.status == 200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["map", "array"])
+async def test_our_decoder_reads_llm_d_inference_sims_events(
+        layout: str, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    ctx = zmq.asyncio.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.LINGER, 0)
+    zport = _free_port()
+    sub.bind(f"tcp://127.0.0.1:{zport}")
     index = KVBlockIndex()
 
     async def events(within: float) -> list[object]:
@@ -139,81 +189,124 @@ async def test_our_intake_reads_llm_d_inference_sims_events(
             out.extend(batch.events)
         return out
 
-    async def complete(prompt: str) -> None:
-        async with http.post(url + "/v1/completions",
-                             json={"model": BASE, "prompt": prompt, "max_tokens": 1}) as r:
-            assert r.status == 200, await r.text()
-
+    extra = ("--use-vllm-map-event-format",) if layout == "map" else ()
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.returncode is None, log_path.read_text()[-2000:]
-            try:
-                async with http.get(url + "/health") as r:
-                    if r.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, "llm-d-inference-sim not healthy in 20 s"
-            await asyncio.sleep(0.1)
-        # The subscription is live once a reset published after it arrives (docstring).
-        for _ in range(20):
-            async with http.post(url + "/sleep") as r:
-                assert r.status == 200
-            got = await events(0.5)
-            async with http.post(url + "/wake_up") as r:
-                assert r.status == 200
-            if any(isinstance(e, AllBlocksCleared) for e in got):
-                break
-        else:
-            pytest.fail("no AllBlocksCleared from llm-d-inference-sim after 20 resets")
+        async with llm_d_sim(tmp_path, http, f"tcp://127.0.0.1:{zport}", *extra) as url:
+            # The subscription is live once a reset published after it arrives (docstring).
+            for _ in range(20):
+                async with http.post(url + "/sleep") as r:
+                    assert r.status == 200
+                got = await events(0.5)
+                async with http.post(url + "/wake_up") as r:
+                    assert r.status == 200
+                if any(isinstance(e, AllBlocksCleared) for e in got):
+                    break
+            else:
+                pytest.fail("no AllBlocksCleared from llm-d-inference-sim after 20 resets")
 
-        # A: 40 tokens -> two full blocks stored, no parent.
-        await complete(_words("a", 40))
-        (a,) = await events(5)
-        assert isinstance(a, BlockStored)
-        assert (len(a.block_hashes), len(a.token_ids), a.block_size, a.medium) == (2, 32, 16, "GPU")
-        if layout == "array":
-            assert a.parent_block_hash == 0  # not None: the known difference (docstring)
-            assert index.apply("go", [a]).orphans == 2
-            return
-        assert a.parent_block_hash is None
-        assert index.apply("go", [a]).stored == 2
-        keys_a = block_keys(a.token_ids, 16, root_key(None))
-        assert index.match(keys_a) == {"go": 2}
+            # A: 40 tokens -> two full blocks stored, no parent.
+            await complete(http, url, _words("a", 40))
+            (a,) = await events(5)
+            assert isinstance(a, BlockStored)
+            assert (len(a.block_hashes), len(a.token_ids), a.block_size, a.medium) == (2, 32, 16, "GPU")
+            # None as vLLM sends it; 0 in the array format (the known difference, docstring).
+            assert a.parent_block_hash == (0 if layout == "array" else None)
+            assert index.apply("go", [a]).stored == 2
+            keys_a = block_keys(a.token_ids, 16, root_key(None))
+            assert index.match(keys_a) == {"go": 2}
 
-        # B shares A's first block: only its second block is stored, chained on A's first
-        # engine hash, which our index translates into our key.
-        await complete(_words("a", 16) + " " + _words("b", 24))
-        (b,) = await events(5)
-        assert isinstance(b, BlockStored)
-        assert b.parent_block_hash == a.block_hashes[0] and len(b.block_hashes) == 1
-        assert index.apply("go", [b]).stored == 1
-        keys_b = block_keys(a.token_ids[:16] + b.token_ids, 16, root_key(None))
-        assert keys_b[0] == keys_a[0] and index.match(keys_b) == {"go": 2}
+            # B shares A's first block: only its second block is stored, chained on A's first
+            # engine hash, which our index translates into our key.
+            await complete(http, url, _words("a", 16) + " " + _words("b", 24))
+            (b,) = await events(5)
+            assert isinstance(b, BlockStored)
+            assert b.parent_block_hash == a.block_hashes[0] and len(b.block_hashes) == 1
+            assert index.apply("go", [b]).stored == 1
+            keys_b = block_keys(a.token_ids[:16] + b.token_ids, 16, root_key(None))
+            assert keys_b[0] == keys_a[0] and index.match(keys_b) == {"go": 2}
 
-        # C needs 4 new blocks in a cache of 6 holding 3: the least recently used of A's
-        # and B's blocks is evicted, and our index forgets exactly that one.
-        await complete(_words("c", 64))
-        got = await events(5)
-        removed = [h for e in got if isinstance(e, BlockRemoved) for h in e.block_hashes]
-        (c,) = [e for e in got if isinstance(e, BlockStored)]
-        assert len(removed) == 1 and len(c.block_hashes) == 4
-        result = index.apply("go", got)
-        assert (result.stored, result.removed, result.orphans, result.malformed) == (4, 1, 0, 0)
-        assert index.match(block_keys(c.token_ids, 16, root_key(None))) == {"go": 4}
-        held = {h: k for h, k in zip([*a.block_hashes, *b.block_hashes],
-                                     [*keys_a, keys_b[1]])}
-        for h, k in held.items():
-            assert index.holds("go", k) == (h not in removed)
-        assert index.blocks_of("go") == 6
+            # C needs 4 new blocks in a cache of 6 holding 3: the least recently used of A's
+            # and B's blocks is evicted, and our index forgets exactly that one.
+            await complete(http, url, _words("c", 64))
+            got = await events(5)
+            removed = [h for e in got if isinstance(e, BlockRemoved) for h in e.block_hashes]
+            (c,) = [e for e in got if isinstance(e, BlockStored)]
+            assert len(removed) == 1 and len(c.block_hashes) == 4
+            result = index.apply("go", got)
+            assert (result.stored, result.removed, result.orphans, result.malformed) == (4, 1, 0, 0)
+            assert index.match(block_keys(c.token_ids, 16, root_key(None))) == {"go": 4}
+            held = {h: k for h, k in zip([*a.block_hashes, *b.block_hashes],
+                                         [*keys_a, keys_b[1]])}
+            for h, k in held.items():
+                assert index.holds("go", k) == (h not in removed)
+            assert index.blocks_of("go") == 6
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
         sub.close()
         ctx.term()
+
+
+@pytest.mark.slow
+async def test_our_bound_intake_indexes_llm_d_inference_sims_events(
+        tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """llm-d's deployment end to end: we bind, the simulator dials in as POD_IP=127.0.0.1,
+    the intake routes its topic to the pool's endpoint at that IP and indexes its blocks."""
+    zport = _free_port()
+    ds = Datastore()
+    index = KVBlockIndex()
+    intake = BoundKVEventsSubscriber(index, block_size=16, bind=f"tcp://127.0.0.1:{zport}")
+    await intake.start(ds)
+    seen: list[list[bytes]] = []
+
+    def stored() -> list[BlockStored]:
+        """The BlockStored events the intake has received so far (decoded again here)."""
+        return [e for f in seen for e in decode_message(f).events if isinstance(e, BlockStored)]
+
+    async def until(cond: object, what: str, within: float = 10.0) -> None:
+        deadline = time.monotonic() + within
+        while not cond():  # type: ignore[operator]
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.02)
+
+    try:
+        async with llm_d_sim(tmp_path, http, f"tcp://127.0.0.1:{zport}",
+                             "--use-vllm-map-event-format") as url:
+            port = int(url.rpartition(":")[2])
+            ds.set_endpoints([Endpoint("sim-rank-0", "127.0.0.1", port)])
+            stream = intake.streams["sim-rank-0"]
+            receive = stream.receive
+            stream.receive = lambda frames: (seen.append(frames), receive(frames))[1]  # type: ignore[method-assign]
+            # Known once a batch of its is applied; a reset is one (docstring).
+            for _ in range(20):
+                await reset(http, url)
+                try:
+                    await until(lambda: intake.healthy("sim-rank-0"), "", 1.0)
+                    break
+                except AssertionError:
+                    pass
+            else:
+                pytest.fail("our bound intake applied no batch of llm-d-inference-sim's "
+                            "after 20 resets")
+            assert all(f[0] == f"kv@127.0.0.1@{BASE}".encode() for f in seen)
+
+            await complete(http, url, _words("a", 40))  # two blocks
+            await until(lambda: index.blocks_of("sim-rank-0") == 2, "A's blocks not indexed")
+            (a,) = stored()
+            keys_a = block_keys(a.token_ids, 16, root_key(None))
+            assert index.match(keys_a) == {"sim-rank-0": 2}
+
+            await complete(http, url, _words("a", 16) + " " + _words("b", 24))  # one more
+            await until(lambda: index.blocks_of("sim-rank-0") == 3, "B's block not indexed")
+            b = stored()[1]
+            keys_b = block_keys(a.token_ids[:16] + b.token_ids, 16, root_key(None))
+            assert index.match(keys_b) == {"sim-rank-0": 2}
+
+            await complete(http, url, _words("c", 64))  # 4 more in a cache of 6: one evicted
+            await until(lambda: len(stored()) == 3 and index.blocks_of("sim-rank-0") == 6,
+                        "C's blocks not indexed")
+            c = stored()[2]
+            assert index.match(block_keys(c.token_ids, 16, root_key(None))) == {"sim-rank-0": 4}
+            held = [k for k in [*keys_a, keys_b[1]] if index.holds("sim-rank-0", k)]
+            assert len(held) == 2  # 3 of A's and B's blocks were held; the LRU one went
+            assert intake.healthy("sim-rank-0")
+    finally:
+        await intake.stop()

@@ -12,6 +12,7 @@ import pytest
 from epp import observability as obs
 from epp.config import load_config
 from epp.datastore import Datastore, Endpoint, EndpointMetrics, Snapshot
+from epp.kvevents.bound import BoundKVEventsSubscriber
 from epp.kvevents.decode import BlockStored
 from epp.kvevents.subscriber import EndpointStream, StreamAddress
 from epp.director import Director
@@ -198,7 +199,14 @@ schedulingProfiles:
     assert isinstance(p, PrecisePrefixCacheScorer)
     assert (p.block_size, p.max_blocks, p.subscriber.port, p.subscriber.replay_port,
             p.index.max_entries, p.speculative_ttl) == (32, 64, 6000, 0, 1000, 3.0)
-    for bad in ("blockSize: 0", "kvEventsPort: 70000", "tokenizers: [a]", "typo: 1"):
+    bad_values = ("blockSize: 0", "kvEventsPort: 70000", "tokenizers: [a]", "typo: 1",
+                  "kvEventsConfig: {}", "kvEventsConfig: tcp://*:5557",
+                  "kvEventsConfig: {zmqEndpoint: '*:5557'}",
+                  "kvEventsConfig: {zmqEndpoint: 'tcp://*:70000'}",
+                  "kvEventsConfig: {zmqEndpoint: 'tcp://*:5557', concurrency: 4}",
+                  "kvEventsConfig: {zmqEndpoint: 'tcp://*:5557', topicFilter: 1}",
+                  "kvEventsConfig: {zmqEndpoint: 'tcp://*:5557'}, kvEventsPort: 5557")
+    for bad in bad_values:
         with pytest.raises(ValueError):
             load_config(f"""
 apiVersion: inference.networking.x-k8s.io/v1alpha1
@@ -207,6 +215,30 @@ plugins:
 - type: precise-prefix-cache-scorer
   parameters: {{{bad}}}
 """)
+
+
+def test_bound_mode_takes_llm_ds_parameter_names() -> None:
+    """kvEventsConfig.zmqEndpoint: the EPP binds and engines connect (epp.kvevents.bound);
+    replay only when asked for, since llm-d's engines usually have no replay socket."""
+    cfg = load_config("""
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: precise-prefix-cache-scorer
+  parameters:
+    kvEventsConfig: {zmqEndpoint: "tcp://*:5557", topicFilter: "kv@"}
+""")
+    p = cfg.plugin("precise-prefix-cache-scorer")
+    assert isinstance(p.subscriber, BoundKVEventsSubscriber)
+    assert (p.subscriber.bind, p.subscriber.topic_filter, p.subscriber.replay_port) == \
+        ("tcp://*:5557", "kv@", 0)
+    p = PrecisePrefixCacheScorer.from_params("p", {
+        "kvEventsConfig": {"zmqEndpoint": "tcp://0.0.0.0:6000"}, "kvEventsReplayPort": 5558})
+    assert isinstance(p.subscriber, BoundKVEventsSubscriber)
+    assert (p.subscriber.bind, p.subscriber.topic_filter, p.subscriber.replay_port) == \
+        ("tcp://0.0.0.0:6000", "kv@", 5558)
+    p = PrecisePrefixCacheScorer.from_params("p", {})
+    assert not isinstance(p.subscriber, BoundKVEventsSubscriber)  # connect mode is the default
 
 
 def _profile(scorer: PrecisePrefixCacheScorer):  # type: ignore[no-untyped-def]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from epp.config import load_config
+from epp.kvevents.bound import BoundKVEventsSubscriber
 from epp.settings import build_parser
 from tests.support import ROOT
 
@@ -23,11 +24,14 @@ def test_every_flag_in_the_table_exists() -> None:
         assert row in known, row
 
 
-def test_precise_prefix_example_loads() -> None:
-    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", README, re.S)
-                if "precise-prefix-cache-scorer" in b]
-    cfg = load_config("apiVersion: inference.networking.x-k8s.io/v1alpha1\n"
-                      "kind: EndpointPickerConfig\nplugins:\n" + block)
-    scorer = cfg.plugin("precise-prefix-cache-scorer")
-    # The example's tokenizer directory does not exist here: loading falls back, no crash.
-    assert scorer.block_size == 16 and scorer.subscriber.replay_port == 5558
+def test_precise_prefix_examples_load() -> None:
+    connect, bound = [b for b in re.findall(r"```yaml\n(.*?)```", README, re.S)
+                      if "precise-prefix-cache-scorer" in b]
+    scorers = [load_config("apiVersion: inference.networking.x-k8s.io/v1alpha1\n"
+                           "kind: EndpointPickerConfig\nplugins:\n" + block
+                           ).plugin("precise-prefix-cache-scorer") for block in (connect, bound)]
+    # The examples' tokenizer directory does not exist here: loading falls back, no crash.
+    assert scorers[0].block_size == 16 and scorers[0].subscriber.replay_port == 5558
+    assert not isinstance(scorers[0].subscriber, BoundKVEventsSubscriber)
+    assert isinstance(scorers[1].subscriber, BoundKVEventsSubscriber)
+    assert (scorers[1].subscriber.bind, scorers[1].subscriber.topic_filter) == ("tcp://*:5557", "kv@")

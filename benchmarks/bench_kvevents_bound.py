@@ -1,0 +1,168 @@
+"""Event intake, bound vs connect: what one SUB socket for the whole pool costs.
+
+Run: .venv/bin/python benchmarks/bench_kvevents_bound.py [--quick] [--rounds N]
+
+The same load as bench_kvevents.py's intake (N endpoints, 64, each publishing R events/s,
+2,000, in batches of 40 from a child process, the same payloads), received two ways in
+one run, alternating round by round:
+- connect (the default mode, the baseline): the EPP connects a SUB socket to each of the
+  endpoints' PUB sockets (`KVEventsSubscriber`);
+- bound (`kvEventsConfig.zmqEndpoint`, llm-d's deployment): each PUB connects to one SUB
+  socket the EPP binds, topic `kv@<pod-ip>@<model>`, and the intake demultiplexes by topic
+  (`BoundKVEventsSubscriber`).
+Measured per mode: CPU time of this process per event (sockets, libzmq's I/O thread,
+routing, decoding, indexing), whether every batch arrived, and how late the event loop ran
+(p99; what a request would wait). Medians over the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kvevents import BATCH_EVENTS, BS, _stream, free_ports  # noqa: E402
+
+from epp.datastore import Datastore, Endpoint  # noqa: E402
+from epp.kvevents.bound import BoundKVEventsSubscriber  # noqa: E402
+from epp.kvevents.decode import encode_seq  # noqa: E402
+from epp.kvevents.index import KVBlockIndex  # noqa: E402
+from epp.kvevents.subscriber import PORT_LABEL, REPLAY_PORT_LABEL, KVEventsSubscriber  # noqa: E402
+
+
+def _ip(i: int) -> str:
+    return f"10.1.{i // 250}.{i % 250 + 1}"
+
+
+def _publisher(mode: str, where: list[str], payloads: list[bytes], rate_batches: float,
+               ready: Any, go: Any) -> None:
+    """One PUB per endpoint: bound to its port (connect mode) or connected to the EPP."""
+    import zmq
+
+    ctx = zmq.Context()
+    socks = []
+    for w in where:
+        s = ctx.socket(zmq.PUB)
+        s.setsockopt(zmq.SNDHWM, 1_000_000)
+        (s.bind if mode == "connect" else s.connect)(w)
+        socks.append(s)
+    topics = [f"kv@{_ip(i)}@m".encode() if mode == "bound" else b"kv" for i in range(len(socks))]
+    ready.set()
+    go.wait()
+    t0 = time.perf_counter()
+    for i, payload in enumerate(payloads):
+        target = t0 + i / rate_batches
+        delay = target - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        seq = encode_seq(i)
+        for s, topic in zip(socks, topics):
+            s.send_multipart([topic, seq, payload])
+    time.sleep(0.5)
+    for s in socks:
+        s.close(linger=1000)
+    ctx.term()
+
+
+async def run(mode: str, endpoints: int, rate: float, seconds: float,
+              payloads: list[bytes]) -> dict[str, Any]:
+    ds = Datastore()
+    index = KVBlockIndex()
+    sub: KVEventsSubscriber
+    if mode == "bound":
+        ds.set_endpoints([Endpoint(f"pod-{i}", _ip(i), 8000) for i in range(endpoints)])
+        bind = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+        sub = BoundKVEventsSubscriber(index, block_size=BS, bind=bind)
+        where = [bind] * endpoints
+    else:
+        ports = free_ports(endpoints)
+        ds.set_endpoints([Endpoint(f"pod-{i}", "127.0.0.1", 8000 + i,
+                                   {PORT_LABEL: str(p), REPLAY_PORT_LABEL: "0"})
+                          for i, p in enumerate(ports)])
+        sub = KVEventsSubscriber(index, block_size=BS)
+        where = [f"tcp://127.0.0.1:{p}" for p in ports]
+    mpctx = mp.get_context("spawn")
+    ready, go = mpctx.Event(), mpctx.Event()
+    pub = mpctx.Process(target=_publisher,
+                        args=(mode, where, payloads, rate / BATCH_EVENTS, ready, go))
+    if mode == "connect":
+        pub.start()
+        ready.wait(30)
+    await sub.start(ds)
+    if mode == "bound":
+        pub.start()
+        while not ready.is_set():
+            await asyncio.sleep(0.05)
+    if mode == "connect":
+        deadline = time.monotonic() + 10
+        while not all(sub.healthy(e.name) for e in ds.endpoints()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # subscriptions reach the publishers
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    go.set()
+    want = len(payloads)
+    lags: list[float] = []
+    while time.perf_counter() - wall0 < seconds + 5:
+        t = time.perf_counter()
+        await asyncio.sleep(0.01)
+        lags.append(time.perf_counter() - t - 0.01)
+        if all(s.batches >= want for s in sub.streams.values()):
+            break
+    cpu1, wall1 = time.process_time(), time.perf_counter()
+    got = sum(s.batches for s in sub.streams.values())
+    await sub.stop()
+    await asyncio.to_thread(pub.join, 10)
+    lags.sort()
+    dt = wall1 - wall0
+    events = got * BATCH_EVENTS
+    return {"mode": mode, "seconds": round(dt, 2), "batches_sent": want * endpoints,
+            "batches_applied": got, "events_per_s_total": round(events / dt),
+            "cores": round((cpu1 - cpu0) / dt, 3),
+            "cpu_us_per_event": round((cpu1 - cpu0) / max(1, events) * 1e6, 2),
+            "loop_lag_p99_ms": round(lags[int(len(lags) * 0.99)] * 1000, 2) if lags else None,
+            "publisher_exit": pub.exitcode}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="short: CI")
+    ap.add_argument("--endpoints", type=int, default=64)
+    ap.add_argument("--rate", type=float, default=2000.0, help="events/s per endpoint")
+    ap.add_argument("--seconds", type=float, default=None)
+    ap.add_argument("--rounds", type=int, default=None, help="rounds per mode")
+    args = ap.parse_args(argv)
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    rounds = args.rounds or (1 if args.quick else 3)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.1f}; python {platform.python_version()}; "
+          f"index {type(KVBlockIndex()).__name__}")
+    payloads = _stream(int(seconds * args.rate / BATCH_EVENTS))
+    results: dict[str, list[dict[str, Any]]] = {"connect": [], "bound": []}
+    for r in range(rounds):
+        for mode in ("connect", "bound") if r % 2 == 0 else ("bound", "connect"):
+            for _ in range(3):  # a port taken between free_ports() and bind(): again
+                res = asyncio.run(run(mode, args.endpoints, args.rate, seconds, payloads))
+                if res["publisher_exit"] == 0:
+                    break
+            print(f"round {r}:", res, flush=True)
+            results[mode].append(res)
+    for mode, rs in results.items():
+        med = {k: statistics.median(x[k] for x in rs)
+               for k in ("cpu_us_per_event", "cores", "loop_lag_p99_ms", "events_per_s_total")}
+        complete = sum(x["batches_applied"] == x["batches_sent"] for x in rs)
+        print(f"median {mode}: {med}, complete in {complete}/{len(rs)} rounds")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Bound event intake: the EPP binds one SUB socket and every engine's PUB connects to it.
+
+This is how llm-d deploys KV-cache events (its `precise-prefix-cache-scorer`, parameter
+`kvEventsConfig.zmqEndpoint`, default in llm-d-kv-cache-manager `tcp://*:5557`, with
+`topicFilter` `kv@`): vLLM runs with `--kv-events-config '{"enable_kv_cache_events": true,
+"publisher": "zmq", "endpoint": "tcp://<epp-service>:5557", "topic": "kv@$POD_IP@<model>"}'`
+(an endpoint without `*` makes vLLM's publisher connect instead of bind). One socket then
+carries every engine's messages, so the topic is what says whose they are: its middle
+part (`kv@<id>@<model>`, split at the first two `@`) names the publisher, and is matched
+to an endpoint of the pool by, in order, the endpoint's name, its `ip:port`, or its IP
+when no other endpoint has that IP (several target ports of one pod share an IP: such a
+publisher is ambiguous unless it names the endpoint or `ip:port`).
+
+Each endpoint keeps its own sequence state in a `PublisherStream`, which is an
+`EndpointStream` (`subscriber.py`) without a socket: the same `receive` (ordering, gap,
+restart), the same catch-up (replay from `<pod-ip>:<replay port>` when one is configured,
+else its entries are dropped and rebuilt from live events), the same apply. While one
+endpoint catches up, its later messages wait in a bounded backlog; the others go on.
+
+Health: an endpoint is known once a batch from it has been applied since it joined the
+pool, stays known through a restart (its sequence numbers start over: its entries are
+cleared, as for `AllBlocksCleared`), and its entries go when it leaves the pool. A bound
+socket does not say which peer's connection dropped, so unlike the connect mode a
+publisher that vanishes while its endpoint stays in the pool keeps its entries until it
+leaves or comes back (a restart then clears them).
+
+Faults of the shared socket are counted in `inference_extension_kv_events_errors_total`
+under bounded reasons (`bad_topic`, `unknown_publisher`, `ambiguous_publisher`,
+`backlog_full`) and logged at most once per reason every 5 s; a topic is never a label
+value. `unknown_publisher` also counts, briefly, an engine that publishes before the pool
+lists it (the EPP starting, a pod becoming ready).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any, Iterable
+
+import zmq
+
+from epp import observability as obs
+from epp.datastore import Endpoint, departed, host_port
+from epp.kvevents.index import KVBlockIndex
+from epp.kvevents.subscriber import (
+    HEARTBEAT_MS,
+    RECV_HWM,
+    REPLAY_PORT_LABEL,
+    SLICE_SECONDS,
+    EndpointStream,
+    KVEventsSubscriber,
+    StreamAddress,
+)
+from epp.labels import for_log
+from epp.ratelog import RateLimitedLog
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BIND = "tcp://*:5557"
+DEFAULT_TOPIC_FILTER = "kv@"
+BACKLOG_LIMIT = 10_000
+"""Messages of one endpoint kept while it catches up (at 2,000 batches/s, 5 s)."""
+MAX_MESSAGE_BYTES = 64 << 20
+"""Largest message frame accepted; an engine step's batch is far smaller."""
+_TOPIC_CACHE = 4096
+# Plain ints: pyzmq's enum constants cost ~0.5 µs per `&` and getsockopt (per message).
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
+_AMBIGUOUS = ""
+
+
+def replay_address(ep: Endpoint, replay_port: int) -> str | None | bool:
+    """`tcp://<ip>:<port>` of an endpoint's replay socket, None when it has none, False
+    when its `kv-events.epp/replay-port` label is unusable."""
+    try:
+        rp = int(ep.labels.get(REPLAY_PORT_LABEL, replay_port))
+    except ValueError:
+        return False
+    if not 0 <= rp < 65536:
+        return False
+    return f"tcp://{host_port(ep.address, rp)}" if rp else None
+
+
+class PublisherStream(EndpointStream):
+    """One endpoint's sequence state behind the shared socket (see the module docstring).
+
+    `deliver` takes its messages; a gap starts the inherited catch-up task, after which
+    `_on_readable` (the hook `EndpointStream` calls when a catch-up ends) applies what
+    arrived meanwhile."""
+
+    def __init__(self, ctx: zmq.Context[Any], name: str, replay: str | None,
+                 index: KVBlockIndex, *, block_size: int, replay_timeout: float = 0.5) -> None:
+        super().__init__(ctx, name, StreamAddress("", replay), index, block_size=block_size,
+                         replay_timeout=replay_timeout)
+        self.backlog: deque[list[bytes]] = deque()
+        self.backlog_limit = BACKLOG_LIMIT
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+
+    async def stop(self) -> None:
+        self.backlog.clear()
+        await super().stop()
+
+    def deliver(self, frames: list[bytes]) -> None:
+        """One message from the shared socket whose topic names this endpoint."""
+        if self._task is not None or self.backlog:
+            if len(self.backlog) >= self.backlog_limit:
+                # Lost: the sequence numbers show the gap once the backlog is applied.
+                self.faults.report("backlog_full", f"more than {self.backlog_limit} messages "
+                                                   f"arrived during a catch-up; dropped")
+                return
+            self.backlog.append(frames)
+            return
+        self._take(frames)
+
+    def _take(self, frames: list[bytes]) -> None:
+        gap = self.receive(frames)
+        if gap is not None:
+            assert self._loop is not None
+            self._task = self._loop.create_task(self._catch_up_then_read(*gap))
+        elif not self._connected and self.batches:
+            self.connected = True  # its first batch is in the index
+
+    def _on_readable(self) -> None:
+        """A catch-up ended (or a slice of backlog did): apply the backlog, in order."""
+        if self._task is None and not self._connected and self.batches:
+            self.connected = True
+        clock = time.perf_counter
+        until = clock() + SLICE_SECONDS
+        backlog = self.backlog
+        while backlog and self._task is None:
+            self._take(backlog.popleft())
+            if clock() > until and backlog:
+                assert self._loop is not None
+                self._loop.call_soon(self._on_readable)
+                return
+
+
+class BoundKVEventsSubscriber(KVEventsSubscriber):
+    """One bound SUB socket for the whole pool, demultiplexed by topic into a
+    `PublisherStream` per endpoint; see the module docstring."""
+
+    def __init__(self, index: KVBlockIndex, *, block_size: int, bind: str = DEFAULT_BIND,
+                 topic_filter: str = DEFAULT_TOPIC_FILTER, replay_port: int = 0,
+                 replay_timeout: float = 0.5) -> None:
+        super().__init__(index, block_size=block_size, replay_port=replay_port,
+                         replay_timeout=replay_timeout)
+        self.bind = bind
+        self.topic_filter = topic_filter
+        self.streams: dict[str, PublisherStream] = {}  # type: ignore[assignment]
+        self._endpoints: dict[str, Endpoint] = {}
+        self._ids: dict[str, str] = {}
+        """Publisher id (endpoint name, ip:port, ip) -> endpoint name; _AMBIGUOUS for an IP
+        shared by several endpoints."""
+        self._by_topic: dict[bytes, PublisherStream] = {}
+        self._sock: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ratelog = RateLimitedLog(log)
+        self.bound_to: str | None = None
+        """The address really bound (a `*` port resolved), once started."""
+
+    async def start(self, datastore: Any) -> None:
+        await super().start(datastore)
+        assert self._ctx is not None
+        self._loop = asyncio.get_running_loop()
+        sock = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.RCVHWM, RECV_HWM)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, self.topic_filter.encode())
+        # ZMTP heartbeats: a peer whose host vanished has its connection (and pipe) closed.
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * HEARTBEAT_MS)
+        sock.setsockopt(zmq.IPV6, 1)  # `*` takes IPv6 peers too (IPv4 only where there is none)
+        # The port is open to the cluster: a peer sending more than any engine batch is cut off.
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        try:
+            sock.bind(self.bind)
+        except zmq.ZMQError as e:
+            sock.close(linger=0)
+            await self.stop()
+            raise RuntimeError(f"kv events: cannot bind kvEventsConfig.zmqEndpoint "
+                               f"{self.bind!r}: {e}") from e
+        self._sock = sock
+        self.bound_to = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("kv events: engines publish to %s (bound; topic filter %r)",
+                 self.bound_to, self.topic_filter)
+        self._loop.add_reader(sock.FD, self._on_readable)
+        # The FD wakes us for commands too; reading now lets libzmq attach early peers and
+        # send them our subscription (tests/sim/test_kv_events.py says why that matters).
+        self._loop.call_soon(self._on_readable)
+
+    async def stop(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            asyncio.get_running_loop().remove_reader(sock.FD)
+            sock.close(linger=0)
+        await super().stop()
+
+    # -- the pool ------------------------------------------------------------------
+
+    def on_endpoints_changed(self, added: Iterable[Endpoint], removed: Iterable[Endpoint]) -> None:
+        """Datastore listener: a stream per endpoint; a moved endpoint (new address) is a
+        new publisher and starts over."""
+        added = list(added)
+        removed = list(removed)
+        gone = set(departed(added, removed))
+        for e in removed:
+            self._endpoints.pop(e.name, None)
+            if e.name in gone and e.name in self.streams:
+                self._drop(e.name)
+        for e in added:
+            replay = replay_address(e, self.replay_port)
+            if replay is False:
+                obs.KV_EVENTS_ERRORS.labels("bad_address").inc()
+                log.warning("kv events: endpoint %s has an unusable %s label", e.name,
+                            REPLAY_PORT_LABEL)
+                if e.name in self.streams:
+                    self._drop(e.name)
+                continue
+            assert replay is not True
+            self._endpoints[e.name] = e
+            s = self.streams.get(e.name)
+            if s is not None:
+                if s.address.replay != replay:
+                    s.address = StreamAddress("", replay)
+                continue
+            assert self._ctx is not None
+            s = self.streams[e.name] = PublisherStream(
+                self._ctx, e.name, replay, self.index, block_size=self.block_size,
+                replay_timeout=self.replay_timeout)
+            s.on_health_change = self._health_changed
+            self._health_changed()
+            s.start()
+        self._reindex()
+
+    def _reindex(self) -> None:
+        ids: dict[str, str] = {}
+        for e in self._endpoints.values():
+            ip = e.address.strip("[]")
+            ids[ip] = _AMBIGUOUS if ip in ids else e.name
+        for e in self._endpoints.values():
+            ids[host_port(e.address.strip("[]"), e.port)] = e.name
+        for name in self._endpoints:
+            ids[name] = name
+        self._ids = ids
+        self._by_topic = {}
+
+    # -- the socket ----------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        """Take what is queued, ~1 ms at a time, each message to its endpoint's stream."""
+        sock = self._sock
+        if sock is None:
+            return
+        clock = time.perf_counter
+        until = clock() + SLICE_SECONDS
+        by_topic = self._by_topic
+        while sock.getsockopt(_EVENTS) & _POLLIN:
+            try:
+                frames = sock.recv_multipart(_NOBLOCK)
+            except zmq.Again:
+                break
+            s = by_topic.get(frames[0])
+            if s is None:
+                s = self._resolve(frames[0])
+            if s is not None:
+                try:
+                    s.deliver(frames)
+                except Exception:  # a bug must not take the EPP down: this endpoint goes unknown
+                    log.exception("kv events from %s: intake failed", s.name)
+                    s.connected = False
+            if clock() > until:
+                assert self._loop is not None
+                self._loop.call_soon(self._on_readable)  # the FD will not fire again
+                return
+
+    def _resolve(self, topic: bytes) -> PublisherStream | None:
+        """The stream a topic names, or None (counted, logged rate-limited)."""
+        parts = topic.decode("utf-8", "replace").split("@", 2)
+        if len(parts) != 3 or not parts[1]:
+            return self._fault("bad_topic", "a message's topic is not kv@<pod-ip>@<model>: %s",
+                               topic)
+        pid = parts[1].strip()
+        name = self._ids.get(pid)
+        if name is None and pid.startswith("["):  # "[v6]" alone
+            name = self._ids.get(pid.strip("[]"))
+        if name is None:
+            return self._fault("unknown_publisher", "events from a publisher that is not an "
+                               "endpoint of the pool (topic %s); ignored", topic)
+        if name == _AMBIGUOUS:
+            return self._fault("ambiguous_publisher", "topic %s names an IP that several "
+                               "endpoints share; name the endpoint or ip:port in the topic",
+                               topic)
+        s = self.streams[name]
+        if len(self._by_topic) >= _TOPIC_CACHE:
+            self._by_topic.clear()
+        self._by_topic[topic] = s
+        return s
+
+    def _fault(self, reason: str, msg: str, topic: bytes) -> None:
+        obs.KV_EVENTS_ERRORS.labels(reason).inc()
+        self._ratelog(reason, logging.WARNING, "kv events: " + msg,
+                      for_log(topic.decode("utf-8", "replace")))
+        return None

@@ -1,0 +1,279 @@
+"""Bound event intake over real ZeroMQ sockets: the EPP binds one SUB socket, engines'
+PUB sockets connect to it (llm-d's deployment) and name themselves in the topic,
+`kv@<pod-ip>@<model>`. The publishers are the simulator's, in connect mode."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from epp import observability as obs
+from epp.datastore import Datastore, Endpoint
+from epp.kvevents.bound import BoundKVEventsSubscriber
+from epp.kvevents.decode import AllBlocksCleared, BlockRemoved, BlockStored, encode_seq
+from epp.kvevents.index import KVBlockIndex, block_keys, root_key
+from epp.kvevents.subscriber import REPLAY_PORT_LABEL
+from epp.sim.kvpublisher import KVEventPublisher
+
+pytestmark = pytest.mark.usefixtures("kv_backend")  # each test over both index implementations
+
+BS = 4
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+REASONS = {"garbage", "bad_frame", "unknown_event", "unknown_parent", "sequence_gap",
+           "sequence_reset", "replay_timeout", "publisher_gone", "block_size_mismatch",
+           "bad_address", "bad_topic", "unknown_publisher", "ambiguous_publisher",
+           "backlog_full"}
+
+
+def blocks(first: int, n: int) -> list[int]:
+    return list(range(first, first + n * BS))
+
+
+def keys(tokens: list[int]) -> list[int]:
+    return block_keys(tokens, BS, root_key(None))
+
+
+def store(h: int, tokens: list[int], parent: int | None = None) -> list[object]:
+    return [BlockStored((h,), parent, tokens, BS, None, "GPU")]
+
+
+def errors(reason: str) -> float:
+    return obs.REGISTRY.get_sample_value("inference_extension_kv_events_errors_total",
+                                         {"reason": reason}) or 0.0
+
+
+async def until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # type: ignore[no-any-return]
+
+
+class Fleet:
+    """A datastore, the bound intake and engines that publish to it."""
+
+    def __init__(self, endpoints: list[Endpoint], *, replay_port: int = 0) -> None:
+        self.ds = Datastore()
+        self.ds.set_endpoints(endpoints)
+        self.index = KVBlockIndex()
+        self.sub = BoundKVEventsSubscriber(self.index, block_size=BS,
+                                           bind=f"tcp://127.0.0.1:{free_port()}",
+                                           replay_port=replay_port, replay_timeout=1.0)
+        self.pubs: list[KVEventPublisher] = []
+
+    def engine(self, pod: str, *, replay: bool = False, topic: str | None = None) -> KVEventPublisher:
+        """An engine at `pod` (its POD_IP or whatever it names itself by) that connects."""
+        p = KVEventPublisher("127.0.0.1", 0, 0 if replay else None, connect=self.sub.bound_to,
+                             topic=topic if topic is not None else f"kv@{pod}@{MODEL}")
+        p.start()
+        self.pubs.append(p)
+        return p
+
+    async def joined(self, pub: KVEventPublisher, name: str) -> None:
+        """Until our subscription reached `pub` (a PUB drops what it sends before): it
+        publishes no-op batches until one is applied, which makes `name` known."""
+        for _ in range(300):
+            pub.publish([BlockRemoved((999_999,), "GPU")])
+            try:
+                await until(lambda: self.sub.healthy(name), timeout=0.05)
+                return
+            except TimeoutError:
+                pass
+        raise TimeoutError(f"{name} never joined")
+
+    async def close(self) -> None:
+        for p in self.pubs:
+            await p.stop()
+        await self.sub.stop()
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[Callable[..., Fleet]]:
+    made: list[Fleet] = []
+
+    def make(endpoints: list[Endpoint], **kw: int) -> Fleet:
+        f = Fleet(endpoints, **kw)
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        await f.close()
+
+
+async def test_each_engines_events_reach_its_own_endpoint(fleet: Callable[..., Fleet]) -> None:
+    f = fleet([Endpoint("pod-a", "10.0.0.1", 8000), Endpoint("pod-b", "10.0.0.2", 8000)])
+    await f.sub.start(f.ds)
+    assert not f.sub.healthy("pod-a") and not f.sub.healthy("pod-b")  # nothing applied yet
+    a, b = f.engine("10.0.0.1"), f.engine("10.0.0.2")
+    await f.joined(a, "pod-a")
+    await f.joined(b, "pod-b")
+    a.publish(store(1, blocks(0, 1)))
+    a.publish(store(2, blocks(4, 1), parent=1))
+    b.publish(store(7, blocks(0, 1)))  # engine hashes are per engine: 7 on b is block 0 too
+    await until(lambda: f.index.match(keys(blocks(0, 2))) == {"pod-a": 2, "pod-b": 1})
+    b.publish([BlockRemoved((7,), "GPU")])
+    await until(lambda: f.index.match(keys(blocks(0, 2))) == {"pod-a": 2})
+    assert f.sub.streams["pod-a"].next_seq == a._seq and f.sub.streams["pod-b"].next_seq == b._seq
+
+
+async def test_a_topic_may_name_the_endpoint_or_its_ip_and_port(
+        fleet: Callable[..., Fleet]) -> None:
+    # Two endpoints of one pod (two target ports) share an IP: the IP alone is ambiguous.
+    f = fleet([Endpoint("pod-rank-0", "10.0.0.1", 8000), Endpoint("pod-rank-1", "10.0.0.1", 8001)])
+    await f.sub.start(f.ds)
+    by_name, by_hostport = f.engine("pod-rank-0"), f.engine("10.0.0.1:8001")
+    await f.joined(by_name, "pod-rank-0")
+    await f.joined(by_hostport, "pod-rank-1")
+    ambiguous = errors("ambiguous_publisher")
+    shared = f.engine("10.0.0.1")
+    await until(lambda: (shared.publish([AllBlocksCleared()]),
+                         errors("ambiguous_publisher") > ambiguous)[1])
+    by_name.publish(store(1, blocks(0, 1)))
+    by_hostport.publish([BlockStored((2, 3), None, blocks(0, 2), BS, None, "GPU")])
+    await until(lambda: f.index.match(keys(blocks(0, 2))) == {"pod-rank-0": 1, "pod-rank-1": 2})
+
+
+async def test_strangers_and_garbage_topics_are_counted_and_others_go_on(
+        fleet: Callable[..., Fleet]) -> None:
+    f = fleet([Endpoint("pod-a", "10.0.0.1", 8000)])
+    await f.sub.start(f.ds)
+    a = f.engine("10.0.0.1")
+    await f.joined(a, "pod-a")
+    unknown, bad, frames = errors("unknown_publisher"), errors("bad_topic"), errors("bad_frame")
+    stranger = f.engine("10.9.9.9")
+    nameless = f.engine("", topic="kv@no-pod-part")  # passes the kv@ filter, names nobody
+    await until(lambda: (stranger.publish(store(5, blocks(0, 1))),
+                         errors("unknown_publisher") > unknown)[1])
+    await until(lambda: (nameless.publish(store(5, blocks(0, 1))),
+                         errors("bad_topic") > bad)[1])
+    a.send_raw([f"kv@10.0.0.1@{MODEL}".encode(), b"\x00"])  # its stream counts a bad frame
+    a.send_raw([f"kv@10.0.0.1@{MODEL}".encode(), encode_seq(a._seq), b"\xc1 not msgpack"])
+    a._seq += 1
+    a.publish(store(1, blocks(0, 1)))
+    await until(lambda: f.index.match(keys(blocks(0, 1))) == {"pod-a": 1})
+    assert f.index.size == 1 and f.sub.healthy("pod-a")
+    assert errors("bad_frame") == frames + 1
+    # Topics never become label values: only the bounded reasons exist.
+    reasons = {s.labels["reason"] for m in obs.REGISTRY.collect()
+               if m.name == "inference_extension_kv_events_errors" for s in m.samples}
+    assert reasons <= REASONS
+
+
+async def test_an_unreplayable_gap_drops_the_endpoint_and_rebuilds(
+        fleet: Callable[..., Fleet]) -> None:
+    f = fleet([Endpoint("pod-a", "10.0.0.1", 8000), Endpoint("pod-b", "10.0.0.2", 8000)])
+    await f.sub.start(f.ds)
+    a, b = f.engine("10.0.0.1"), f.engine("10.0.0.2")
+    await f.joined(a, "pod-a")
+    await f.joined(b, "pod-b")
+    gaps = errors("sequence_gap")
+    a.publish(store(1, blocks(0, 1)))
+    b.publish(store(1, blocks(0, 1)))
+    await until(lambda: f.index.size == 2)
+    a.drop_next = 1
+    a.publish([BlockRemoved((1,), "GPU")])  # lost: a's index would claim block 1 forever
+    a.publish(store(9, blocks(100, 1)))
+    await until(lambda: f.index.match(keys(blocks(100, 1))) == {"pod-a": 1})
+    assert f.index.match(keys(blocks(0, 1))) == {"pod-b": 1}  # a's dropped, b's untouched
+    assert errors("sequence_gap") == gaps + 1 and f.sub.healthy("pod-a")
+
+
+async def test_a_gap_is_filled_from_the_engines_replay_socket(
+        fleet: Callable[..., Fleet]) -> None:
+    f = fleet([])
+    await f.sub.start(f.ds)
+    pub = f.engine("127.0.0.1", replay=True)
+    f.ds.set_endpoints([Endpoint("pod-a", "127.0.0.1", 8000,
+                                 {REPLAY_PORT_LABEL: str(pub.replay_port)})])
+    pub.publish(store(1, blocks(0, 1)))  # before our subscription arrives: replay buffer only
+    await f.joined(pub, "pod-a")  # its first batch seen live asks the replay for 0..
+    assert f.index.match(keys(blocks(0, 1))) == {"pod-a": 1}
+    pub.publish(store(2, blocks(4, 1), parent=1))
+    pub.drop_next = 1
+    pub.publish(store(3, blocks(8, 1), parent=2))  # lost on the wire
+    for i in range(4, 51):  # what arrives during the replay waits, then follows in order
+        pub.publish(store(i, blocks(4 * (i - 1), 1), parent=i - 1))
+    await until(lambda: f.index.match(keys(blocks(0, 50))) == {"pod-a": 50})
+    assert f.sub.streams["pod-a"].next_seq == pub._seq
+
+
+async def test_a_restarted_engine_is_cleared(fleet: Callable[..., Fleet]) -> None:
+    f = fleet([Endpoint("pod-a", "10.0.0.1", 8000)])
+    await f.sub.start(f.ds)
+    a = f.engine("10.0.0.1")
+    await f.joined(a, "pod-a")
+    resets = errors("sequence_reset")
+    a.publish(store(1, blocks(0, 1)))
+    a.publish(store(2, blocks(4, 1)))
+    await until(lambda: f.index.size == 2)
+    a._seq = 0  # the engine came back with an empty cache, counting from 0 again
+    a.publish(store(7, blocks(50, 1)))
+    await until(lambda: f.index.match(keys(blocks(50, 1))) == {"pod-a": 1})
+    assert f.index.size == 1 and f.sub.healthy("pod-a")
+    assert errors("sequence_reset") == resets + 1
+
+
+async def test_an_endpoint_that_leaves_is_forgotten(fleet: Callable[..., Fleet]) -> None:
+    f = fleet([Endpoint("pod-a", "10.0.0.1", 8000), Endpoint("pod-b", "10.0.0.2", 8000)])
+    await f.sub.start(f.ds)
+    a, b = f.engine("10.0.0.1"), f.engine("10.0.0.2")
+    await f.joined(a, "pod-a")
+    await f.joined(b, "pod-b")
+    a.publish(store(1, blocks(0, 1)))
+    b.publish(store(1, blocks(0, 1)))
+    await until(lambda: f.index.size == 2)
+    version = f.sub.health_version
+    f.ds.remove_endpoint("pod-a")
+    assert "pod-a" not in f.sub.streams and not f.sub.healthy("pod-a")
+    assert f.index.match(keys(blocks(0, 1))) == {"pod-b": 1}
+    assert f.sub.health_version != version  # the scorer's cached view is rebuilt
+    unknown = errors("unknown_publisher")
+    await until(lambda: (a.publish(store(2, blocks(8, 1))),
+                         errors("unknown_publisher") > unknown)[1])
+    assert f.index.size == 1
+    # It comes back (a new pod with that IP): unknown until a batch of its is applied.
+    f.ds.upsert_endpoint(Endpoint("pod-a", "10.0.0.1", 8000))
+    assert not f.sub.healthy("pod-a")
+    a.publish(store(3, blocks(12, 1)))
+    await until(lambda: f.sub.healthy("pod-a"))
+    assert f.index.match(keys(blocks(12, 1))) == {"pod-a": 1}
+
+
+async def test_a_bind_address_in_use_stops_the_start_with_a_clear_error(
+        fleet: Callable[..., Fleet]) -> None:
+    f = fleet([])
+    await f.sub.start(f.ds)
+    g = BoundKVEventsSubscriber(KVBlockIndex(), block_size=BS, bind=f.sub.bound_to or "")
+    with pytest.raises(RuntimeError, match="cannot bind kvEventsConfig.zmqEndpoint"):
+        await g.start(Datastore())
+
+
+async def test_a_full_backlog_during_a_catch_up_drops_and_the_stream_recovers(
+        fleet: Callable[..., Fleet]) -> None:
+    # The replay port has nobody behind it: each catch-up waits its whole timeout (1 s).
+    f = fleet([Endpoint("pod-a", "127.0.0.1", 8000, {REPLAY_PORT_LABEL: str(free_port())})])
+    await f.sub.start(f.ds)
+    a = f.engine("127.0.0.1")
+    await f.joined(a, "pod-a")
+    f.sub.streams["pod-a"].backlog_limit = 3
+    full = errors("backlog_full")
+    a.drop_next = 1
+    a.publish(store(1, blocks(0, 1)))  # lost: the next batch starts a catch-up
+    for i in range(10):                # 3 wait for it; the rest do not fit
+        a.publish(store(10 + i, blocks(100 + 4 * i, 1)))
+    await until(lambda: errors("backlog_full") > full)
+    # The dropped batches show as a gap with the next one that fits: rebuilt from there on.
+    await until(lambda: (a.publish(store(99, blocks(900, 1))),
+                         f.index.match(keys(blocks(900, 1))) == {"pod-a": 1})[1])
+    assert f.sub.healthy("pod-a")
