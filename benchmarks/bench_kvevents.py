@@ -45,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,35 @@ def free_ports(n: int) -> list[int]:
     return out
 
 
+@dataclass
+class Drained:
+    seconds: float
+    cpu_seconds: float
+    batches: int
+    events: int
+    loop_lag_p99_ms: float | None
+
+
+async def measure(sub: Any, go: Any, want: int, seconds: float) -> Drained:
+    """Start the publishers (`go`) and let the intake take `want` batches per stream (or
+    `seconds` + 5 s); this process's CPU over that time, and how late the loop ran (what
+    a request would wait for)."""
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    go.set()
+    lags: list[float] = []
+    while time.perf_counter() - wall0 < seconds + 5:
+        t = time.perf_counter()
+        await asyncio.sleep(0.01)
+        lags.append(time.perf_counter() - t - 0.01)
+        if all(s.batches >= want for s in sub.streams.values()):
+            break
+    cpu1, wall1 = time.process_time(), time.perf_counter()
+    got = sum(s.batches for s in sub.streams.values())
+    lags.sort()
+    return Drained(wall1 - wall0, cpu1 - cpu0, got, got * BATCH_EVENTS,
+                   round(lags[int(len(lags) * 0.99)] * 1000, 2) if lags else None)
+
+
 async def bench_intake(endpoints: int, rate: float, seconds: float,
                        backend: str = "native") -> dict[str, Any]:
     batches = int(seconds * rate / BATCH_EVENTS)
@@ -164,25 +194,12 @@ async def bench_intake(endpoints: int, rate: float, seconds: float,
     while not all(sub.healthy(e.name) for e in ds.endpoints()) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)  # subscriptions reach the publishers
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    go.set()
     want = batches
-    # Also measure how late the loop runs (what a request would wait for).
-    lags: list[float] = []
-    while time.perf_counter() - wall0 < seconds + 5:
-        t = time.perf_counter()
-        await asyncio.sleep(0.01)
-        lags.append(time.perf_counter() - t - 0.01)
-        if all(s.batches >= want for s in sub.streams.values()):
-            break
-    cpu1, wall1 = time.process_time(), time.perf_counter()
-    got = sum(s.batches for s in sub.streams.values())
+    m = await measure(sub, go, want, seconds)
     await sub.stop()
     pub.join(10)
-    lags.sort()
-    dt = wall1 - wall0
-    events = got * BATCH_EVENTS
-    us_per_event = (cpu1 - cpu0) / max(1, events) * 1e6
+    dt, events, got = m.seconds, m.events, m.batches
+    us_per_event = m.cpu_seconds / max(1, events) * 1e6
     # Baseline in the same run: decoding and indexing the same batches without sockets.
     base_index = KVBlockIndex(backend=backend)
     c0 = time.process_time()
@@ -194,11 +211,11 @@ async def bench_intake(endpoints: int, rate: float, seconds: float,
     return {"index": type(index).__name__, "endpoints": endpoints, "events_per_s_each": rate, "seconds": round(dt, 2),
             "batches_sent": want * endpoints, "batches_applied": got,
             "events_per_s_total": round(events / dt),
-            "cores": round((cpu1 - cpu0) / dt, 3),
+            "cores": round(m.cpu_seconds / dt, 3),
             "cpu_us_per_event": round(us_per_event, 2),
             "baseline_decode_index_us_per_event": round(base_us, 2),
             "cores_at_target_rate": round(us_per_event * target / 1e6, 3),
-            "loop_lag_p99_ms": round(lags[int(len(lags) * 0.99)] * 1000, 2) if lags else None,
+            "loop_lag_p99_ms": m.loop_lag_p99_ms,
             "index_entries": index.size}
 
 

@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kvevents import BATCH_EVENTS, BS, _stream, free_ports  # noqa: E402
+from bench_kvevents import BATCH_EVENTS, BS, _stream, free_ports, measure  # noqa: E402
 
 from epp.datastore import Datastore, Endpoint  # noqa: E402
 from epp.kvevents.bound import BoundKVEventsSubscriber  # noqa: E402
@@ -108,28 +108,14 @@ async def run(mode: str, endpoints: int, rate: float, seconds: float,
         while not all(sub.healthy(e.name) for e in ds.endpoints()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)  # subscriptions reach the publishers
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    go.set()
-    want = len(payloads)
-    lags: list[float] = []
-    while time.perf_counter() - wall0 < seconds + 5:
-        t = time.perf_counter()
-        await asyncio.sleep(0.01)
-        lags.append(time.perf_counter() - t - 0.01)
-        if all(s.batches >= want for s in sub.streams.values()):
-            break
-    cpu1, wall1 = time.process_time(), time.perf_counter()
-    got = sum(s.batches for s in sub.streams.values())
+    m = await measure(sub, go, len(payloads), seconds)
     await sub.stop()
     await asyncio.to_thread(pub.join, 10)
-    lags.sort()
-    dt = wall1 - wall0
-    events = got * BATCH_EVENTS
-    return {"mode": mode, "seconds": round(dt, 2), "batches_sent": want * endpoints,
-            "batches_applied": got, "events_per_s_total": round(events / dt),
-            "cores": round((cpu1 - cpu0) / dt, 3),
-            "cpu_us_per_event": round((cpu1 - cpu0) / max(1, events) * 1e6, 2),
-            "loop_lag_p99_ms": round(lags[int(len(lags) * 0.99)] * 1000, 2) if lags else None,
+    return {"mode": mode, "seconds": round(m.seconds, 2), "batches_sent": len(payloads) * endpoints,
+            "batches_applied": m.batches, "events_per_s_total": round(m.events / m.seconds),
+            "cores": round(m.cpu_seconds / m.seconds, 3),
+            "cpu_us_per_event": round(m.cpu_seconds / max(1, m.events) * 1e6, 2),
+            "loop_lag_p99_ms": m.loop_lag_p99_ms,
             "publisher_exit": pub.exitcode}
 
 

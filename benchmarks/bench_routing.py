@@ -236,15 +236,17 @@ def stale_verdict(points: list[dict[str, Any]],
     saturates, precise p90 TTFT <= 0.5x the approximate (default) profile's, and a higher
     prefix-cache hit rate.
 
-    Saturated: the lowest load at which round-robin no longer delivers 90 % of the output
+    Saturated: the lowest load at which round-robin delivers under 80 % of the output
     tokens offered (QPS x output length), i.e. its queues grow for as long as the run
-    lasts. (A p90 rule, "10x the light-load p90", depends on the run's length: a
-    saturated queue's p90 keeps growing with the number of requests.)"""
+    lasts. Not 90 %: a run of ~10 s of Poisson arrivals, measured to its last response,
+    shows 85-95 % at a load round-robin keeps up with. (A p90 rule, "10x the light-load
+    p90", depends on the run's length: a saturated queue's p90 keeps growing with the
+    number of requests.)"""
     rr = sorted((p for p in points if p["strategy"] == "round-robin" and p["ttft_p90"]),
                 key=lambda p: p["qps"])
     if not rr:
         return ["target: needs round-robin in the sweep"]
-    saturated = [p for p in rr if p["output_tok_s"] < 0.9 * p["qps"] * output_len]
+    saturated = [p for p in rr if p["output_tok_s"] < 0.8 * p["qps"] * output_len]
     at = saturated[0] if saturated else rr[-1]
     share = at["output_tok_s"] / (at["qps"] * output_len)
     by = {p["strategy"]: p for p in points if p["qps"] == at["qps"]}

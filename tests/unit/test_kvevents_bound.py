@@ -4,7 +4,6 @@ PUB sockets connect to it (llm-d's deployment) and name themselves in the topic,
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
 
@@ -14,43 +13,18 @@ from epp import observability as obs
 from epp.datastore import Datastore, Endpoint
 from epp.kvevents.bound import BoundKVEventsSubscriber
 from epp.kvevents.decode import AllBlocksCleared, BlockRemoved, BlockStored, encode_seq
-from epp.kvevents.index import KVBlockIndex, block_keys, root_key
+from epp.kvevents.index import KVBlockIndex
 from epp.kvevents.subscriber import REPLAY_PORT_LABEL
 from epp.sim.kvpublisher import KVEventPublisher
+from tests.kvevents_helpers import BS, blocks, errors, keys, store, until
 
 pytestmark = pytest.mark.usefixtures("kv_backend")  # each test over both index implementations
 
-BS = 4
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 REASONS = {"garbage", "bad_frame", "unknown_event", "unknown_parent", "sequence_gap",
            "sequence_reset", "replay_timeout", "publisher_gone", "block_size_mismatch",
            "bad_address", "bad_topic", "unknown_publisher", "ambiguous_publisher",
            "backlog_full"}
-
-
-def blocks(first: int, n: int) -> list[int]:
-    return list(range(first, first + n * BS))
-
-
-def keys(tokens: list[int]) -> list[int]:
-    return block_keys(tokens, BS, root_key(None))
-
-
-def store(h: int, tokens: list[int], parent: int | None = None) -> list[object]:
-    return [BlockStored((h,), parent, tokens, BS, None, "GPU")]
-
-
-def errors(reason: str) -> float:
-    return obs.REGISTRY.get_sample_value("inference_extension_kv_events_errors_total",
-                                         {"reason": reason}) or 0.0
-
-
-async def until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.01)
 
 
 def free_port() -> int:

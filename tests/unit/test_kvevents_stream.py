@@ -5,15 +5,14 @@ framed as vLLM's ZmqEventPublisher)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 import zmq
 
-from epp import observability as obs
 from epp.datastore import Datastore, Endpoint
-from epp.kvevents.decode import AllBlocksCleared, BlockRemoved, BlockStored, encode_seq
-from epp.kvevents.index import KVBlockIndex, block_keys, root_key
+from epp.kvevents.decode import AllBlocksCleared, BlockRemoved, encode_seq
+from epp.kvevents.index import KVBlockIndex
 from epp.kvevents.subscriber import (
     PORT_LABEL,
     REPLAY_PORT_LABEL,
@@ -22,35 +21,9 @@ from epp.kvevents.subscriber import (
     StreamAddress,
 )
 from epp.sim.kvpublisher import KVEventPublisher
+from tests.kvevents_helpers import BS, blocks, errors, keys, store, until
 
 pytestmark = pytest.mark.usefixtures("kv_backend")  # each test over both index implementations
-
-BS = 4
-
-
-def blocks(first: int, n: int) -> list[int]:
-    return list(range(first, first + n * BS))
-
-
-def keys(tokens: list[int]) -> list[int]:
-    return block_keys(tokens, BS, root_key(None))
-
-
-def store(h: int, tokens: list[int], parent: int | None = None) -> list[object]:
-    return [BlockStored((h,), parent, tokens, BS, None, "GPU")]
-
-
-def errors(reason: str) -> float:
-    return obs.REGISTRY.get_sample_value("inference_extension_kv_events_errors_total",
-                                         {"reason": reason}) or 0.0
-
-
-async def until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -157,8 +130,6 @@ async def test_garbage_and_unknown_events_are_counted_and_the_stream_goes_on(
         assert s.healthy
     finally:
         await s.stop()
-
-
 
 
 async def test_a_restarted_engine_is_cleared(ctx: zmq.Context, pub: KVEventPublisher) -> None:
