@@ -30,7 +30,7 @@ from epp.manifests import ObjectivesFileWatcher
 from epp.objectives import ObjectiveStore
 from epp.passivehealth import PassiveHealth
 from epp.scheduling import InFlightTracker, Scheduler
-from epp.server import extproc, reflection, tls
+from epp.server import extproc, ports, reflection, tls
 from epp.server.health import HealthService
 from epp.server.metrics_http import MetricsAuth, MetricsServer, kubernetes_auth
 from epp.server.status_page import StatusPage, StatusSource
@@ -45,6 +45,7 @@ from epp.telemetry.tracing import Tracer
 log = logging.getLogger(__name__)
 
 _GRPC_OPTIONS = [
+    ports.NO_REUSEPORT,  # a taken port fails the start (epp/server/ports.py)
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -129,9 +130,9 @@ class EppApp:
         if s.secure_serving:
             cert, key = tls.load_or_create(s.cert_path)
             creds = grpc.ssl_server_credentials([(key, cert)])
-            self.grpc_port = self.server.add_secure_port(addr, creds)
+            self.grpc_port = ports.bind(self.server, "ext_proc", addr, creds)
         else:
-            self.grpc_port = self.server.add_insecure_port(addr)
+            self.grpc_port = ports.bind(self.server, "ext_proc", addr)
         await self.server.start()
         self.health_port = await self.health.start(s.bind_address, s.grpc_health_port)
         if s.metrics_port >= 0:

@@ -262,7 +262,24 @@ def start_epp(*extra: str, secure: bool = False, endpoints_file: str | None = No
               endpoints: str | None = None, module: str = "epp",
               env: dict[str, str] | None = None) -> EppProcess:
     """The EPP as a process (`module` may name another launcher taking the same flags;
-    `env` adds environment variables, e.g. epp/tuning.py's)."""
+    `env` adds environment variables, e.g. epp/tuning.py's). A port that another process
+    took between `free_port` and the EPP's bind is retried with new ports (twice)."""
+    for attempt in range(3):
+        try:
+            return _start_epp(*extra, secure=secure, endpoints_file=endpoints_file,
+                              endpoints=endpoints, module=module, env=env)
+        except _PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+def _start_epp(*extra: str, secure: bool, endpoints_file: str | None,
+               endpoints: str | None, module: str, env: dict[str, str] | None) -> EppProcess:
     g, h, m = free_port(), free_port(), free_port()
     args = [sys.executable, "-m", module, "--bind-address", "127.0.0.1",
             "--grpc-port", str(g), "--grpc-health-port", str(h), "--metrics-port", str(m),
@@ -280,7 +297,9 @@ def start_epp(*extra: str, secure: bool = False, endpoints_file: str | None = No
         proc.stop()
         raise RuntimeError("EPP did not become ready:\n" + proc.output()) from None
     if proc.p.poll() is not None:
-        raise RuntimeError("EPP exited:\n" + proc.output())
+        out = proc.output()
+        raise (_PortTaken if "[Errno 98]" in out else RuntimeError)(
+            "EPP exited:\n" + out)
     return epp
 
 

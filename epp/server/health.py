@@ -11,6 +11,8 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from epp.server import ports
+
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 _READY_NAMES = ("readiness", EXTPROC_SERVICE, "", "inference-extension")
 
@@ -27,9 +29,9 @@ class HealthService:
         self._server: grpc.aio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
-        self._server = grpc.aio.server()
+        self._server = grpc.aio.server(options=[ports.NO_REUSEPORT])
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, self._server)
-        bound = self._server.add_insecure_port(f"{host}:{port}")
+        bound = ports.bind(self._server, "gRPC health", f"{host}:{port}")
         await self.servicer.set("liveness", SERVING)
         for name in _READY_NAMES:
             await self.servicer.set(name, NOT_SERVING)
