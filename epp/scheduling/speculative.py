@@ -15,14 +15,14 @@ a pod whose cache turns over in seconds, a cold group's blocks are often stored 
 evicted between two of its requests, and a pick confirmed only on reading would still
 claim them for the rest of its TTL (the routing benchmark's stale-prefix shape: cold
 groups sent on that claim alone to a pod that had evicted them, queueing a full prefill
-there; docs/scoring.md).
+there; benchmarks/RESULTS.md, "One EPP: stale speculative picks").
 
 Cost, chosen for the request path: a pick is one dict entry holding a reference to the
 request's key list (no per-block work), filed under the group's first block key, one
 entry per (group, endpoint): the latest pick there. Unconfirmed picks are also filed per
 endpoint, so `settle` looks only at that endpoint's picks not yet stored (about its
-queued and prefilling requests), one index lookup each. Matching compares the request's keys
-with each entry of its group; keys are chained hashes, so equal keys at position k mean
+queued and prefilling requests), one index lookup each. Matching compares the request's
+keys with each entry of its group; keys are chained hashes, so equal keys at position k mean
 equal blocks 0..k, and the common run is found by bisection.
 """
 
