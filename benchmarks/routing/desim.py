@@ -229,7 +229,8 @@ def _deliver(precise: list[Any], name: str, engine: Engine) -> None:
         return
     events = engine.kv.take_events()
     for p in precise:
-        p.index.apply(name, events)
+        if p.index.apply(name, events).stored:
+            p.blocks_stored(name)
 
 
 def variant(assigns: str) -> str:

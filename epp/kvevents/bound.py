@@ -233,6 +233,7 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
                 self._ctx, e.name, replay, self.index, block_size=self.block_size,
                 replay_timeout=self.replay_timeout)
             s.on_health_change = self._health_changed
+            s.on_stored = self.on_stored
             self._health_changed()
             s.start()
         self._reindex()

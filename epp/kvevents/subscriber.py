@@ -30,7 +30,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import zmq
 import zmq.asyncio
@@ -124,6 +124,9 @@ class EndpointStream:
         self._block_size_ok = True
         self.on_health_change: Any = None
         """Called when `healthy` may have changed (the subscriber's version counter)."""
+        self.on_stored: Callable[[str], None] | None = None
+        """Called with the endpoint's name after a batch that stored blocks is applied
+        (the precise scorer settles its speculative picks there)."""
         self.next_seq: int | None = None
         """The sequence number of the next batch to apply; None before the first."""
         self.live_high: int | None = None
@@ -396,6 +399,8 @@ class EndpointStream:
         r = self._result
         self.next_seq = seq + 1
         self.batches += 1
+        if r.stored and self.on_stored is not None:
+            self.on_stored(self.name)
         obs.KV_EVENTS.inc(events)
         if unknown:
             self.faults.report("unknown_event", "event of an unknown type skipped", unknown)
@@ -423,6 +428,9 @@ class KVEventsSubscriber:
         self._stopping: set[asyncio.Task[None]] = set()
         self.health_version = 0
         """Changes whenever any endpoint's health may have changed (scorers cache on it)."""
+        self.on_stored: Callable[[str], None] | None = None
+        """Called with an endpoint's name after a batch of its events that stored blocks
+        is in the index (`EndpointStream.on_stored`)."""
 
     def _health_changed(self) -> None:
         self.health_version += 1
@@ -468,6 +476,7 @@ class KVEventsSubscriber:
                 self._ctx, e.name, addr, self.index, block_size=self.block_size,
                 replay_timeout=self.replay_timeout)
             s.on_health_change = self._health_changed
+            s.on_stored = self.on_stored
             self._health_changed()
             s.start()
         share = max(MIN_SLICE_SECONDS, SLICE_SECONDS / max(1, len(self.streams)))

@@ -195,6 +195,7 @@ class PrecisePrefixCacheScorer:
         prompt then goes where its first request went, instead of being spread before
         the first one's blocks are stored."""
         self.speculative_ttl = speculative_ttl
+        self.subscriber.on_stored = self.blocks_stored
 
     @classmethod
     def from_params(cls, name: str, params: dict[str, Any]) -> "PrecisePrefixCacheScorer":
@@ -384,6 +385,12 @@ class PrecisePrefixCacheScorer:
             group = self._group(state)
             if group is not None:
                 self.homes.settle(group, name, holders, state.request.request_id)
+
+    def blocks_stored(self, name: str) -> None:
+        """The intake applied events that stored blocks on `name`: the picks there whose
+        blocks are now in the index are settled (`SpeculativePicks.settle`)."""
+        if self.speculative:
+            self.speculative.settle(name, self.index.holds)
 
     def forget_endpoint(self, name: str) -> None:
         self.speculative.forget(name)

@@ -9,15 +9,20 @@ A pick stands only until the engine's events settle it: once the index shows the
 endpoint holding the pick's last block, the index is the truth for that endpoint (the
 entry is "confirmed"), and a confirmed entry whose last block the index no longer shows
 was evicted, so it is dropped: a pick must not claim blocks the engine has reported
-evicted. (On the routing benchmark's virtual clock this changed no decision: there, a
-group read often enough to see its blocks stored was not evicted within the TTL.) An
-entry whose blocks were stored and evicted between two reads of its group is only
-bounded by the TTL.
+evicted. Confirmation is checked when events that stored blocks on the endpoint are
+applied (`settle`, called by the event intake), not only when the group is next read: on
+a pod whose cache turns over in seconds, a cold group's blocks are often stored *and*
+evicted between two of its requests, and a pick confirmed only on reading would still
+claim them for the rest of its TTL (the routing benchmark's stale-prefix shape: cold
+groups sent on that claim alone to a pod that had evicted them, queueing a full prefill
+there; benchmarks/RESULTS.md, "One EPP: stale speculative picks").
 
 Cost, chosen for the request path: a pick is one dict entry holding a reference to the
 request's key list (no per-block work), filed under the group's first block key, one
-entry per (group, endpoint): the latest pick there. Matching compares the request's keys
-with each entry of its group; keys are chained hashes, so equal keys at position k mean
+entry per (group, endpoint): the latest pick there. Unconfirmed picks are also filed per
+endpoint, so `settle` looks only at that endpoint's picks not yet stored (about its
+queued and prefilling requests), one index lookup each. Matching compares the request's
+keys with each entry of its group; keys are chained hashes, so equal keys at position k mean
 equal blocks 0..k, and the common run is found by bisection.
 """
 
@@ -64,6 +69,8 @@ class SpeculativePicks:
         self.ttl = ttl
         self.max_picks = max(1, max_picks)
         self._by_root: dict[int, dict[str, _Pick]] = {}
+        self._pending: dict[str, dict[int, _Pick]] = {}
+        """Endpoint -> group root -> its live pick there not confirmed yet."""
         self._queue: deque[tuple[float, int, str]] = deque()
 
     @property
@@ -82,7 +89,11 @@ class SpeculativePicks:
         if picks is None:
             picks = self._by_root[root] = {}
         until = now + self.ttl
-        picks[name] = _Pick(until, keys)
+        pick = picks[name] = _Pick(until, keys)
+        pending = self._pending.get(name)
+        if pending is None:
+            pending = self._pending[name] = {}
+        pending[root] = pick
         self._queue.append((until, root, name))
         if len(self._queue) > self.max_picks:
             self._drop(*self._queue.popleft(), until)
@@ -102,6 +113,27 @@ class SpeculativePicks:
             del picks[name]
             if not picks:
                 del self._by_root[root]
+            self._unpend(name, root, entry)
+
+    def _unpend(self, name: str, root: int, entry: _Pick) -> None:
+        pending = self._pending.get(name)
+        if pending is not None and pending.get(root) is entry:
+            del pending[root]
+            if not pending:
+                del self._pending[name]
+
+    def settle(self, name: str, holds: Holds) -> None:
+        """The index has just applied events that stored blocks on `name`: confirm the
+        picks there whose last block it now shows (from then on the index speaks for
+        them, and their eviction ends them)."""
+        pending = self._pending.get(name)
+        if not pending:
+            return
+        done = [root for root, p in pending.items() if holds(name, p.keys[-1])]
+        for root in done:
+            pending.pop(root).confirmed = True
+        if not pending:
+            del self._pending[name]
 
     def match(self, keys: Sequence[int], now: float, holds: Holds | None = None) -> dict[str, int]:
         """Per endpoint with a live, unsettled pick of this group, the leading blocks it
@@ -119,7 +151,9 @@ class SpeculativePicks:
                 continue
             if holds is not None:
                 if holds(name, p.keys[-1]):
-                    p.confirmed = True  # stored: the index speaks for this endpoint now
+                    if not p.confirmed:  # stored: the index speaks for this endpoint now
+                        p.confirmed = True
+                        self._unpend(name, keys[0], p)
                     continue
                 if p.confirmed:
                     evicted.append(name)
@@ -133,6 +167,7 @@ class SpeculativePicks:
 
     def forget(self, name: str) -> None:
         """An endpoint left the pool (rare: a scan of the live entries)."""
+        self._pending.pop(name, None)
         for root in [r for r, picks in self._by_root.items() if name in picks]:
             picks = self._by_root[root]
             del picks[name]

@@ -13,7 +13,7 @@ from epp import observability as obs
 from epp.config import load_config
 from epp.datastore import Datastore, Endpoint, EndpointMetrics, Snapshot
 from epp.kvevents.bound import BoundKVEventsSubscriber
-from epp.kvevents.decode import BlockStored
+from epp.kvevents.decode import BlockRemoved, BlockStored, EventBatch
 from epp.kvevents.subscriber import EndpointStream, StreamAddress
 from epp.director import Director
 from epp.objectives import Resolution
@@ -48,6 +48,7 @@ def live(scorer: PrecisePrefixCacheScorer, *names: str) -> None:
         s = EndpointStream(None, n, StreamAddress("tcp://x:1", None), scorer.index,  # type: ignore[arg-type]
                            block_size=scorer.block_size)
         s.connected = True
+        s.on_stored = scorer.subscriber.on_stored  # as the subscriber wires its streams
         scorer.subscriber.streams[n] = s
 
 
@@ -274,6 +275,26 @@ def test_a_pick_counts_until_events_confirm_it_or_its_ttl_ends(tokdir: Path) -> 
     res = sched.schedule(chat_request(), snap, explain=True, now=NOW + 2.5, learn=False)
     raw = {c.endpoint: c.raw[scorer.name] for c in res.explanation.profiles[0].scores}
     assert raw == {"a": 0.0, "b": 0.0} and scorer.speculative.size == 0
+
+
+def test_a_pick_stored_and_evicted_before_the_next_read_claims_nothing(tokdir: Path) -> None:
+    """On a pod whose cache turns over in seconds a cold group is stored and evicted
+    between two of its requests; the pick must not claim it back for the rest of its TTL."""
+    scorer = PrecisePrefixCacheScorer(block_size=16, tokenizers={MODEL: str(tokdir)},
+                                      speculative_ttl=10.0)
+    snap = pool("a", "b")
+    live(scorer, "a", "b")
+    sched = Scheduler([_profile(scorer)])
+    sched.schedule(chat_request(), snap, [1], now=NOW)  # to b
+    ids = chat_ids(scorer)
+    n = len(ids) // scorer.block_size
+    hashes = [7000 + i for i in range(n)]
+    stream = scorer.subscriber.streams["b"]
+    stream._apply(EventBatch(0, NOW + 1, [BlockStored(hashes, None, ids[: n * 16], 16, None, "GPU")]))
+    stream._apply(EventBatch(1, NOW + 2, [BlockRemoved(hashes[::-1], "GPU")]))
+    res = sched.schedule(chat_request(), snap, explain=True, now=NOW + 3, learn=False)
+    raw = {c.endpoint: c.raw[scorer.name] for c in res.explanation.profiles[0].scores}
+    assert raw == {"a": 0.0, "b": 0.0}
 
 
 def test_token_id_prompts_need_no_tokenizer(tmp_path: Path) -> None:

@@ -56,3 +56,19 @@ def test_the_engines_events_settle_a_pick_before_its_ttl() -> None:
     held.discard(("a", 3))  # BlockRemoved: evicted, and the pick must not claim it back
     assert picks.match([1, 2, 3], now=3.0, holds=holds) == {}
     assert picks.size == 0
+
+
+def test_events_applied_between_two_reads_settle_a_pick() -> None:
+    """A cold group's blocks can be stored and evicted before its next request is read:
+    the intake settles the pick when the blocks are stored, so the eviction ends it."""
+    held: set[tuple[str, int]] = set()
+    holds = lambda name, key: (name, key) in held  # noqa: E731  (the index's `holds`)
+    picks = SpeculativePicks(ttl=10.0)
+    picks.record("a", [1, 2, 3], now=0.0)
+    picks.record("b", [1, 2, 3], now=0.0)
+    held |= {("a", 1), ("a", 2), ("a", 3)}  # BlockStored on a
+    picks.settle("a", holds)
+    picks.settle("b", holds)  # b's prefill has not ended: its pick stands
+    held.clear()  # BlockRemoved on a: evicted before anyone read the group
+    assert picks.match([1, 2, 3], now=1.0, holds=holds) == {"b": 3}
+    assert picks.size == 1
