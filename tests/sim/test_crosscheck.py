@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,72 +32,23 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from epp.sim import REPLICA_HEADER, Fleet
 from tests.sim.conftest import BASE, StartSim
-from tests.tools import LLM_D_INFERENCE_SIM, require
+from tests.llm_d_sim import llm_d_inference_sim
 
 pytestmark = pytest.mark.slow
 
 ADAPTER = "food-review"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 async def go_sim(tmp_path: Path) -> AsyncIterator[str]:
     """A running llm-d-inference-sim on 127.0.0.1; yields its base URL."""
-    # A cold build takes minutes: keep it off the event loop.
-    binary = await asyncio.to_thread(require, LLM_D_INFERENCE_SIM)
-    port = _free_port()
-    log_path = tmp_path / "llm-d-inference-sim.log"
-    proc = await asyncio.create_subprocess_exec(
-        str(binary), "--port", str(port), "--model", BASE, "--force-dummy-tokenizer",
-        "--max-loras", "2", "--max-num-seqs", "8", "--seed", "1",
-        "--lora-modules", json.dumps({"name": ADAPTER, "path": "/adapters/food-review"}),
-        "--time-to-first-token", "20ms", "--inter-token-latency", "20ms", "--mode", "random",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=tmp_path)
-    assert proc.stderr is not None
-    drain = asyncio.create_task(_copy_to_file(proc.stderr, log_path))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        async with aiohttp.ClientSession() as s:
-            while True:
-                if proc.returncode is not None:
-                    await drain
-                    pytest.fail(f"llm-d-inference-sim exited {proc.returncode}: "
-                                f"{log_path.read_text()[-2000:]}")
-                try:
-                    async with s.get(url + "/health") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail("llm-d-inference-sim did not become healthy in 20 s")
-                await asyncio.sleep(0.1)
+    async with llm_d_inference_sim(
+            tmp_path, "--model", BASE, "--force-dummy-tokenizer",
+            "--max-loras", "2", "--max-num-seqs", "8", "--seed", "1",
+            "--lora-modules", json.dumps({"name": ADAPTER, "path": "/adapters/food-review"}),
+            "--time-to-first-token", "20ms", "--inter-token-latency", "20ms",
+            "--mode", "random") as url:
         yield url
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        await drain
-
-
-async def _copy_to_file(stream: asyncio.StreamReader, path: Path) -> None:
-    """Keep the child's log (read so its pipe never fills) for failure messages."""
-    chunks = []
-    while chunk := await stream.read(65536):
-        chunks.append(chunk)
-        if sum(map(len, chunks)) > 1 << 20:
-            chunks = chunks[-8:]
-    path.write_bytes(b"".join(chunks))
 
 
 async def test_both_simulators_expose_pages_prometheus_can_parse(go_sim: str, start_sim: StartSim,

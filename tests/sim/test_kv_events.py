@@ -39,8 +39,6 @@ format, `--use-vllm-map-event-format`). Our index reads 0 as "no parent" too
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -57,7 +55,7 @@ from epp.kvevents.decode import AllBlocksCleared, BlockRemoved, BlockStored, dec
 from epp.kvevents.index import KVBlockIndex, block_keys, root_key
 from epp.sim.kvcache import KVCache
 from tests.sim.conftest import BASE
-from tests.tools import LLM_D_INFERENCE_SIM, require
+from tests.llm_d_sim import free_port, llm_d_inference_sim
 
 
 def test_store_evict_and_reset_events() -> None:
@@ -94,12 +92,6 @@ def test_no_events_unless_recording() -> None:
     assert kv.events is None and kv.take_events() == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # type: ignore[no-any-return]
-
-
 def _words(tag: str, n: int) -> str:
     """A prompt of n dummy-tokenizer tokens (one per word)."""
     return " ".join(f"{tag}{i}" for i in range(n))
@@ -110,40 +102,14 @@ async def llm_d_sim(tmp_path: Path, http: aiohttp.ClientSession, zmq_endpoint: s
                     *extra: str) -> AsyncIterator[str]:
     """llm-d-inference-sim publishing to `zmq_endpoint` (which we bind), healthy; yields
     its URL. Blocks of 16 tokens, a cache of 6 blocks, one event per batch."""
-    binary = await asyncio.to_thread(require, LLM_D_INFERENCE_SIM)
-    port = _free_port()
-    args = [str(binary), "--port", str(port), "--model", BASE, "--force-dummy-tokenizer",
+    async with llm_d_inference_sim(
+            tmp_path, "--model", BASE, "--force-dummy-tokenizer",
             "--enable-kvcache", "--zmq-endpoint", zmq_endpoint,
             "--block-size", "16", "--kv-cache-size", "6", "--event-batch-size", "1",
             "--enable-sleep-mode", "--time-to-first-token", "1ms",
-            "--inter-token-latency", "1ms", *extra]
-    log_path = tmp_path / "llm-d-inference-sim.log"
-    with open(log_path, "wb") as log:
-        proc = await asyncio.create_subprocess_exec(
-            *args, stdout=log, stderr=log, cwd=tmp_path,
-            env=dict(os.environ, POD_IP="127.0.0.1", VLLM_SERVER_DEV_MODE="1"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert proc.returncode is None, log_path.read_text()[-2000:]
-            try:
-                async with http.get(url + "/health") as r:
-                    if r.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            assert time.monotonic() < deadline, "llm-d-inference-sim not healthy in 20 s"
-            await asyncio.sleep(0.1)
+            "--inter-token-latency", "1ms", *extra,
+            env={"POD_IP": "127.0.0.1", "VLLM_SERVER_DEV_MODE": "1"}) as url:
         yield url
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
 
 
 async def complete(http: aiohttp.ClientSession, url: str, prompt: str) -> None:
@@ -168,7 +134,7 @@ async def test_our_decoder_reads_llm_d_inference_sims_events(
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.setsockopt(zmq.LINGER, 0)
-    zport = _free_port()
+    zport = free_port()
     sub.bind(f"tcp://127.0.0.1:{zport}")
     index = KVBlockIndex()
 
@@ -250,7 +216,7 @@ async def test_our_bound_intake_indexes_llm_d_inference_sims_events(
         tmp_path: Path, http: aiohttp.ClientSession) -> None:
     """llm-d's deployment end to end: we bind, the simulator dials in as POD_IP=127.0.0.1,
     the intake routes its topic to the pool's endpoint at that IP and indexes its blocks."""
-    zport = _free_port()
+    zport = free_port()
     ds = Datastore()
     index = KVBlockIndex()
     intake = BoundKVEventsSubscriber(index, block_size=16, bind=f"tcp://127.0.0.1:{zport}")
