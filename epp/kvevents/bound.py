@@ -182,8 +182,10 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
         except zmq.ZMQError as e:
             sock.close(linger=0)
             await self.stop()
-            raise RuntimeError(f"kv events: cannot bind kvEventsConfig.zmqEndpoint "
-                               f"{self.bind!r}: {e}") from e
+            # OSError: the EPP's start reports it in one line ("cannot start"), as for its
+            # own ports (epp/server/ports.py).
+            raise OSError(e.errno, f"kv events: cannot bind kvEventsConfig.zmqEndpoint "
+                                   f"{self.bind!r}: {e}") from None
         self._sock = sock
         self.bound_to = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info("kv events: engines publish to %s (bound; topic filter %r)",

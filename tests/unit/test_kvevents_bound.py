@@ -229,7 +229,7 @@ async def test_a_bind_address_in_use_stops_the_start_with_a_clear_error(
     f = fleet([])
     await f.sub.start(f.ds)
     g = BoundKVEventsSubscriber(KVBlockIndex(), block_size=BS, bind=f.sub.bound_to or "")
-    with pytest.raises(RuntimeError, match="cannot bind kvEventsConfig.zmqEndpoint"):
+    with pytest.raises(OSError, match="cannot bind kvEventsConfig.zmqEndpoint"):
         await g.start(Datastore())
 
 
