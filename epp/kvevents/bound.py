@@ -49,9 +49,13 @@ from epp.kvevents.subscriber import (
     RECV_HWM,
     REPLAY_PORT_LABEL,
     SLICE_SECONDS,
+    ZMQ_EVENTS,
+    ZMQ_NOBLOCK,
+    ZMQ_POLLIN,
     EndpointStream,
     KVEventsSubscriber,
     StreamAddress,
+    replay_address,
 )
 from epp.labels import for_log
 from epp.ratelog import RateLimitedLog
@@ -65,23 +69,7 @@ BACKLOG_LIMIT = 10_000
 MAX_MESSAGE_BYTES = 64 << 20
 """Largest message frame accepted; an engine step's batch is far smaller."""
 _TOPIC_CACHE = 4096
-# Plain ints: pyzmq's enum constants cost ~0.5 µs per `&` and getsockopt (per message).
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-_NOBLOCK = int(zmq.NOBLOCK)
 _AMBIGUOUS = ""
-
-
-def replay_address(ep: Endpoint, replay_port: int) -> str | None | bool:
-    """`tcp://<ip>:<port>` of an endpoint's replay socket, None when it has none, False
-    when its `kv-events.epp/replay-port` label is unusable."""
-    try:
-        rp = int(ep.labels.get(REPLAY_PORT_LABEL, replay_port))
-    except ValueError:
-        return False
-    if not 0 <= rp < 65536:
-        return False
-    return f"tcp://{host_port(ep.address, rp)}" if rp else None
 
 
 class PublisherStream(EndpointStream):
@@ -215,15 +203,15 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
             if e.name in gone and e.name in self.streams:
                 self._drop(e.name)
         for e in added:
-            replay = replay_address(e, self.replay_port)
-            if replay is False:
+            try:
+                replay = replay_address(e, self.replay_port)
+            except ValueError:
                 obs.KV_EVENTS_ERRORS.labels("bad_address").inc()
                 log.warning("kv events: endpoint %s has an unusable %s label", e.name,
                             REPLAY_PORT_LABEL)
                 if e.name in self.streams:
                     self._drop(e.name)
                 continue
-            assert replay is not True
             self._endpoints[e.name] = e
             s = self.streams.get(e.name)
             if s is not None:
@@ -231,13 +219,9 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
                     s.address = StreamAddress("", replay)
                 continue
             assert self._ctx is not None
-            s = self.streams[e.name] = PublisherStream(
-                self._ctx, e.name, replay, self.index, block_size=self.block_size,
-                replay_timeout=self.replay_timeout)
-            s.on_health_change = self._health_changed
-            s.on_stored = self.on_stored
-            self._health_changed()
-            s.start()
+            self._add(PublisherStream(self._ctx, e.name, replay, self.index,
+                                      block_size=self.block_size,
+                                      replay_timeout=self.replay_timeout))
         self._reindex()
 
     def _reindex(self) -> None:
@@ -262,9 +246,9 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
         clock = time.perf_counter
         until = clock() + SLICE_SECONDS
         by_topic = self._by_topic
-        while sock.getsockopt(_EVENTS) & _POLLIN:
+        while sock.getsockopt(ZMQ_EVENTS) & ZMQ_POLLIN:
             try:
-                frames = sock.recv_multipart(_NOBLOCK)
+                frames = sock.recv_multipart(ZMQ_NOBLOCK)
             except zmq.Again:
                 break
             s = by_topic.get(frames[0])

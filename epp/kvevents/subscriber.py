@@ -37,7 +37,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from epp import observability as obs
-from epp.datastore import Endpoint
+from epp.datastore import Endpoint, host_port
 from epp.tasks import cancel_and_wait
 from epp.kvevents.decode import (
     END_OF_REPLAY,
@@ -66,9 +66,9 @@ each stream gets an equal share (at least `MIN_SLICE_SECONDS`) before it yields.
 MIN_SLICE_SECONDS = 0.00005
 HEARTBEAT_MS = 1000
 # Plain ints: pyzmq's enum constants cost ~0.5 µs per `&` and getsockopt (per message).
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
-_NOBLOCK = int(zmq.NOBLOCK)
+ZMQ_EVENTS = int(zmq.EVENTS)
+ZMQ_POLLIN = int(zmq.POLLIN)
+ZMQ_NOBLOCK = int(zmq.NOBLOCK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,17 +77,32 @@ class StreamAddress:
     replay: str | None
 
 
-def stream_address(ep: Endpoint, port: int, replay_port: int) -> StreamAddress | None:
-    """Where an endpoint publishes; None when its labels say something unusable."""
+def label_port(ep: Endpoint, label: str, default: int, minimum: int = 1) -> int | None:
+    """The port an endpoint's `label` names (else `default`); None when it is unusable."""
     try:
-        p = int(ep.labels.get(PORT_LABEL, port))
-        rp = int(ep.labels.get(REPLAY_PORT_LABEL, replay_port))
+        p = int(ep.labels.get(label, default))
     except ValueError:
         return None
-    if not 0 < p < 65536 or not 0 <= rp < 65536:
+    return p if minimum <= p < 65536 else None
+
+
+def replay_address(ep: Endpoint, replay_port: int) -> str | None:
+    """`tcp://<host>:<port>` of an endpoint's replay socket, None when it has none (port
+    0); ValueError when its `kv-events.epp/replay-port` label is unusable."""
+    rp = label_port(ep, REPLAY_PORT_LABEL, replay_port, minimum=0)
+    if rp is None:
+        raise ValueError(f"unusable {REPLAY_PORT_LABEL} label")
+    return f"tcp://{host_port(ep.address, rp)}" if rp else None
+
+
+def stream_address(ep: Endpoint, port: int, replay_port: int) -> StreamAddress | None:
+    """Where an endpoint publishes; None when its labels say something unusable."""
+    p = label_port(ep, PORT_LABEL, port)
+    try:
+        replay = replay_address(ep, replay_port)
+    except ValueError:
         return None
-    host = f"[{ep.address}]" if ":" in ep.address and not ep.address.startswith("[") else ep.address
-    return StreamAddress(f"tcp://{host}:{p}", f"tcp://{host}:{rp}" if rp else None)
+    return StreamAddress(f"tcp://{host_port(ep.address, p)}", replay) if p is not None else None
 
 
 class _Faults:
@@ -201,9 +216,9 @@ class EndpointStream:
         mon = self._mon
         if mon is None or mon.closed:
             return
-        while mon.getsockopt(_EVENTS) & _POLLIN:
+        while mon.getsockopt(ZMQ_EVENTS) & ZMQ_POLLIN:
             try:
-                frames = mon.recv_multipart(_NOBLOCK)
+                frames = mon.recv_multipart(ZMQ_NOBLOCK)
             except zmq.Again:
                 break
             self._on_monitor(parse_monitor_message(frames)["event"])
@@ -217,9 +232,9 @@ class EndpointStream:
         clock = time.perf_counter
         until = clock() + self.slice_seconds
         try:
-            while sub.getsockopt(_EVENTS) & _POLLIN:
+            while sub.getsockopt(ZMQ_EVENTS) & ZMQ_POLLIN:
                 try:
-                    frames = sub.recv_multipart(_NOBLOCK)
+                    frames = sub.recv_multipart(ZMQ_NOBLOCK)
                 except zmq.Again:
                     break
                 gap = self.receive(frames)
@@ -472,16 +487,20 @@ class KVEventsSubscriber:
                             PORT_LABEL, REPLAY_PORT_LABEL)
                 continue
             assert self._ctx is not None
-            s = self.streams[e.name] = EndpointStream(
-                self._ctx, e.name, addr, self.index, block_size=self.block_size,
-                replay_timeout=self.replay_timeout)
-            s.on_health_change = self._health_changed
-            s.on_stored = self.on_stored
-            self._health_changed()
-            s.start()
+            self._add(EndpointStream(self._ctx, e.name, addr, self.index,
+                                     block_size=self.block_size,
+                                     replay_timeout=self.replay_timeout))
         share = max(MIN_SLICE_SECONDS, SLICE_SECONDS / max(1, len(self.streams)))
         for s in self.streams.values():
             s.slice_seconds = share
+
+    def _add(self, s: EndpointStream) -> None:
+        """A new endpoint's stream: wired to the subscriber's callbacks and started."""
+        self.streams[s.name] = s
+        s.on_health_change = self._health_changed
+        s.on_stored = self.on_stored
+        self._health_changed()
+        s.start()
 
     def _drop(self, name: str) -> None:
         s = self.streams.pop(name)
