@@ -141,6 +141,19 @@ def _extra_bytes(entry: Any, lora_name: str | None) -> bytes | None:
     return repr(rest).encode("utf-8", "surrogatepass")
 
 
+def _indexed(ev: BlockStored | BlockRemoved) -> bool:
+    """Whether an event is about blocks this index keeps: GPU, first KV-cache group."""
+    return ev.medium in _GPU and ev.group_idx in (None, 0)
+
+
+def _extras_of(ev: BlockStored) -> list[bytes | None] | None:
+    """Per block, the extra bytes mixed into its key (None when no block has any)."""
+    if ev.extra_keys is None:
+        return None
+    extras = [_extra_bytes(e, ev.lora_name) for e in ev.extra_keys]
+    return extras if any(extras) else None
+
+
 @dataclass(slots=True)
 class _Endpoint:
     slot: int
@@ -263,7 +276,7 @@ class KVBlockIndex:
         return ep
 
     def _stored(self, name: str, ev: BlockStored, r: ApplyResult) -> None:
-        if ev.medium not in _GPU or ev.group_idx not in (None, 0):
+        if not _indexed(ev):
             return
         hashes = ev.block_hashes
         bs = ev.block_size
@@ -280,13 +293,8 @@ class KVBlockIndex:
                 r.orphans += len(hashes)
                 return
             parent = p
-        extras = None
-        if ev.extra_keys is not None:
-            extras = [_extra_bytes(e, ev.lora_name) for e in ev.extra_keys]
-            if not any(extras):
-                extras = None
         try:
-            keys = block_keys(ev.token_ids, bs, parent, extras=extras)
+            keys = block_keys(ev.token_ids, bs, parent, extras=_extras_of(ev))
         except (OverflowError, TypeError):
             r.malformed += 1
             return
@@ -313,7 +321,7 @@ class KVBlockIndex:
         r.stored += len(keys)
 
     def _removed(self, name: str, ev: BlockRemoved, r: ApplyResult) -> None:
-        if ev.medium not in _GPU or ev.group_idx not in (None, 0):
+        if not _indexed(ev):
             return
         ep = self._eps.get(name)
         if ep is None:
@@ -442,21 +450,16 @@ class NativeKVBlockIndex(KVBlockIndex):
         n = self._n
         for ev in events:
             if isinstance(ev, BlockStored):
-                if ev.medium not in _GPU or ev.group_idx not in (None, 0):
+                if not _indexed(ev):
                     continue
-                extras = None
-                if ev.extra_keys is not None:
-                    extras = [_extra_bytes(e, ev.lora_name) for e in ev.extra_keys]
-                    if not any(extras):
-                        extras = None
                 stored, orphans, malformed = n.store_blocks(
                     name, ev.block_hashes, ev.parent_block_hash, root_key(ev.lora_name),
-                    ev.token_ids, ev.block_size, extras)
+                    ev.token_ids, ev.block_size, _extras_of(ev))
                 r.stored += stored
                 r.orphans += orphans
                 r.malformed += malformed
             elif isinstance(ev, BlockRemoved):
-                if ev.medium not in _GPU or ev.group_idx not in (None, 0):
+                if not _indexed(ev):
                     continue
                 r.removed += n.remove_blocks(name, ev.block_hashes)
             elif isinstance(ev, AllBlocksCleared):
