@@ -102,17 +102,21 @@ def _stream(batches: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def _publisher(ports: list[int], payloads: list[bytes], rate_batches: float, ready: Any,
-               go: Any) -> None:
+def publisher(where: list[str], payloads: list[bytes], rate_batches: float, ready: Any,
+              go: Any, connect: bool = False, topics: list[bytes] | None = None) -> None:
+    """A child process: one PUB per address, bound there (each engine's own socket) or
+    `connect`ed (to the EPP's bound one), sending every payload to all of them at
+    `rate_batches` per second once `go` is set; `topics` names each PUB's messages."""
     import zmq
 
     ctx = zmq.Context()
     socks = []
-    for p in ports:
+    for w in where:
         s = ctx.socket(zmq.PUB)
         s.setsockopt(zmq.SNDHWM, 1_000_000)
-        s.bind(f"tcp://127.0.0.1:{p}")
+        (s.connect if connect else s.bind)(w)
         socks.append(s)
+    names = topics or [b"kv"] * len(socks)
     ready.set()
     go.wait()
     t0 = time.perf_counter()
@@ -122,8 +126,8 @@ def _publisher(ports: list[int], payloads: list[bytes], rate_batches: float, rea
         if delay > 0:
             time.sleep(delay)
         seq = encode_seq(i)
-        for s in socks:
-            s.send_multipart([b"kv", seq, payload])
+        for s, topic in zip(socks, names):
+            s.send_multipart([topic, seq, payload])
     time.sleep(0.5)
     for s in socks:
         s.close(linger=1000)
@@ -180,7 +184,8 @@ async def bench_intake(endpoints: int, rate: float, seconds: float,
     ports = free_ports(endpoints)
     mpctx = mp.get_context("spawn")
     ready, go = mpctx.Event(), mpctx.Event()
-    pub = mpctx.Process(target=_publisher, args=(ports, payloads, rate / BATCH_EVENTS, ready, go))
+    pub = mpctx.Process(target=publisher, args=([f"tcp://127.0.0.1:{p}" for p in ports],
+                                                    payloads, rate / BATCH_EVENTS, ready, go))
     pub.start()
     ready.wait(30)
     ds = Datastore()

@@ -31,47 +31,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kvevents import BATCH_EVENTS, BS, _stream, free_ports, measure  # noqa: E402
+from bench_kvevents import BATCH_EVENTS, BS, _stream, free_ports, measure, publisher  # noqa: E402
 
 from epp.datastore import Datastore, Endpoint  # noqa: E402
 from epp.kvevents.bound import BoundKVEventsSubscriber  # noqa: E402
-from epp.kvevents.decode import encode_seq  # noqa: E402
 from epp.kvevents.index import KVBlockIndex  # noqa: E402
 from epp.kvevents.subscriber import PORT_LABEL, REPLAY_PORT_LABEL, KVEventsSubscriber  # noqa: E402
 
 
 def _ip(i: int) -> str:
     return f"10.1.{i // 250}.{i % 250 + 1}"
-
-
-def _publisher(mode: str, where: list[str], payloads: list[bytes], rate_batches: float,
-               ready: Any, go: Any) -> None:
-    """One PUB per endpoint: bound to its port (connect mode) or connected to the EPP."""
-    import zmq
-
-    ctx = zmq.Context()
-    socks = []
-    for w in where:
-        s = ctx.socket(zmq.PUB)
-        s.setsockopt(zmq.SNDHWM, 1_000_000)
-        (s.bind if mode == "connect" else s.connect)(w)
-        socks.append(s)
-    topics = [f"kv@{_ip(i)}@m".encode() if mode == "bound" else b"kv" for i in range(len(socks))]
-    ready.set()
-    go.wait()
-    t0 = time.perf_counter()
-    for i, payload in enumerate(payloads):
-        target = t0 + i / rate_batches
-        delay = target - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        seq = encode_seq(i)
-        for s, topic in zip(socks, topics):
-            s.send_multipart([topic, seq, payload])
-    time.sleep(0.5)
-    for s in socks:
-        s.close(linger=1000)
-    ctx.term()
 
 
 async def run(mode: str, endpoints: int, rate: float, seconds: float,
@@ -93,8 +62,10 @@ async def run(mode: str, endpoints: int, rate: float, seconds: float,
         where = [f"tcp://127.0.0.1:{p}" for p in ports]
     mpctx = mp.get_context("spawn")
     ready, go = mpctx.Event(), mpctx.Event()
-    pub = mpctx.Process(target=_publisher,
-                        args=(mode, where, payloads, rate / BATCH_EVENTS, ready, go))
+    topics = ([f"kv@{_ip(i)}@m".encode() for i in range(endpoints)] if mode == "bound"
+              else None)
+    pub = mpctx.Process(target=publisher, args=(where, payloads, rate / BATCH_EVENTS, ready,
+                                                go, mode == "bound", topics))
     if mode == "connect":
         pub.start()
         ready.wait(30)

@@ -32,6 +32,8 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.support import stop_process  # noqa: E402
+
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -62,16 +64,6 @@ async def start(cmd: list[str], url: str) -> asyncio.subprocess.Process:
             await asyncio.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"{cmd[0]} did not start")
-
-
-async def stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
 
 
 async def drive(url: str, pid: int, requests: int, concurrency: int, stream: bool) -> dict:
@@ -111,7 +103,7 @@ async def idle_fleet_cpu(seconds: float) -> float:
         return (cpu_seconds(proc.pid) - c0) / seconds * 100
     finally:
         del port
-        await stop(proc)
+        await stop_process(proc)
 
 
 async def main() -> None:
@@ -147,7 +139,7 @@ async def main() -> None:
                 try:
                     r = await drive(url, proc.pid, args.requests, args.concurrency, stream)
                 finally:
-                    await stop(proc)
+                    await stop_process(proc)
                 results.setdefault(name, []).append(r)
     idle = [await idle_fleet_cpu(3.0) for _ in range(args.rounds)]
     out = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}

@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.support import stop_process
 from tests.tools import LLM_D_INFERENCE_SIM, require
 
 HEALTHY_WITHIN = 20.0
@@ -59,10 +60,4 @@ async def llm_d_inference_sim(tmp_path: Path, *flags: str,
                 await asyncio.sleep(0.1)
         yield url
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_process(proc)

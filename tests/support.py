@@ -237,6 +237,17 @@ class Proc:
         return self.p.returncode
 
 
+async def stop_process(proc: asyncio.subprocess.Process, sig_timeout: float = 10.0) -> None:
+    """SIGTERM an asyncio child and wait; kill it if it does not exit in time."""
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), sig_timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
 def stop_processes(procs: list[subprocess.Popen[Any]], sig_timeout: float = 15.0) -> None:
     """SIGTERM them all, then wait for each; kill what does not exit in time."""
     for p in procs:
