@@ -78,11 +78,11 @@ class SimConfig:
     kv_events_replay_port: int | None = None
     """The ROUTER port that replays past event batches (0: any free port; None: none)."""
     kv_events_layout: str = "array"
+    """How events are encoded: "array" (positional, vLLM until mid-2026) or "map"."""
     kv_events_connect: str | None = None
     """Connect the PUB socket to this address (a SUB that binds, such as the EPP's
     `kvEventsConfig.zmqEndpoint`, llm-d's way) instead of binding `kv_events_port`; the
     topic `kv@<name>@<model>` names this replica. Needs `tokenizer`."""
-    """How events are encoded: "array" (positional, vLLM until mid-2026) or "map"."""
 
     @property
     def lora_enabled(self) -> bool:
