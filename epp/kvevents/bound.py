@@ -140,7 +140,7 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
         self.bind = bind
         self.topic_filter = topic_filter
         self.streams: dict[str, PublisherStream] = {}  # type: ignore[assignment]
-        self._endpoints: dict[str, Endpoint] = {}
+        self._datastore: Any = None
         self._ids: dict[str, str] = {}
         """Publisher id (endpoint name, ip:port, ip) -> endpoint name; _AMBIGUOUS for an IP
         shared by several endpoints."""
@@ -152,6 +152,7 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
         """The address really bound (a `*` port resolved), once started."""
 
     async def start(self, datastore: Any) -> None:
+        self._datastore = datastore  # the pool's owner: topics are matched to its endpoints
         await super().start(datastore)
         assert self._ctx is not None
         self._loop = asyncio.get_running_loop()
@@ -199,7 +200,6 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
         removed = list(removed)
         gone = set(departed(added, removed))
         for e in removed:
-            self._endpoints.pop(e.name, None)
             if e.name in gone and e.name in self.streams:
                 self._drop(e.name)
         for e in added:
@@ -212,7 +212,6 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
                 if e.name in self.streams:
                     self._drop(e.name)
                 continue
-            self._endpoints[e.name] = e
             s = self.streams.get(e.name)
             if s is not None:
                 if s.address.replay != replay:
@@ -225,14 +224,17 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
         self._reindex()
 
     def _reindex(self) -> None:
+        """Publisher ids of the pool's endpoints that have a stream (the datastore has
+        already applied the change its listeners are told of)."""
+        pool = [e for e in self._datastore.endpoints() if e.name in self.streams]
         ids: dict[str, str] = {}
-        for e in self._endpoints.values():
+        for e in pool:
             ip = e.address.strip("[]")
             ids[ip] = _AMBIGUOUS if ip in ids else e.name
-        for e in self._endpoints.values():
+        for e in pool:
             ids[host_port(e.address.strip("[]"), e.port)] = e.name
-        for name in self._endpoints:
-            ids[name] = name
+        for e in pool:
+            ids[e.name] = e.name
         self._ids = ids
         self._by_topic = {}
 
