@@ -27,6 +27,16 @@ REASONS = {"garbage", "bad_frame", "unknown_event", "unknown_parent", "sequence_
            "backlog_full"}
 
 
+async def publish_until(engine: KVEventPublisher, events: list[object],
+                        cond: Callable[[], bool]) -> None:
+    """Publish `events` again and again until `cond` holds: the first messages may arrive
+    before the bound socket's subscription reaches a newly connected publisher."""
+    def again() -> bool:
+        engine.publish(events)
+        return cond()
+    await until(again)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -111,8 +121,8 @@ async def test_a_topic_may_name_the_endpoint_or_its_ip_and_port(
     await f.joined(by_hostport, "pod-rank-1")
     ambiguous = errors("ambiguous_publisher")
     shared = f.engine("10.0.0.1")
-    await until(lambda: (shared.publish([AllBlocksCleared()]),
-                         errors("ambiguous_publisher") > ambiguous)[1])
+    await publish_until(shared, [AllBlocksCleared()],
+                        lambda: errors("ambiguous_publisher") > ambiguous)
     by_name.publish(store(1, blocks(0, 1)))
     by_hostport.publish([BlockStored((2, 3), None, blocks(0, 2), BS, None, "GPU")])
     await until(lambda: f.index.match(keys(blocks(0, 2))) == {"pod-rank-0": 1, "pod-rank-1": 2})
@@ -127,10 +137,10 @@ async def test_strangers_and_garbage_topics_are_counted_and_others_go_on(
     unknown, bad, frames = errors("unknown_publisher"), errors("bad_topic"), errors("bad_frame")
     stranger = f.engine("10.9.9.9")
     nameless = f.engine("", topic="kv@no-pod-part")  # passes the kv@ filter, names nobody
-    await until(lambda: (stranger.publish(store(5, blocks(0, 1))),
-                         errors("unknown_publisher") > unknown)[1])
-    await until(lambda: (nameless.publish(store(5, blocks(0, 1))),
-                         errors("bad_topic") > bad)[1])
+    await publish_until(stranger, store(5, blocks(0, 1)),
+                        lambda: errors("unknown_publisher") > unknown)
+    await publish_until(nameless, store(5, blocks(0, 1)),
+                        lambda: errors("bad_topic") > bad)
     a.send_raw([f"kv@10.0.0.1@{MODEL}".encode(), b"\x00"])  # its stream counts a bad frame
     a.send_raw([f"kv@10.0.0.1@{MODEL}".encode(), encode_seq(a._seq), b"\xc1 not msgpack"])
     a._seq += 1
@@ -213,8 +223,8 @@ async def test_an_endpoint_that_leaves_is_forgotten(fleet: Callable[..., Fleet])
     assert f.index.match(keys(blocks(0, 1))) == {"pod-b": 1}
     assert f.sub.health_version != version  # the scorer's cached view is rebuilt
     unknown = errors("unknown_publisher")
-    await until(lambda: (a.publish(store(2, blocks(8, 1))),
-                         errors("unknown_publisher") > unknown)[1])
+    await publish_until(a, store(2, blocks(8, 1)),
+                        lambda: errors("unknown_publisher") > unknown)
     assert f.index.size == 1
     # It comes back (a new pod with that IP): unknown until a batch of its is applied.
     f.ds.upsert_endpoint(Endpoint("pod-a", "10.0.0.1", 8000))
@@ -248,6 +258,6 @@ async def test_a_full_backlog_during_a_catch_up_drops_and_the_stream_recovers(
         a.publish(store(10 + i, blocks(100 + 4 * i, 1)))
     await until(lambda: errors("backlog_full") > full)
     # The dropped batches show as a gap with the next one that fits: rebuilt from there on.
-    await until(lambda: (a.publish(store(99, blocks(900, 1))),
-                         f.index.match(keys(blocks(900, 1))) == {"pod-a": 1})[1])
+    await publish_until(a, store(99, blocks(900, 1)),
+                        lambda: f.index.match(keys(blocks(900, 1))) == {"pod-a": 1})
     assert f.sub.healthy("pod-a")
