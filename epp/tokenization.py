@@ -221,7 +221,7 @@ class _Spliced:
     missing: list[str]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Need:
     """What `TokenizerPool._flow` asks its driver to tokenize: a prompt's missing pieces,
     or (`whole` set) the prompt itself. The drivers differ only in where this runs."""
@@ -400,12 +400,9 @@ class TokenizerPool:
     # -- entry points ------------------------------------------------------------------
 
     def _flow(self, model: str, prompt: Prompt) -> _Flow:
-        """The one tokenization flow of both entry points: the exact-text cache, else the
-        prompt's pieces (the missing ones tokenized, then joined), else the whole text.
-        What to tokenize is yielded to the caller, which decides where it runs."""
-        ids = self.cached(model, prompt)
-        if ids is not None:
-            return ids
+        """The one tokenization flow of both entry points, after a miss in the exact-text
+        cache: the prompt's pieces (the missing ones tokenized, then joined), else the
+        whole text. What to tokenize is yielded to the caller, which decides where it runs."""
         tok = self.get(model)
         s = self._splice(model, tok, prompt)
         if s is not None:
@@ -419,6 +416,9 @@ class TokenizerPool:
 
     def encode(self, model: str, prompt: Prompt) -> list[int]:
         """Token ids on this thread (for Explain and callers that cannot await)."""
+        ids = self.cached(model, prompt)
+        if ids is not None:  # checked here: a hit is not worth starting the flow for
+            return ids
         flow = self._flow(model, prompt)
         try:
             need = next(flow)
@@ -430,6 +430,9 @@ class TokenizerPool:
     async def encode_async(self, model: str, prompt: Prompt) -> list[int]:
         """Token ids; long prompts (or long new pieces of one) are tokenized in the
         worker thread."""
+        ids = self.cached(model, prompt)
+        if ids is not None:
+            return ids
         flow = self._flow(model, prompt)
         try:
             need = next(flow)
