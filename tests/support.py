@@ -1,7 +1,7 @@
 """Real processes and servers for tests: upstream HTTP servers, the EPP, Envoy.
 
 Everything binds 127.0.0.1 on free ports and is stopped by the fixture that started it.
-Child processes (the EPP, Envoy; the benchmarks' Redis and floor server) are started
+Child processes (the EPP, Envoy, the demo; the benchmarks' Redis and floor server) are started
 through `retry_port_taken`: a port `free_port` found free can be taken by another process
 before the child binds it, and the child then exits saying so.
 """
@@ -249,17 +249,18 @@ class Proc:
             raise RuntimeError(f"{what} did not become ready:\n" + self.output()) from None
         if self.p.poll() is not None:
             out = self.output()
-            taken = any(sign in out.lower() for sign in PORT_TAKEN_SIGNS)
-            raise (PortTaken if taken else RuntimeError)(f"{what} exited:\n" + out)
+            raise (PortTaken if says_port_taken(out) else RuntimeError)(f"{what} exited:\n" + out)
 
     def stop(self, sig_timeout: float = 10.0) -> int:
         stop_processes([self.p], sig_timeout)
         return self.p.returncode
 
 
-PORT_TAKEN_SIGNS = ("[errno 98]", "address already in use")
-"""How a child says it could not bind a port (lower case): the EPP ("cannot start: [Errno
-98] cannot bind ..."), Envoy, Redis and Go servers ("address already in use")."""
+def says_port_taken(output: str) -> bool:
+    """Whether a child's output says it could not bind a port: the EPP ("cannot start:
+    [Errno 98] cannot bind ..."), Envoy, Redis, Go servers ("address already in use")."""
+    low = output.lower()
+    return "[errno 98]" in low or "address already in use" in low
 
 
 class PortTaken(RuntimeError):
