@@ -1,9 +1,9 @@
 """Real processes and servers for tests: upstream HTTP servers, the EPP, Envoy.
 
 Everything binds 127.0.0.1 on free ports and is stopped by the fixture that started it.
-Child processes (the EPP, Envoy, the demo; the benchmarks' Redis and floor server) are started
-through `retry_port_taken`: a port `free_port` found free can be taken by another process
-before the child binds it, and the child then exits saying so.
+Child processes (the EPP, Envoy, the demo; the benchmarks' Redis and floor server) are
+started through `retry_port_taken`: a port `free_port` found free can be taken by another
+process before the child binds it, and the child then exits saying so.
 """
 
 from __future__ import annotations
