@@ -24,6 +24,11 @@ pieces' ids joined are exactly the whole text's, and checks that on probe texts.
 prompt of `SPLICE_MIN_CHARS` or more is cut there, each piece is looked up in the same
 exact-text LRU, and only the pieces not found (the new question) are tokenized. If not
 (logged once per model), only whole prompts are cached.
+
+`encode` and `encode_async` run one flow, `TokenizerPool._flow`: a generator that yields
+what to tokenize (the missing pieces, or the whole text) and is sent the ids. The two only
+decide where that runs: `encode` inline, `encode_async` inline when short, else in the
+worker thread, so the event loop is never blocked by a long encode.
 """
 
 from __future__ import annotations
