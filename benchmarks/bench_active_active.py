@@ -49,7 +49,7 @@ from benchmarks.routing.report import summarize  # noqa: E402
 from benchmarks.routing.stack import Fleet, cpu_seconds, machine_busy  # noqa: E402
 from benchmarks.routing.workload import SharedPrefixShape, shared_prefix_schedule  # noqa: E402
 from tests.support import (EnvoyProcess, EppProcess, Proc, free_port,  # noqa: E402
-                           start_envoy, start_epp)
+                           retry_port_taken, start_envoy, start_epp)
 
 MODES = ("1 replica", "2 unsynced", "2 synced")
 CONTROLS = ("1 replica + scraping EPP", "2 synced, 10ms")
@@ -80,18 +80,19 @@ class Redis:
         if not Path(binary).exists():
             raise SystemExit("redis-server is missing: make redis-server "
                              "(apt-get install redis-server)")
-        self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="bench-redis-")
-        self.proc = Proc([binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                          "--save", "", "--appendonly", "no", "--dir", self.dir], "redis")
-        import socket
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start:\n" + self.proc.output())
+
+        def start() -> tuple[int, Proc]:
+            port = free_port()
+            proc = Proc([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                         "--appendonly", "no", "--dir", self.dir], "redis")
+            # Its log line, not a connect: a connect would also reach a process that took
+            # the port.
+            proc.wait_ready(lambda: "Ready to accept connections" in proc.output(), 10,
+                            "redis-server")
+            return port, proc
+
+        self.port, self.proc = retry_port_taken(start, "redis-server")
 
     @property
     def url(self) -> str:

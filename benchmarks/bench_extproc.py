@@ -73,6 +73,7 @@ from tests.support import (
     UpstreamFleet,
     free_port,
     post_json,
+    retry_port_taken,
     start_envoy,
     start_epp,
     wait_until,
@@ -141,24 +142,17 @@ def without_ext_proc(cfg: dict[str, Any]) -> None:
 
 def start_floor(destination: str = "127.0.0.1:8000") -> tuple[int, Proc]:
     """The do-nothing grpc.aio ext_proc server: grpcio's own cost per exchange (behind
-    Envoy, it names `destination`)."""
-    port = free_port()
-    proc = Proc([sys.executable, str(ROOT / "benchmarks" / "ghz" / "floor_server.py"),
-                 "--port", str(port), "--destination", destination], "floor")
+    Envoy, it names `destination`). Restarted on new ports if its port was taken."""
 
-    def up() -> bool:
-        import socket
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
+    def start() -> tuple[int, Proc]:
+        port = free_port()
+        proc = Proc([sys.executable, str(ROOT / "benchmarks" / "ghz" / "floor_server.py"),
+                     "--port", str(port), "--destination", destination], "floor")
+        # Its line, not a connect: a connect would also reach a process that took the port.
+        proc.wait_ready(lambda: f"on 127.0.0.1:{port}" in proc.output(), 30, "floor server")
+        return port, proc
 
-    try:
-        wait_until(lambda: up() or proc.p.poll() is not None, 30, "floor server")
-    except TimeoutError:
-        proc.stop()
-        raise
-    if proc.p.poll() is not None:
-        raise RuntimeError("floor server exited:\n" + proc.output())
-    return port, proc
+    return retry_port_taken(start, "floor server")
 
 
 def serves_pick(port: int) -> bool:

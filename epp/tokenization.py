@@ -24,6 +24,11 @@ pieces' ids joined are exactly the whole text's, and checks that on probe texts.
 prompt of `SPLICE_MIN_CHARS` or more is cut there, each piece is looked up in the same
 exact-text LRU, and only the pieces not found (the new question) are tokenized. If not
 (logged once per model), only whole prompts are cached.
+
+`encode` and `encode_async` run one flow, `TokenizerPool._flow`: a generator that yields
+what to tokenize (the missing pieces, or the whole text) and is sent the ids. The two only
+decide where that runs: `encode` inline, `encode_async` inline when short, else in the
+worker thread, so the event loop is never blocked by a long encode.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Generator, Mapping, Sequence
 
 from epp import tokensplice
 from epp.tokensplice import Piece, Splicer
@@ -221,6 +226,29 @@ class _Spliced:
     missing: list[str]
 
 
+@dataclass(slots=True)
+class _Need:
+    """What `TokenizerPool._flow` asks its driver to tokenize: a prompt's missing pieces,
+    or (`whole` set) the prompt itself. The drivers differ only in where this runs."""
+
+    tok: ModelTokenizer
+    texts: list[str]
+    chars: int
+    """Characters to tokenize: the async driver hands long work to the worker thread."""
+    whole: Prompt | None = None
+
+    def encode(self, unlocked: bool = False) -> list[list[int]]:
+        """The texts' ids, in order; `unlocked` (worker thread): releasing the GIL."""
+        if self.whole is None:
+            return self.tok.encode_pieces(self.texts, unlocked)
+        enc = self.tok.encode_unlocked if unlocked else self.tok.encode
+        return [enc(self.whole.text, self.whole.add_special_tokens)]
+
+
+_Flow = Generator[_Need, list[list[int]], list[int]]
+"""Yields what to tokenize, is sent its ids, returns the prompt's ids."""
+
+
 @dataclass(frozen=True, slots=True)
 class Prompt:
     """What to tokenize: the text and whether the tokenizer adds its special tokens."""
@@ -376,20 +404,33 @@ class TokenizerPool:
 
     # -- entry points ------------------------------------------------------------------
 
-    def encode(self, model: str, prompt: Prompt) -> list[int]:
-        """Token ids on this thread (for Explain and callers that cannot await)."""
-        ids = self.cached(model, prompt)
-        if ids is not None:
-            return ids
+    def _flow(self, model: str, prompt: Prompt) -> _Flow:
+        """The one tokenization flow of both entry points, after a miss in the exact-text
+        cache: the prompt's pieces (the missing ones tokenized, then joined), else the
+        whole text. What to tokenize is yielded to the caller, which decides where it runs."""
         tok = self.get(model)
         s = self._splice(model, tok, prompt)
         if s is not None:
-            ids = self._join(model, prompt, s, tok.encode_pieces(s.missing) if s.missing else [])
+            new = (yield _Need(tok, s.missing, sum(map(len, s.missing)))) if s.missing else []
+            ids = self._join(model, prompt, s, new)
             if ids is not None:
                 return ids
-        ids = tok.encode(prompt.text, prompt.add_special_tokens)
+        ids, = yield _Need(tok, [prompt.text], len(prompt.text), prompt)
         self._remember(model, prompt, ids)
         return ids
+
+    def encode(self, model: str, prompt: Prompt) -> list[int]:
+        """Token ids on this thread (for Explain and callers that cannot await)."""
+        ids = self.cached(model, prompt)
+        if ids is not None:  # checked here: a hit is not worth starting the flow for
+            return ids
+        flow = self._flow(model, prompt)
+        try:
+            need = next(flow)
+            while True:
+                need = flow.send(need.encode())
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
     async def encode_async(self, model: str, prompt: Prompt) -> list[int]:
         """Token ids; long prompts (or long new pieces of one) are tokenized in the
@@ -397,26 +438,18 @@ class TokenizerPool:
         ids = self.cached(model, prompt)
         if ids is not None:
             return ids
-        tok = self.get(model)
-        s = self._splice(model, tok, prompt)
-        if s is not None:
-            if not s.missing:
-                new: list[list[int]] = []
-            elif sum(map(len, s.missing)) <= self.inline_max_chars:
-                new = tok.encode_pieces(s.missing)
-            else:
-                new = await asyncio.get_running_loop().run_in_executor(
-                    self._executor(), tok.encode_pieces, s.missing, True)
-            ids = self._join(model, prompt, s, new)
-            if ids is not None:
-                return ids
-        if len(prompt.text) <= self.inline_max_chars:
-            ids = tok.encode(prompt.text, prompt.add_special_tokens)
-        else:
-            ids = await asyncio.get_running_loop().run_in_executor(
-                self._executor(), tok.encode_unlocked, prompt.text, prompt.add_special_tokens)
-        self._remember(model, prompt, ids)
-        return ids
+        flow = self._flow(model, prompt)
+        try:
+            need = next(flow)
+            while True:
+                if need.chars <= self.inline_max_chars:
+                    ids = need.encode()
+                else:
+                    ids = await asyncio.get_running_loop().run_in_executor(
+                        self._executor(), need.encode, True)
+                need = flow.send(ids)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:

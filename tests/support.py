@@ -1,6 +1,9 @@
 """Real processes and servers for tests: upstream HTTP servers, the EPP, Envoy.
 
 Everything binds 127.0.0.1 on free ports and is stopped by the fixture that started it.
+Child processes (the EPP, Envoy, the demo; the benchmarks' Redis and floor server) are
+started through `retry_port_taken`: a port `free_port` found free can be taken by another
+process before the child binds it, and the child then exits saying so.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from aiohttp import web
 
 from epp.envoyconfig import envoy_binary
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 
 UPSTREAM = web.AppKey("upstream", object)
@@ -232,9 +236,53 @@ class Proc:
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
 
+    def wait_ready(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        """Wait until `ready()` (an exception counts as not yet). If the child exits
+        first, the error is `PortTaken` when its output says a port was in use (see
+        `retry_port_taken`), else RuntimeError; if time runs out it is stopped. The exit
+        is checked before `ready()`: a probe of a port another process holds may raise
+        every time, which would hide the exit until the timeout."""
+        try:
+            wait_until(lambda: self.p.poll() is not None or ready(), timeout, f"{what} readiness")
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"{what} did not become ready:\n" + self.output()) from None
+        if self.p.poll() is not None:
+            out = self.output()
+            raise (PortTaken if says_port_taken(out) else RuntimeError)(f"{what} exited:\n" + out)
+
     def stop(self, sig_timeout: float = 10.0) -> int:
         stop_processes([self.p], sig_timeout)
         return self.p.returncode
+
+
+def says_port_taken(output: str) -> bool:
+    """Whether a child's output says it could not bind a port: the EPP ("cannot start:
+    [Errno 98] cannot bind ..."), Envoy, Redis, Go servers ("address already in use")."""
+    low = output.lower()
+    return "[errno 98]" in low or "address already in use" in low
+
+
+class PortTaken(RuntimeError):
+    """A child exited because a port was in use: `free_port` found it free, but another
+    process bound it before the child did."""
+
+
+def retry_port_taken(start: Callable[[], T], what: str, attempts: int = 3) -> T:
+    """`start()`, started again while it fails with `PortTaken` (`start` must pick new
+    ports with `free_port` on every call): "find a free port, then let a child bind it"
+    races with every other process on the machine, and tests and benchmarks run side by
+    side. Bounded: after `attempts` such failures in a row, the last one is raised."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return start()
+        except PortTaken as e:
+            if attempt == attempts:
+                raise PortTaken(f"{what}: a port was taken between free_port() and the "
+                                f"bind in {attempts} starts in a row; the last:\n{e}") from None
+            print(f"{what}: a port was taken before it bound it; starting again with new "
+                  f"ports ({attempt + 1}/{attempts})", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
 
 
 async def stop_process(proc: asyncio.subprocess.Process, sig_timeout: float = 10.0) -> None:
@@ -275,18 +323,9 @@ def start_epp(*extra: str, secure: bool = False, endpoints_file: str | None = No
     """The EPP as a process (`module` may name another launcher taking the same flags;
     `env` adds environment variables, e.g. epp/tuning.py's). A port that another process
     took between `free_port` and the EPP's bind is retried with new ports (twice)."""
-    for attempt in range(3):
-        try:
-            return _start_epp(*extra, secure=secure, endpoints_file=endpoints_file,
-                              endpoints=endpoints, module=module, env=env)
-        except _PortTaken:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
-
-
-class _PortTaken(RuntimeError):
-    pass
+    return retry_port_taken(lambda: _start_epp(
+        *extra, secure=secure, endpoints_file=endpoints_file, endpoints=endpoints,
+        module=module, env=env), "EPP")
 
 
 def _start_epp(*extra: str, secure: bool, endpoints_file: str | None,
@@ -301,17 +340,8 @@ def _start_epp(*extra: str, secure: bool, endpoints_file: str | None,
         args += ["--endpoints", endpoints]
     args += list(extra)
     proc = Proc(args, "epp", env=env)
-    epp = EppProcess(proc, g, h, m)
-    try:
-        wait_until(lambda: _health_ok(h) or proc.p.poll() is not None, 30, "EPP readiness")
-    except TimeoutError:
-        proc.stop()
-        raise RuntimeError("EPP did not become ready:\n" + proc.output()) from None
-    if proc.p.poll() is not None:
-        out = proc.output()
-        raise (_PortTaken if "[Errno 98]" in out else RuntimeError)(
-            "EPP exited:\n" + out)
-    return epp
+    proc.wait_ready(lambda: _health_ok(h), 30, "EPP")
+    return EppProcess(proc, g, h, m)
 
 
 def _health_ok(port: int, service: str = "readiness") -> bool:
@@ -342,7 +372,16 @@ def start_envoy(epp_port: int, *, epp_tls: bool = False, body_mode: str = "full-
                 patch: Callable[[dict[str, Any]], None] | None = None) -> EnvoyProcess:
     """Envoy from `epp envoy-config`'s builder; `patch` may edit the config dict first.
     `more_epps`: the gRPC ports of more EPP replicas (active-active): the `epp` cluster
-    then lists them all, with the outlier detection the builder adds for replicas."""
+    then lists them all, with the outlier detection the builder adds for replicas. A port
+    taken before Envoy bound it is retried with new ports, as for `start_epp`."""
+    return retry_port_taken(lambda: _start_envoy(
+        epp_port, epp_tls=epp_tls, body_mode=body_mode, process_response=process_response,
+        more_epps=more_epps, response_path=response_path, patch=patch), "Envoy")
+
+
+def _start_envoy(epp_port: int, *, epp_tls: bool, body_mode: str, process_response: bool,
+                 more_epps: Sequence[int], response_path: str,
+                 patch: Callable[[dict[str, Any]], None] | None) -> EnvoyProcess:
     import yaml
 
     from epp.envoyconfig import EnvoyOptions, build
@@ -368,13 +407,7 @@ def start_envoy(epp_port: int, *, epp_tls: bool = False, body_mode: str = "full-
         with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
             return r.status == 200
 
-    try:
-        wait_until(lambda: ready() or proc.p.poll() is not None, 30, "Envoy readiness")
-    except TimeoutError:
-        proc.stop()
-        raise RuntimeError("Envoy did not become ready:\n" + proc.output()) from None
-    if proc.p.poll() is not None:
-        raise RuntimeError("Envoy exited:\n" + proc.output())
+    proc.wait_ready(ready, 30, "Envoy")
     return env
 
 

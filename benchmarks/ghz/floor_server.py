@@ -94,10 +94,12 @@ def _epp_servicer(destination: str = "") -> ep_grpc.ExternalProcessorServicer:
 
 
 async def serve(port: int, style: str, destination: str) -> None:
-    server = grpc.aio.server()
+    from epp.server import ports
+
+    server = grpc.aio.server(options=[ports.NO_REUSEPORT])  # a port in use fails the bind
     servicer = {"readwrite": FloorReadWrite, "generator": Floor, "epp-servicer": _epp_servicer}
     ep_grpc.add_ExternalProcessorServicer_to_server(servicer[style](destination), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    ports.bind(server, "floor ext_proc", f"127.0.0.1:{port}")
     await server.start()
     print(f"floor ext_proc server ({style}) on 127.0.0.1:{port}", flush=True)
     await server.wait_for_termination()

@@ -1,6 +1,8 @@
 """One routing strategy's stack: a simulated fleet, optionally the EPP, and Envoy.
 
-Every process runs on 127.0.0.1 on free ports and is stopped by `Stack.stop()`.
+Every process runs on 127.0.0.1 on free ports and is stopped by `Stack.stop()`. The
+fleet binds port 0; the EPP and Envoy are started again on new ports when another process
+took one of theirs before they bound it (`tests.support.retry_port_taken`).
 Strategies:
 
 - `round-robin`: Envoy alone, a STATIC cluster of the pods with ROUND_ROBIN (what a

@@ -1,7 +1,8 @@
 """A port another process holds stops the EPP at start with one clear line, for every
 listener: grpcio would otherwise share ext_proc's or health's port (SO_REUSEPORT) and
 silently take half the streams; the bound KV-events socket (kvEventsConfig.zmqEndpoint)
-used to end in a traceback."""
+used to end in a traceback. And the other side: a start whose port another process took
+between `free_port` and the child's bind is retried with new ports."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
+from tests import support
 from tests.support import ROOT, free_port, start_epp
 
 FLAGS = ("--grpc-port", "--grpc-health-port", "--metrics-port")
@@ -63,3 +66,35 @@ def test_a_bound_kv_events_address_in_use_fails_the_start_clearly(tmp_path: Path
         config.write_text(BOUND_CONFIG.format(port=port))
         line = _start_fails_clearly("--config-file", str(config))
     assert "kvEventsConfig.zmqEndpoint" in line
+
+
+@pytest.mark.parametrize("start", [lambda: support.start_epp(endpoints="127.0.0.1:8000"),
+                                   lambda: support.start_envoy(1)], ids=["epp", "envoy"])
+def test_a_port_taken_before_the_child_binds_it_is_retried_with_new_ports(
+        start: Callable[[], Any], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The race every "free port, then bind" start has with the rest of the machine: the
+    first port handed out is one another process holds by the time the child binds."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        held = holder.getsockname()[1]
+        handed = iter([held])
+        monkeypatch.setattr(support, "free_port", lambda: next(handed, None) or free_port())
+        started = start()
+        try:
+            assert held not in (getattr(started, "grpc_port", None), getattr(started, "port", None))
+        finally:
+            started.proc.stop()
+    assert "starting again with new ports (2/3)" in capsys.readouterr().err
+
+
+def test_a_port_taken_at_every_start_gives_up_with_a_clear_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        monkeypatch.setattr(support, "free_port", lambda: holder.getsockname()[1])
+        with pytest.raises(support.PortTaken, match="taken between free_port.. and the bind "
+                                                    "in 3 starts in a row"):
+            support.start_envoy(1)
