@@ -392,13 +392,14 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
     # -- the socket ----------------------------------------------------------------
 
     def _on_monitor_readable(self) -> None:
-        """Connections accepted and dropped: count them per peer IP; an IP whose count fell
-        to 0 (and stayed there over what was queued: a short-lived connection's descriptor
-        may already belong to the next one) takes its endpoints' publishers with it."""
+        """Connections accepted and dropped: count them per peer IP. An IP that had some
+        before what was queued and has none after takes its endpoints' publishers with it;
+        judged over the whole queue, because the descriptor of a connection that came and
+        went before we looked may already be the next connection's (read as its IP: +1 -1)."""
         mon = self._mon
         if mon is None:
             return
-        touched: set[str] = set()
+        before: dict[str, int] = {}
         while mon.getsockopt(ZMQ_EVENTS) & ZMQ_POLLIN:
             try:
                 frames = mon.recv_multipart(ZMQ_NOBLOCK)
@@ -410,30 +411,29 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
                 ip = peer_ip(fd)
                 if ip is None:
                     continue  # ipc://, or gone already (its DISCONNECTED is ignored too)
+                before.setdefault(ip, self._conns.get(ip, 0))
                 self._peer_of_fd[fd] = ip
                 self._conns[ip] = self._conns.get(ip, 0) + 1
             elif ev["event"] == zmq.EVENT_DISCONNECTED:
                 ip = self._peer_of_fd.pop(fd, None)
                 if ip is None:
                     continue
+                before.setdefault(ip, self._conns[ip])
                 n = self._conns[ip] - 1
                 if n:
                     self._conns[ip] = n
                 else:
                     del self._conns[ip]
-            else:
-                continue
-            touched.add(ip)
-        for ip in touched:
+        for ip, had in before.items():
             names = self._at_ip.get(ip)
             if not names:
                 continue  # not an endpoint of the pool
-            open_ = ip in self._conns
+            now = self._conns.get(ip, 0)
             for name in names:
                 s = self.streams[name]
-                if open_:
+                if now:
                     s.back()
-                else:
+                elif had:
                     s.gone(ip)
 
     def _on_readable(self) -> None:
