@@ -315,6 +315,7 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
         # The FD wakes us for commands too; reading now lets libzmq attach early peers and
         # send them our subscription (tests/sim/test_kv_events.py says why that matters).
         self._loop.call_soon(self._on_readable)
+        self._loop.call_soon(self._on_monitor_readable)  # likewise: its FD is edge-triggered
 
     async def stop(self) -> None:
         sock, self._sock = self._sock, None
@@ -441,8 +442,6 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
         sock = self._sock
         if sock is None:
             return
-        # Connections first: a message is then never read before its connection's ACCEPTED.
-        self._on_monitor_readable()
         clock = time.perf_counter
         until = clock() + SLICE_SECONDS
         by_topic = self._by_topic
@@ -455,6 +454,10 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
             if s is None:
                 s = self._resolve(frames[0])
             if s is not None:
+                if s.away:
+                    # Has it connected again? (Its ACCEPTED may be queued still: a message
+                    # is never read before it, so this is the one place to look.)
+                    self._on_monitor_readable()
                 try:
                     s.deliver(frames)
                 except Exception:  # a bug must not take the EPP down: this endpoint goes unknown
