@@ -431,7 +431,9 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
                 continue  # not an endpoint of the pool
             now = self._conns.get(ip, 0)
             for name in names:
-                s = self.streams[name]
+                s = self.streams.get(name)
+                if s is None:
+                    continue
                 if now:
                     s.back()
                 elif had:

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -48,12 +49,13 @@ def free_port() -> int:
 class Fleet:
     """A datastore, the bound intake and engines that publish to it."""
 
-    def __init__(self, endpoints: list[Endpoint], *, replay_port: int = 0) -> None:
+    def __init__(self, endpoints: list[Endpoint], *, replay_port: int = 0,
+                 host: str = "127.0.0.1") -> None:
         self.ds = Datastore()
         self.ds.set_endpoints(endpoints)
         self.index = KVBlockIndex()
         self.sub = BoundKVEventsSubscriber(self.index, block_size=BS,
-                                           bind=f"tcp://127.0.0.1:{free_port()}",
+                                           bind=f"tcp://{host}:{free_port()}",
                                            replay_port=replay_port, replay_timeout=1.0)
         self.pubs: list[KVEventPublisher] = []
 
@@ -61,15 +63,18 @@ class Fleet:
                source: str | None = None) -> KVEventPublisher:
         """An engine at `pod` (its POD_IP or whatever it names itself by) that connects,
         from the loopback address `source` when given (as if from that pod's IP)."""
-        assert self.sub.bound_to is not None
-        to = self.sub.bound_to
+        to = f"tcp://127.0.0.1:{self.port}"
         if source is not None:
-            to = to.replace("tcp://", f"tcp://{source}:0;")  # libzmq: source;destination
+            to = f"tcp://{source}:0;127.0.0.1:{self.port}"  # libzmq: source;destination
         p = KVEventPublisher("127.0.0.1", 0, 0 if replay else None, connect=to,
                              topic=topic if topic is not None else f"kv@{pod}@{MODEL}")
         p.start()
         self.pubs.append(p)
         return p
+
+    @property
+    def port(self) -> int:
+        return int((self.sub.bound_to or "").rsplit(":", 1)[1])
 
     async def vanish(self, pub: KVEventPublisher) -> None:
         """The engine goes away (its connection closes); its pod stays in the pool."""
@@ -78,9 +83,8 @@ class Fleet:
 
     async def knock(self, source: str) -> None:
         """A connection from `source` that is no publisher (a probe): opened, then closed."""
-        port = int((self.sub.bound_to or "").rsplit(":", 1)[1])
         n = self.sub.connections_from(source)
-        _, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        _, w = await asyncio.open_connection("127.0.0.1", self.port, local_addr=(source, 0))
         await until(lambda: self.sub.connections_from(source) == n + 1)
         w.close()
         await w.wait_closed()
@@ -108,7 +112,7 @@ class Fleet:
 async def fleet() -> AsyncIterator[Callable[..., Fleet]]:
     made: list[Fleet] = []
 
-    def make(endpoints: list[Endpoint], **kw: int) -> Fleet:
+    def make(endpoints: list[Endpoint], **kw: Any) -> Fleet:
         f = Fleet(endpoints, **kw)
         made.append(f)
         return f
@@ -344,6 +348,18 @@ async def test_an_endpoint_stays_known_while_any_connection_from_its_ip_is_open(
     await f.vanish(other)
     await until(lambda: not f.sub.healthy("pod-a"))
     assert f.index.size == 0 and errors("publisher_gone") == gone + 1
+
+
+async def test_a_wildcard_bind_knows_ipv4_engines_by_their_ipv4_address(
+        fleet: Callable[..., Fleet]) -> None:
+    # `tcp://*:port` listens on IPv6 too: IPv4 peers then show as ::ffff:a.b.c.d.
+    f = fleet([Endpoint("pod-a", "127.0.0.2", 8000)], host="*")
+    await f.sub.start(f.ds)
+    a = f.engine("127.0.0.2", source="127.0.0.2")
+    await f.joined(a, "pod-a")
+    assert f.sub.connections_from("127.0.0.2") == 1
+    await f.vanish(a)
+    await until(lambda: not f.sub.healthy("pod-a"))
 
 
 async def test_connections_from_strangers_change_nothing(fleet: Callable[..., Fleet]) -> None:
