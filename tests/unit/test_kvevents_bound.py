@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import zmq
 
 from epp import observability as obs
 from epp.datastore import Datastore, Endpoint
@@ -66,7 +67,7 @@ class Fleet:
         to = f"tcp://127.0.0.1:{self.port}"
         if source is not None:
             to = f"tcp://{source}:0;127.0.0.1:{self.port}"  # libzmq: source;destination
-        p = KVEventPublisher("127.0.0.1", 0, 0 if replay else None, connect=to,
+        p = KVEventPublisher(source or "127.0.0.1", 0, 0 if replay else None, connect=to,
                              topic=topic if topic is not None else f"kv@{pod}@{MODEL}")
         p.start()
         self.pubs.append(p)
@@ -327,6 +328,29 @@ async def test_a_publisher_that_vanishes_leaves_its_endpoint_unknown_until_it_is
     await f.vanish(a2)
     await until(lambda: not f.sub.healthy("pod-a"))
     assert errors("publisher_gone") == gone + 2 and gone_lines(caplog, "pod-a") == 2
+
+
+async def test_what_an_engine_sent_while_away_comes_back_from_its_replay_socket(
+        fleet: Callable[..., Fleet]) -> None:
+    f = fleet([], replay_port=0)
+    await f.sub.start(f.ds)
+    a = f.engine("127.0.0.2", source="127.0.0.2", replay=True)
+    f.ds.set_endpoints([Endpoint("pod-a", "127.0.0.2", 8000,
+                                 {REPLAY_PORT_LABEL: str(a.replay_port)})])
+    await f.joined(a, "pod-a")
+    a.publish(store(1, blocks(0, 1)))
+    await until(lambda: f.index.size == 1)
+    # A network blip: the engine lives on (its sequence and replay buffer), its
+    # connection drops.
+    a._pub.close(linger=0)
+    await until(lambda: not f.sub.healthy("pod-a"))
+    assert f.index.size == 0
+    a._pub = a._ctx.socket(zmq.PUB)
+    a.publish(store(2, blocks(4, 1), parent=1))  # nobody hears it
+    a._pub.connect(f"tcp://127.0.0.2:0;127.0.0.1:{f.port}")
+    # Its next batch is ahead of nothing: everything from sequence 0 is replayed first.
+    await publish_until(a, store(3, blocks(8, 1), parent=2), lambda: f.sub.healthy("pod-a"))
+    assert f.index.match(keys(blocks(0, 3))) == {"pod-a": 3}
 
 
 async def test_an_endpoint_stays_known_while_any_connection_from_its_ip_is_open(
