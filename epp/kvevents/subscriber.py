@@ -257,7 +257,8 @@ class EndpointStream:
         except Exception:
             log.exception("kv events from %s: catch-up failed", self.name)
         finally:
-            self._task = None
+            if self._task is asyncio.current_task():  # not a later one (bound: a reconnect)
+                self._task = None
         self._on_readable()  # bound.PublisherStream: applies what arrived meanwhile
 
     def _on_monitor(self, event: int) -> None:

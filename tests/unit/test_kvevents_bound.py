@@ -4,14 +4,18 @@ PUB sockets connect to it (llm-d's deployment) and name themselves in the topic,
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
+import zmq
 
 from epp import observability as obs
 from epp.datastore import Datastore, Endpoint
-from epp.kvevents.bound import BoundKVEventsSubscriber
+from epp.kvevents.bound import BoundKVEventsSubscriber, normal_ip, peer_ip
 from epp.kvevents.decode import AllBlocksCleared, BlockRemoved, BlockStored, encode_seq
 from epp.kvevents.index import KVBlockIndex
 from epp.kvevents.subscriber import REPLAY_PORT_LABEL
@@ -46,22 +50,46 @@ def free_port() -> int:
 class Fleet:
     """A datastore, the bound intake and engines that publish to it."""
 
-    def __init__(self, endpoints: list[Endpoint], *, replay_port: int = 0) -> None:
+    def __init__(self, endpoints: list[Endpoint], *, replay_port: int = 0,
+                 host: str = "127.0.0.1") -> None:
         self.ds = Datastore()
         self.ds.set_endpoints(endpoints)
         self.index = KVBlockIndex()
         self.sub = BoundKVEventsSubscriber(self.index, block_size=BS,
-                                           bind=f"tcp://127.0.0.1:{free_port()}",
+                                           bind=f"tcp://{host}:{free_port()}",
                                            replay_port=replay_port, replay_timeout=1.0)
         self.pubs: list[KVEventPublisher] = []
 
-    def engine(self, pod: str, *, replay: bool = False, topic: str | None = None) -> KVEventPublisher:
-        """An engine at `pod` (its POD_IP or whatever it names itself by) that connects."""
-        p = KVEventPublisher("127.0.0.1", 0, 0 if replay else None, connect=self.sub.bound_to,
+    def engine(self, pod: str, *, replay: bool = False, topic: str | None = None,
+               source: str | None = None) -> KVEventPublisher:
+        """An engine at `pod` (its POD_IP or whatever it names itself by) that connects,
+        from the loopback address `source` when given (as if from that pod's IP)."""
+        to = f"tcp://127.0.0.1:{self.port}"
+        if source is not None:
+            to = f"tcp://{source}:0;127.0.0.1:{self.port}"  # libzmq: source;destination
+        p = KVEventPublisher(source or "127.0.0.1", 0, 0 if replay else None, connect=to,
                              topic=topic if topic is not None else f"kv@{pod}@{MODEL}")
         p.start()
         self.pubs.append(p)
         return p
+
+    @property
+    def port(self) -> int:
+        return int((self.sub.bound_to or "").rsplit(":", 1)[1])
+
+    async def vanish(self, pub: KVEventPublisher) -> None:
+        """The engine goes away (its connection closes); its pod stays in the pool."""
+        self.pubs.remove(pub)
+        await pub.stop()
+
+    async def knock(self, source: str) -> None:
+        """A connection from `source` that is no publisher (a probe): opened, then closed."""
+        n = self.sub.connections_from(source)
+        _, w = await asyncio.open_connection("127.0.0.1", self.port, local_addr=(source, 0))
+        await until(lambda: self.sub.connections_from(source) == n + 1)
+        w.close()
+        await w.wait_closed()
+        await until(lambda: self.sub.connections_from(source) == n)
 
     async def joined(self, pub: KVEventPublisher, name: str) -> None:
         """Until our subscription reached `pub` (a PUB drops what it sends before): it
@@ -85,7 +113,7 @@ class Fleet:
 async def fleet() -> AsyncIterator[Callable[..., Fleet]]:
     made: list[Fleet] = []
 
-    def make(endpoints: list[Endpoint], **kw: int) -> Fleet:
+    def make(endpoints: list[Endpoint], **kw: Any) -> Fleet:
         f = Fleet(endpoints, **kw)
         made.append(f)
         return f
@@ -261,3 +289,150 @@ async def test_a_full_backlog_during_a_catch_up_drops_and_the_stream_recovers(
     await publish_until(a, store(99, blocks(900, 1)),
                         lambda: f.index.match(keys(blocks(900, 1))) == {"pod-a": 1})
     assert f.sub.healthy("pod-a")
+
+
+def gone_lines(caplog: pytest.LogCaptureFixture, name: str) -> int:
+    return sum(1 for r in caplog.records
+               if "(publisher_gone)" in r.getMessage() and f" {name}:" in r.getMessage())
+
+
+async def test_a_publisher_that_vanishes_leaves_its_endpoint_unknown_until_it_is_back(
+        fleet: Callable[..., Fleet], caplog: pytest.LogCaptureFixture) -> None:
+    # Engines connect from their pods' IPs (here loopback addresses of their own).
+    caplog.set_level(logging.WARNING, logger="epp.kvevents")
+    f = fleet([Endpoint("pod-a", "127.0.0.2", 8000), Endpoint("pod-b", "127.0.0.3", 8000)])
+    await f.sub.start(f.ds)
+    a = f.engine("127.0.0.2", source="127.0.0.2")
+    b = f.engine("127.0.0.3", source="127.0.0.3")
+    await f.joined(a, "pod-a")
+    await f.joined(b, "pod-b")
+    a.publish(store(1, blocks(0, 1)))
+    b.publish(store(1, blocks(0, 1)))
+    await until(lambda: f.index.size == 2)
+    gone, version = errors("publisher_gone"), f.sub.health_version
+    await f.vanish(a)
+    await until(lambda: not f.sub.healthy("pod-a"))  # scored by the approximate scorer now
+    assert f.sub.health_version != version
+    assert f.index.match(keys(blocks(0, 1))) == {"pod-b": 1}  # its entries went, b's stay
+    assert f.sub.healthy("pod-b")
+    assert errors("publisher_gone") == gone + 1 and gone_lines(caplog, "pod-a") == 1
+    # The same engine connects again (a network blip: its sequence numbers go on).
+    a2 = f.engine("127.0.0.2", source="127.0.0.2")
+    a2._seq = a._seq
+    await f.joined(a2, "pod-a")
+    a2.publish(store(2, blocks(8, 1)))
+    await until(lambda: f.index.match(keys(blocks(8, 1))) == {"pod-a": 1})
+    assert f.index.match(keys(blocks(0, 1))) == {"pod-b": 1}  # what it held is not claimed
+    assert errors("publisher_gone") == gone + 1 and gone_lines(caplog, "pod-a") == 1
+    # Known again, so vanishing again is news: counted and logged again.
+    await f.vanish(a2)
+    await until(lambda: not f.sub.healthy("pod-a"))
+    assert errors("publisher_gone") == gone + 2 and gone_lines(caplog, "pod-a") == 2
+
+
+async def test_what_an_engine_sent_while_away_comes_back_from_its_replay_socket(
+        fleet: Callable[..., Fleet]) -> None:
+    f = fleet([], replay_port=0)
+    await f.sub.start(f.ds)
+    a = f.engine("127.0.0.2", source="127.0.0.2", replay=True)
+    f.ds.set_endpoints([Endpoint("pod-a", "127.0.0.2", 8000,
+                                 {REPLAY_PORT_LABEL: str(a.replay_port)})])
+    await f.joined(a, "pod-a")
+    a.publish(store(1, blocks(0, 1)))
+    await until(lambda: f.index.size == 1)
+    # A network blip: the engine lives on (its sequence and replay buffer), its
+    # connection drops.
+    a._pub.close(linger=0)
+    await until(lambda: not f.sub.healthy("pod-a"))
+    assert f.index.size == 0
+    a._pub = a._ctx.socket(zmq.PUB)
+    a.publish(store(2, blocks(4, 1), parent=1))  # nobody hears it
+    a._pub.connect(f"tcp://127.0.0.2:0;127.0.0.1:{f.port}")
+    # Its next batch is ahead of nothing: everything from sequence 0 is replayed first.
+    await publish_until(a, store(3, blocks(8, 1), parent=2), lambda: f.sub.healthy("pod-a"))
+    assert f.index.match(keys(blocks(0, 3))) == {"pod-a": 3}
+
+
+async def test_an_endpoint_stays_known_while_any_connection_from_its_ip_is_open(
+        fleet: Callable[..., Fleet]) -> None:
+    f = fleet([Endpoint("pod-a", "127.0.0.2", 8000)])
+    await f.sub.start(f.ds)
+    a = f.engine("127.0.0.2", source="127.0.0.2")
+    await f.joined(a, "pod-a")
+    # Another connection from the pod (a second rank, or the engine's new connection
+    # racing the old one's drop).
+    other = f.engine("127.0.0.2", source="127.0.0.2")
+    await until(lambda: f.sub.connections_from("127.0.0.2") == 2)
+    a.publish(store(1, blocks(0, 1)))
+    await until(lambda: f.index.size == 1)
+    gone = errors("publisher_gone")
+    await f.vanish(a)
+    await until(lambda: f.sub.connections_from("127.0.0.2") == 1)
+    assert f.sub.healthy("pod-a") and f.index.size == 1
+    await f.vanish(other)
+    await until(lambda: not f.sub.healthy("pod-a"))
+    assert f.index.size == 0 and errors("publisher_gone") == gone + 1
+
+
+async def test_a_wildcard_bind_knows_ipv4_engines_by_their_ipv4_address(
+        fleet: Callable[..., Fleet]) -> None:
+    # `tcp://*:port` listens on IPv6 too: IPv4 peers then show as ::ffff:a.b.c.d.
+    f = fleet([Endpoint("pod-a", "127.0.0.2", 8000)], host="*")
+    await f.sub.start(f.ds)
+    a = f.engine("127.0.0.2", source="127.0.0.2")
+    await f.joined(a, "pod-a")
+    assert f.sub.connections_from("127.0.0.2") == 1
+    await f.vanish(a)
+    await until(lambda: not f.sub.healthy("pod-a"))
+
+
+async def test_connections_from_strangers_change_nothing(fleet: Callable[..., Fleet]) -> None:
+    f = fleet([Endpoint("pod-a", "127.0.0.2", 8000)])
+    await f.sub.start(f.ds)
+    a = f.engine("127.0.0.2", source="127.0.0.2")
+    await f.joined(a, "pod-a")
+    a.publish(store(1, blocks(0, 1)))
+    await until(lambda: f.index.size == 1)
+    gone, version = errors("publisher_gone"), f.sub.health_version
+    await f.knock("127.0.0.9")  # no endpoint of the pool
+    assert f.sub.healthy("pod-a") and f.index.size == 1
+    assert errors("publisher_gone") == gone and f.sub.health_version == version
+
+
+async def test_a_publisher_behind_another_address_is_trusted_after_a_grace(
+        fleet: Callable[..., Fleet]) -> None:
+    # pod-a's engine reaches us from 127.0.0.5 (a proxy, NAT), not from its IP.
+    f = fleet([Endpoint("pod-a", "127.0.0.4", 8000)])
+    f.sub.stale_grace = 0.2
+    await f.sub.start(f.ds)
+    a = f.engine("pod-a", source="127.0.0.5")
+    await f.joined(a, "pod-a")
+    await f.knock("127.0.0.4")  # something else on the pod connects and goes
+    assert not f.sub.healthy("pod-a")  # taken for its publisher vanishing...
+    await f.joined(a, "pod-a")  # ...until it still publishes after the grace
+    await f.knock("127.0.0.4")  # from then on its IP's connections say nothing of it
+    assert f.sub.healthy("pod-a")
+
+
+async def test_peer_ip_reads_a_duplicate_and_leaves_the_connection_open() -> None:
+    with socket.socket() as lsn:
+        lsn.bind(("127.0.0.1", 0))
+        lsn.listen()
+        with socket.create_connection(lsn.getsockname(), source_address=("127.0.0.7", 0)) as c:
+            conn, _ = lsn.accept()
+            with conn:
+                assert peer_ip(conn.fileno()) == "127.0.0.7"
+                c.sendall(b"x")
+                assert conn.recv(1) == b"x"  # still open: only the duplicate was closed
+    a, b = socket.socketpair()  # ipc://: no peer IP
+    with a, b:
+        assert peer_ip(a.fileno()) is None
+        b.sendall(b"y")
+        assert a.recv(1) == b"y"
+    assert peer_ip(-1) is None
+
+
+def test_ip_spellings_compare_equal() -> None:
+    assert normal_ip("::ffff:10.0.0.1") == normal_ip("10.0.0.1") == "10.0.0.1"
+    assert normal_ip("[fe80::1%eth0]") == normal_ip("FE80:0::1") == "fe80::1"
+    assert normal_ip("pod-a.ns.svc") is None
