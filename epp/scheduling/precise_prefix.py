@@ -26,9 +26,15 @@ Parameters:
     kvEventsReplayPort: 5558       # 0: engines have no replay socket; label kv-events.epp/replay-port
     maxIndexedBlocks: 2000000      # (block, endpoint) entries, LRU beyond
     speculativeTTLSeconds: 10      # a pick's blocks count as held until events confirm them
+    coldPromptScore: 0.3           # a prompt no endpoint holds: this for the least loaded one
+    coldPromptThreshold: 0.5       # "holds": this share of the prompt's blocks
     tokenizers:                    # model name -> directory with tokenizer.json
       meta-llama/Llama-3.1-8B-Instruct: /models/llama-3.1-8b
 ```
+
+A prompt no endpoint holds (`coldPromptThreshold`) is a full prefill wherever it goes;
+the endpoint `coldplace.least_loaded` names (least loaded, ties broken by a rendezvous
+hash that every EPP replica computes alike) gets `coldPromptScore` for it.
 
 Two ways to get the events. By default (above) the EPP connects a SUB socket to every
 endpoint at `kvEventsPort`, where vLLM binds (`"endpoint": "tcp://*:5557"`,
@@ -65,6 +71,7 @@ from epp.kvevents.index import DEFAULT_MAX_ENTRIES, KVBlockIndex, block_keys, ro
 from epp.kvevents.subscriber import DEFAULT_PORT, DEFAULT_REPLAY_PORT, KVEventsSubscriber
 from epp.plugins import check_params, param_float, param_int
 from epp.scheduling import prefix as _prefix
+from epp.scheduling.coldplace import least_loaded
 from epp.scheduling.cycle import CycleState
 from epp.scheduling.interface import SchedulingRequest
 from epp.scheduling.prefix import PrefixHomes
@@ -78,6 +85,15 @@ SPECULATIVE_TTL = 10.0
 """Seconds a pick's blocks count as held on its endpoint before the engine's events
 must confirm them: blocks are stored only when the prefill ends, which under load (a
 queue, chunked prefill of a long prompt) takes seconds."""
+
+COLD_PROMPT_SCORE = 0.3
+"""The score (of 1) a cold prompt gives the endpoint `coldplace.least_loaded` names; 0
+turns cold placement off. At the default weights (prefix 3, queue 2, KV 2, LoRA 1) its
+0.9 outweighs KV-utilization differences up to 0.45 and the LoRA scorer's preference for
+a pod with the adapter loaded over one with room for it (0.2), not over one without."""
+
+COLD_PROMPT_THRESHOLD = 0.5
+"""A prompt is cold when no candidate holds this share of its blocks."""
 
 
 KV_EVENTS_CONFIG_KEYS = ("zmqEndpoint", "topicFilter")
@@ -147,7 +163,8 @@ class PrecisePrefixCacheScorer:
     plugin_type = "precise-prefix-cache-scorer"
     bounded = True
     PARAMS = ("blockSize", "maxPrefixBlocksToMatch", "kvEventsPort", "kvEventsReplayPort",
-              "maxIndexedBlocks", "tokenizers", "speculativeTTLSeconds", "kvEventsConfig")
+              "maxIndexedBlocks", "tokenizers", "speculativeTTLSeconds", "kvEventsConfig",
+              "coldPromptScore", "coldPromptThreshold")
 
     def __init__(
         self,
@@ -163,6 +180,8 @@ class PrecisePrefixCacheScorer:
         speculative_ttl: float = SPECULATIVE_TTL,
         kv_events_bind: str | None = None,
         topic_filter: str = DEFAULT_TOPIC_FILTER,
+        cold_score: float = COLD_PROMPT_SCORE,
+        cold_threshold: float = COLD_PROMPT_THRESHOLD,
     ) -> None:
         self.name = name
         self.block_size = block_size
@@ -196,6 +215,8 @@ class PrecisePrefixCacheScorer:
         the first one's blocks are stored."""
         self.speculative_ttl = speculative_ttl
         self.subscriber.on_stored = self.blocks_stored
+        self.cold_score = cold_score
+        self.cold_threshold = cold_threshold
 
     @classmethod
     def from_params(cls, name: str, params: dict[str, Any]) -> "PrecisePrefixCacheScorer":
@@ -225,6 +246,10 @@ class PrecisePrefixCacheScorer:
                                         minimum=0.0, maximum=3600.0),
             kv_events_bind=bound[0] if bound is not None else None,
             topic_filter=bound[1] if bound is not None else DEFAULT_TOPIC_FILTER,
+            cold_score=param_float(params, "coldPromptScore", COLD_PROMPT_SCORE,
+                                   minimum=0.0, maximum=1.0),
+            cold_threshold=param_float(params, "coldPromptThreshold", COLD_PROMPT_THRESHOLD,
+                                       minimum=0.0, maximum=1.0),
         )
 
     # -- lifecycle (the app starts and stops it) ------------------------------------
@@ -401,6 +426,7 @@ class PrecisePrefixCacheScorer:
         if full is None:
             return self.approx.score(state, candidates)
         s = state.take(full, candidates)
+        held = float(s.max(initial=0.0))
         approx = self.approx
         if approx.hit_queue_worth > 0 and s.any():
             # The same load-aware policy as the approximate scorer (docs/scoring.md): a
@@ -413,6 +439,24 @@ class PrecisePrefixCacheScorer:
             i = state.snapshot.by_name.get(home) if home is not None else None
             if i is not None and full[i] > 0:  # only a home that still holds the group
                 prefer_home(state, candidates, s, home)
+        if held < self.cold_threshold and self.cold_score > 0:
+            s = self._place_cold(state, candidates, s, held)
+        return s
+
+    def _place_cold(self, state: CycleState, candidates: np.ndarray, s: np.ndarray,
+                    held: float) -> np.ndarray:
+        """A prompt no candidate holds `coldPromptThreshold` of: `coldPromptScore` for the
+        endpoint `coldplace.least_loaded` names, keyed by the first block nobody holds
+        (the same on every replica)."""
+        keys = self.keys(state, None)
+        if not keys:
+            return s
+        key = keys[min(int(round(held * len(keys))), len(keys) - 1)]
+        j = least_loaded(state, candidates, key, self.approx.running_weight)
+        if j is None:
+            return s
+        s = s.copy()
+        s[j] = max(s[j], self.cold_score)
         return s
 
     def _group(self, state: CycleState) -> int | None:

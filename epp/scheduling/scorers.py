@@ -286,6 +286,23 @@ queue alone misses a pod whose batch is full of short, cached requests: its queu
 short while every step gets slower."""
 
 
+def queued_load(state: CycleState, candidates: np.ndarray,
+                running_weight: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per candidate: waiting requests (scraped and routed since the scrape) +
+    `running_weight` x running requests, and which of them are known and fresh (None: all
+    are, the common case)."""
+    w = state.take(state.waiting, candidates)
+    if running_weight > 0:
+        w = w + running_weight * state.take(state.derived.get("running-or-0", _running_or_zero), candidates)
+    _, all_known = state.derived.get(("notnan", "waiting"), _NOTNAN["waiting"])
+    if all_known and state.all_fresh:
+        return w, None
+    known = ~np.isnan(w)
+    if not state.all_fresh:
+        known &= state.take(state.fresh, candidates)
+    return w, known
+
+
 def load_discount(
     state: CycleState, candidates: np.ndarray, worth: float, running_weight: float
 ) -> np.ndarray:
@@ -303,16 +320,10 @@ def load_discount(
     ahead, so it stays sticky. Unknown or stale loads are not discounted (the other
     scorers already give them their worst score).
     """
-    w = state.take(state.waiting, candidates)
-    if running_weight > 0:
-        w = w + running_weight * state.take(state.derived.get("running-or-0", _running_or_zero), candidates)
-    _, all_known = state.derived.get(("notnan", "waiting"), _NOTNAN["waiting"])
-    if all_known and state.all_fresh:  # the common case: no mask to build
+    w, known = queued_load(state, candidates, running_weight)
+    if known is None:  # the common case: no mask to build
         excess = w - w.min()
     else:
-        known = ~np.isnan(w)
-        if not state.all_fresh:
-            known &= state.take(state.fresh, candidates)
         if not known.any():
             return np.ones(len(w))
         excess = np.where(known, w - w[known].min(), 0.0)

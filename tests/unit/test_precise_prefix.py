@@ -263,7 +263,7 @@ def test_scores_are_numpy_and_bounded(tokdir: Path) -> None:
 
 def test_a_pick_counts_until_events_confirm_it_or_its_ttl_ends(tokdir: Path) -> None:
     scorer = PrecisePrefixCacheScorer(block_size=16, tokenizers={MODEL: str(tokdir)},
-                                      speculative_ttl=2.0)
+                                      speculative_ttl=2.0, cold_score=0.0)  # matches only
     snap = pool("a", "b")
     live(scorer, "a", "b")
     sched = Scheduler([_profile(scorer)])
@@ -281,7 +281,7 @@ def test_a_pick_stored_and_evicted_before_the_next_read_claims_nothing(tokdir: P
     """On a pod whose cache turns over in seconds a cold group is stored and evicted
     between two of its requests; the pick must not claim it back for the rest of its TTL."""
     scorer = PrecisePrefixCacheScorer(block_size=16, tokenizers={MODEL: str(tokdir)},
-                                      speculative_ttl=10.0)
+                                      speculative_ttl=10.0, cold_score=0.0)  # matches only
     snap = pool("a", "b")
     live(scorer, "a", "b")
     sched = Scheduler([_profile(scorer)])
