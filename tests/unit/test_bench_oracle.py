@@ -82,9 +82,8 @@ def test_desim_feeds_kv_events_to_the_precise_scorer_of_every_replica(tmp_path) 
     # Replicas that scrape the pods themselves, at staggered times: as repeatable.
     own = desim.run(sims, sched, precise, replicas=2, own_scrapes=True)
     assert own == desim.run(sims, sched, precise, replicas=2, own_scrapes=True)
-    assert own.prefix_hit_rate > rr.prefix_hit_rate
     rr = desim.run(sims, sched, "round-robin")
-    assert a.prefix_hit_rate > rr.prefix_hit_rate
+    assert a.prefix_hit_rate > rr.prefix_hit_rate and own.prefix_hit_rate > rr.prefix_hit_rate
     # Requests another client sends straight to the pods are left out of the figures,
     # and restarts (caches cleared) cost hits.
     assert desim.run(sims, sched, "round-robin", direct=1.0).ttft_p90 is None
