@@ -65,7 +65,7 @@ class Outcome:
 
 def run(sims: list[SimConfig], schedule: list[Request], router: str,
         scrape: float = 0.05, warmup: float = 0.1, direct: float = 0.0,
-        restart_every: float = 0.0, replicas: int = 1) -> Outcome:
+        restart_every: float = 0.0, replicas: int = 1, own_scrapes: bool = False) -> Outcome:
     """Replay `schedule`; `router` is an EndpointPickerConfig text ("" for the EPP's
     default), "round-robin", or "oracle" / "oracle:<objective>".
 
@@ -77,13 +77,17 @@ def run(sims: list[SimConfig], schedule: list[Request], router: str,
     requests only. `restart_every`: every that many simulated seconds one pod (in turn)
     restarts: its KV cache is cleared (AllBlocksCleared), its queue kept. `replicas`: EPP
     replicas without state sync, each with its own indexes and in-flight tracker, taking
-    the requests in turn (as Envoy spreads them over the EPP's pods)."""
+    the requests in turn (as Envoy spreads them over the EPP's pods). `own_scrapes`: each
+    replica scrapes the pods itself, the replicas' scrapes spread evenly over the
+    interval (as separate EPP processes do), instead of all reading one datastore."""
     engines = [Engine(replace(c, time_scale=1.0)) for c in sims]
     toks = [ModelTokenizer(c.model, c.tokenizer) if c.tokenizer else None for c in sims]
     adapters = [dict(c.lora_modules) for c in sims]
     names = [c.name for c in sims]
-    ds = Datastore(staleness_threshold=2.0)
-    ds.set_endpoints([Endpoint(n, f"10.9.0.{i + 1}", 8000) for i, n in enumerate(names)])
+    own = own_scrapes and replicas > 1
+    dss = [Datastore(staleness_threshold=2.0) for _ in range(replicas if own else 1)]
+    for ds in dss:
+        ds.set_endpoints([Endpoint(n, f"10.9.0.{i + 1}", 8000) for i, n in enumerate(names)])
     oracle = (router.partition(":")[2] or DEFAULT_OBJECTIVE) if router.startswith("oracle") else None
     rr = router == "round-robin"
     scheds: list[Scheduler] = []
@@ -107,7 +111,8 @@ def run(sims: list[SimConfig], schedule: list[Request], router: str,
     tie = itertools.count()
     for i, r in enumerate(schedule):
         heapq.heappush(events, (r.at, next(tie), "arrive", i))
-    heapq.heappush(events, (0.0, next(tie), "scrape", 0))
+    for r in range(len(dss)):
+        heapq.heappush(events, (r * scrape / len(dss), next(tie), "scrape", r))
     if restart_every > 0:
         heapq.heappush(events, (restart_every, next(tie), "restart", 0))
     seqs: list[Sequence | None] = [None] * len(schedule)
@@ -126,7 +131,8 @@ def run(sims: list[SimConfig], schedule: list[Request], router: str,
         busy_until[k] = now + duration
         heapq.heappush(events, (now + duration, next(tie), "step", k))
 
-    def scrape_all(now: float) -> None:
+    def scrape_all(now: float, r: int) -> None:
+        ds = dss[r]
         for k, e in enumerate(engines):
             cfg = e.cfg
             ds.update_metrics(names[k], EndpointMetrics(
@@ -140,8 +146,8 @@ def run(sims: list[SimConfig], schedule: list[Request], router: str,
     while events and pending:
         now, _, kind, x = heapq.heappop(events)
         if kind == "scrape":
-            scrape_all(now)
-            heapq.heappush(events, (now + scrape, next(tie), "scrape", 0))
+            scrape_all(now, x)
+            heapq.heappush(events, (now + scrape, next(tie), "scrape", x))
         elif kind == "restart":
             engines[x].kv.reset_prefix_cache()
             _deliver(precise, names[x], engines[x])
@@ -159,7 +165,7 @@ def run(sims: list[SimConfig], schedule: list[Request], router: str,
                 sched = scheds[x % len(scheds)]
                 res = sched.schedule(SchedulingRequest(f"r{x}", r.model, r.prompt,
                                                        api="completions", body=r.body(False)),
-                                     ds.snapshot(), now=now)
+                                     dss[x % len(scheds) if own else 0].snapshot(), now=now)
                 k = res.index
                 sched.inflight.started(f"r{x}", res.endpoint.name, now)  # as the director does
             e = engines[k]
@@ -264,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="simulated seconds between pod restarts (cache cleared), 0: none")
     ap.add_argument("--replicas", type=int, default=1,
                     help="EPP replicas without state sync, taking requests in turn")
+    ap.add_argument("--own-scrapes", action="store_true",
+                    help="with --replicas: each replica scrapes the pods itself, at "
+                         "staggered times (closer to separate EPP processes)")
     ap.add_argument("--stale", action="append", default=[],
                     help="FIELD=VALUE: a StalePrefixShape field for the stale-prefix shape")
     ap.add_argument("--qps", type=float, nargs="+",
@@ -312,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                         sched = schedule_for(shape_name, qps, args.requests, seed, MODEL)
                     outs.append(run(sims, sched, router, direct=args.direct,
                                     restart_every=args.restart_every,
-                                    replicas=args.replicas))
+                                    replicas=args.replicas,
+                                    own_scrapes=args.own_scrapes))
                 p90 = statistics.median(o.ttft_p90 or 0 for o in outs)
                 if name == "oracle":
                     ref = p90

@@ -79,8 +79,11 @@ def test_desim_feeds_kv_events_to_the_precise_scorer_of_every_replica(tmp_path) 
                               f'{{blockSize: 16, tokenizers: {{"m": "{tok}"}}}}'})
     a = desim.run(sims, sched, precise, replicas=2)
     assert a == desim.run(sims, sched, precise, replicas=2)
+    # Replicas that scrape the pods themselves, at staggered times: as repeatable.
+    own = desim.run(sims, sched, precise, replicas=2, own_scrapes=True)
+    assert own == desim.run(sims, sched, precise, replicas=2, own_scrapes=True)
     rr = desim.run(sims, sched, "round-robin")
-    assert a.prefix_hit_rate > rr.prefix_hit_rate
+    assert a.prefix_hit_rate > rr.prefix_hit_rate and own.prefix_hit_rate > rr.prefix_hit_rate
     # Requests another client sends straight to the pods are left out of the figures,
     # and restarts (caches cleared) cost hits.
     assert desim.run(sims, sched, "round-robin", direct=1.0).ttft_p90 is None
