@@ -88,6 +88,7 @@ plugins:
   parameters:
     blockSize: 16
     speculativeTTLSeconds: 0
+    coldPromptScore: 0           # scores say only what pods report holding
     tokenizers: {{"{MODEL}": "{tok}"}}
 schedulingProfiles:
 - name: default
