@@ -13,7 +13,7 @@ import numpy as np
 
 from epp.plugins import NoParams, check_params, param_float
 from epp.scheduling.cycle import CycleState
-from epp.scheduling.scorers import PrefixCacheScorer, _lora
+from epp.scheduling.scorers import PrefixCacheScorer, lora_affinity
 
 
 def _known(state: CycleState, field: str, cand: np.ndarray) -> np.ndarray:
@@ -90,7 +90,7 @@ class LoraAffinityFilter(NoParams):
     plugin_type = "lora-affinity"
 
     def filter(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
-        s = state.take(_lora(state), candidates)
+        s = state.take(lora_affinity(state), candidates)
         if not state.all_fresh:
             s = s * state.take(state.fresh, candidates)
         active = candidates[s == 1.0]

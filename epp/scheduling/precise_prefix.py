@@ -75,7 +75,7 @@ from epp.scheduling.coldplace import least_loaded
 from epp.scheduling.cycle import CycleState
 from epp.scheduling.interface import SchedulingRequest
 from epp.scheduling.prefix import PrefixHomes
-from epp.scheduling.scorers import PrefixCacheScorer, load_discount, prefer_home
+from epp.scheduling.scorers import PrefixCacheScorer, lora_affinity, load_discount, prefer_home
 from epp.scheduling.speculative import SpeculativePicks
 from epp.tokenization import TokenizerError, TokenizerPool, prompt_of
 
@@ -87,10 +87,10 @@ must confirm them: blocks are stored only when the prefill ends, which under loa
 queue, chunked prefill of a long prompt) takes seconds."""
 
 COLD_PROMPT_SCORE = 0.3
-"""The score (of 1) a cold prompt gives the endpoint `coldplace.least_loaded` names; 0
-turns cold placement off. At the default weights (prefix 3, queue 2, KV 2, LoRA 1) its
-0.9 outweighs KV-utilization differences up to 0.45 and the LoRA scorer's preference for
-a pod with the adapter loaded over one with room for it (0.2), not over one without."""
+"""The score (of 1) a cold prompt gives the endpoint `coldplace.least_loaded` names (among
+the candidates with the best LoRA affinity); 0 turns cold placement off. At the default
+weights (prefix 3, queue 2, KV 2, LoRA 1) its 0.9 outweighs KV-utilization differences
+up to 0.45."""
 
 COLD_PROMPT_THRESHOLD = 0.5
 """A prompt is cold when no candidate holds this share of its blocks."""
@@ -452,9 +452,16 @@ class PrecisePrefixCacheScorer:
         if not keys:
             return s
         key = keys[min(int(round(held * len(keys))), len(keys) - 1)]
-        j = least_loaded(state, candidates, key, self.approx.running_weight)
+        # Only among the candidates that serve the request's adapter best (all of them
+        # for a base-model request): a cold prompt is no reason to load an adapter.
+        affinity = state.take(lora_affinity(state), candidates)
+        best = np.flatnonzero(affinity == affinity.max())
+        among = candidates if len(best) == len(candidates) else candidates[best]
+        j = least_loaded(state, among, key, self.approx.running_weight)
         if j is None:
             return s
+        if among is not candidates:
+            j = int(best[j])
         s = s.copy()
         s[j] = max(s[j], self.cold_score)
         return s

@@ -241,7 +241,8 @@ def _same_adapters(old: Snapshot, new: Snapshot) -> bool:
     )
 
 
-def _lora(state: CycleState) -> np.ndarray:
+def lora_affinity(state: CycleState) -> np.ndarray:
+    """`lora_scores` for the request's target model, per endpoint of the snapshot."""
     model = state.request.target_model
     d = state.derived
     key = ("lora", model)
@@ -262,7 +263,7 @@ class LoraAffinityScorer(NoParams):
     bounded = True
 
     def score(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
-        return _zero_stale(state, state.take(_lora(state), candidates), candidates)
+        return _zero_stale(state, state.take(lora_affinity(state), candidates), candidates)
 
 
 DEFAULT_HIT_QUEUE_WORTH = 8.0

@@ -113,3 +113,22 @@ def test_parameters_from_the_config(tokdir: Path) -> None:
     assert (scorer.cold_score, scorer.cold_threshold) == (0.5, 0.25)
     with pytest.raises(ValueError, match="coldPromptScore"):
         PrecisePrefixCacheScorer.from_params("p", {"coldPromptScore": 2})
+
+
+def test_a_new_prompt_for_an_adapter_stays_where_the_adapter_is_loaded(tokdir: Path) -> None:
+    ds = Datastore(staleness_threshold=1e9)
+    ds.set_endpoints([Endpoint(n, f"10.0.0.{i + 1}", 8000) for i, n in enumerate("abcd")])
+    for n, waiting, adapters in (("a", 0, frozenset()), ("b", 0, frozenset()),
+                                 ("c", 2, frozenset({"tenant-lora"})), ("d", 3, frozenset())):
+        ds.update_metrics(n, EndpointMetrics(waiting=waiting, running=0, kv_usage=0.2,
+                                             scraped_at=NOW, models=frozenset({MODEL}),
+                                             active_adapters=adapters, max_lora=4))
+    _, scorer = epp_replica(tokdir)
+    req = completion(9)
+    req.target_model = "tenant-lora"
+    sched = Scheduler([Profile("default", scorers=[(scorer, 1.0)],
+                               picker=MaxScorePicker("max-score-picker"))])
+    res = sched.schedule(req, ds.snapshot(), explain=True, now=NOW)
+    raw = {c.endpoint: c.raw[scorer.name] for c in res.explanation.profiles[0].scores}
+    # c serves the adapter: the least loaded of the pods that do, though a and b are idle.
+    assert raw == {"a": 0.0, "b": 0.0, "c": pytest.approx(0.3), "d": 0.0}
