@@ -688,6 +688,34 @@ impl<'a> Rd<'a> {
     }
 }
 
+/// An event's optional trailing fields, read in their order, each only when the array
+/// has it (older vLLMs send fewer); `rest` skips any that a newer vLLM added.
+struct Trailing {
+    at: usize,
+    n: usize,
+}
+
+impl Trailing {
+    fn next<'a, T>(
+        &mut self,
+        r: &mut Rd<'a>,
+        read: impl FnOnce(&mut Rd<'a>) -> Option<Option<T>>,
+    ) -> Option<Option<T>> {
+        if self.at >= self.n {
+            return Some(None);
+        }
+        self.at += 1;
+        read(r)
+    }
+
+    fn rest(self, r: &mut Rd<'_>) -> Option<()> {
+        for _ in self.at..self.n {
+            r.skip(0)?;
+        }
+        Some(())
+    }
+}
+
 fn gpu_group0(medium: Option<&str>, group: Option<i128>) -> bool {
     matches!(medium, None | Some("GPU")) && matches!(group, None | Some(0))
 }
@@ -722,42 +750,24 @@ fn parse_event(r: &mut Rd<'_>, scorer_bs: i128) -> Option<Ev> {
             if block_size != scorer_bs {
                 return None; // the subscriber reports the mismatch
             }
-            let mut medium = None;
-            let mut lora_name = None;
-            let mut group = None;
-            let mut fields = 5usize; // tag and the four required ones
-            if fields < n {
-                r.opt_int()?; // lora_id
-                fields += 1;
-            }
-            if fields < n {
-                medium = r.opt_str()?;
-                fields += 1;
-            }
-            if fields < n {
-                lora_name = r.opt_str()?;
-                fields += 1;
-            }
-            if fields < n {
-                // extra_keys: only "none" here; anything else is hashed into the key by
-                // Python's repr(), so Python decodes it.
+            let mut more = Trailing { at: 5, n }; // tag and the four required fields
+            more.next(r, Rd::opt_int)?; // lora_id
+            let medium = more.next(r, Rd::opt_str)?;
+            let lora_name = more.next(r, Rd::opt_str)?;
+            // extra_keys: only "none" here; anything else is hashed into the key by
+            // Python's repr(), so Python decodes it.
+            more.next(r, |r| {
                 if !r.nil() {
-                    let m = r.array()?;
-                    for _ in 0..m {
+                    for _ in 0..r.array()? {
                         if !r.nil() {
                             return None;
                         }
                     }
                 }
-                fields += 1;
-            }
-            if fields < n {
-                group = r.opt_int()?;
-                fields += 1;
-            }
-            for _ in fields..n {
-                r.skip(0)?;
-            }
+                Some(Some(()))
+            })?;
+            let group = more.next(r, Rd::opt_int)?;
+            more.rest(r)?;
             Ev::Stored {
                 hashes,
                 parent,
@@ -773,20 +783,10 @@ fn parse_event(r: &mut Rd<'_>, scorer_bs: i128) -> Option<Ev> {
                 return None;
             }
             let hashes = r.hashes()?;
-            let mut medium = None;
-            let mut group = None;
-            let mut fields = 2usize;
-            if fields < n {
-                medium = r.opt_str()?;
-                fields += 1;
-            }
-            if fields < n {
-                group = r.opt_int()?;
-                fields += 1;
-            }
-            for _ in fields..n {
-                r.skip(0)?;
-            }
+            let mut more = Trailing { at: 2, n };
+            let medium = more.next(r, Rd::opt_str)?;
+            let group = more.next(r, Rd::opt_int)?;
+            more.rest(r)?;
             Ev::Removed { hashes, keep: gpu_group0(medium, group) }
         }
         "AllBlocksCleared" => {
