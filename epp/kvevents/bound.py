@@ -261,8 +261,8 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
         self._at_ip: dict[str, list[str]] = {}
         """Normalised IP -> names of the endpoints there (with a stream)."""
         self._peer_of_fd: dict[int, str] = {}
-        self._conns: dict[str, int] = {}
-        """Peer IP -> connections open from it (any peer: the pool may list it later)."""
+        """Open connection (its descriptor) -> the peer's normalised IP: any peer, since the
+        pool may list it later."""
         self.stale_grace = STALE_GRACE
         self._sock: Any = None
         self._mon: Any = None
@@ -328,13 +328,16 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
             mon.close(linger=0)
             sock.close(linger=0)
         self._peer_of_fd.clear()
-        self._conns.clear()
         await super().stop()
 
     def connections_from(self, ip: str) -> int:
         """Connections open from `ip` (as far as the monitor has told)."""
         n = normal_ip(ip)
-        return self._conns.get(n, 0) if n is not None else 0
+        return self._open_from(n) if n is not None else 0
+
+    def _open_from(self, ip: str) -> int:
+        # Counted when asked: connections come and go rarely, and one map stays the truth.
+        return sum(1 for peer in self._peer_of_fd.values() if peer == ip)
 
     # -- the pool ------------------------------------------------------------------
 
@@ -393,7 +396,7 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
     # -- the socket ----------------------------------------------------------------
 
     def _on_monitor_readable(self) -> None:
-        """Connections accepted and dropped: count them per peer IP. An IP that had some
+        """Connections accepted and dropped, each noted with its peer IP. An IP that had some
         before what was queued and has none after takes its endpoints' publishers with it;
         judged over the whole queue, because the descriptor of a connection that came and
         went before we looked may already be the next connection's (read as its IP: +1 -1)."""
@@ -412,24 +415,19 @@ class BoundKVEventsSubscriber(KVEventsSubscriber):
                 ip = peer_ip(fd)
                 if ip is None:
                     continue  # ipc://, or gone already (its DISCONNECTED is ignored too)
-                before.setdefault(ip, self._conns.get(ip, 0))
+                before.setdefault(ip, self._open_from(ip))
                 self._peer_of_fd[fd] = ip
-                self._conns[ip] = self._conns.get(ip, 0) + 1
             elif ev["event"] == zmq.EVENT_DISCONNECTED:
-                ip = self._peer_of_fd.pop(fd, None)
+                ip = self._peer_of_fd.get(fd)
                 if ip is None:
                     continue
-                before.setdefault(ip, self._conns[ip])
-                n = self._conns[ip] - 1
-                if n:
-                    self._conns[ip] = n
-                else:
-                    del self._conns[ip]
+                before.setdefault(ip, self._open_from(ip))
+                del self._peer_of_fd[fd]
         for ip, had in before.items():
             names = self._at_ip.get(ip)
             if not names:
                 continue  # not an endpoint of the pool
-            now = self._conns.get(ip, 0)
+            now = self._open_from(ip)
             for name in names:
                 s = self.streams.get(name)
                 if s is None:
