@@ -224,7 +224,9 @@ async def bench_intake(endpoints: int, rate: float, seconds: float,
             "index_entries": index.size}
 
 
-def bench_pick(tokdir: Path, n: int, rounds: int) -> dict[str, Any]:
+def bench_pick(tokdir: Path, n: int, rounds: int,
+               precise_params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Pick time at `n` endpoints, precise (with `precise_params`) and approximate."""
     rng = random.Random(1)
     tok = ModelTokenizer(MODEL, tokdir)
     words = "the model server cache token prefix route queue batch data pod review".split()
@@ -242,7 +244,9 @@ def bench_pick(tokdir: Path, n: int, rounds: int) -> dict[str, Any]:
                                                   scraped_at=time.monotonic(),
                                                   models=frozenset({MODEL})))
     snap = ds.snapshot()
-    precise = PrecisePrefixCacheScorer(block_size=BS, tokenizers={MODEL: str(tokdir)})
+    precise = PrecisePrefixCacheScorer.from_params(
+        "precise-prefix-cache-scorer",
+        {"blockSize": BS, "tokenizers": {MODEL: str(tokdir)}, **(precise_params or {})})
     approx = PrefixCacheScorer()
     from epp.kvevents.subscriber import EndpointStream, StreamAddress
 
@@ -377,6 +381,23 @@ def bench_prefix_cache(tokdir: Path, rounds: int) -> dict[str, Any]:
     return out
 
 
+def pick_ab(assign: str, n: int, rounds: int, runs: int = 5) -> int:
+    """The pick's cost with a precise scorer parameter changed, against the defaults, in
+    alternating runs of one process (the machine is shared: compare medians)."""
+    key, _, value = assign.partition("=")
+    variant = {key: float(value)}
+    got: dict[str, list[float]] = {"default": [], assign: []}
+    with tempfile.TemporaryDirectory() as d:
+        tokdir = tinytok.write(d)
+        for _ in range(runs):
+            for label, params in (("default", {}), (assign, variant)):
+                got[label].append(bench_pick(tokdir, n, rounds, params)["precise_p50_us"])
+    for label, p50s in got.items():
+        print(f"pick {label}: precise p50 median {statistics.median(p50s):.1f} us "
+              f"(runs {', '.join(f'{x:.1f}' for x in p50s)}), {n} endpoints")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short: CI")
@@ -387,7 +408,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="KV index for the intake run(s); both = native then Python, same run")
     ap.add_argument("--only", choices=("tokenize",), default=None,
                     help="run only the tokenization parts (3 and 4)")
+    ap.add_argument("--pick-ab", metavar="PARAM=NUMBER", default=None,
+                    help="only the pick: 5 alternating runs with the precise scorer's defaults "
+                         "and with this parameter, then the medians")
     args = ap.parse_args(argv)
+    if args.pick_ab:
+        return pick_ab(args.pick_ab, args.endpoints, 200 if args.quick else 2000)
     seconds = args.seconds or (3.0 if args.quick else 10.0)
     rounds = 200 if args.quick else 2000
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

@@ -8,10 +8,11 @@ score (queue scores differ little at a few waiting requests), so misses bunch on
 already queue work; and two EPP replicas place the same new group on two pods (neither
 sees the other's pick until the engine's events report the blocks stored), which halves
 the group's hits and doubles its cache footprint. The precise prefix scorer therefore
-names one endpoint for such a prompt (`least_loaded`): the least loaded candidate, and
-among equally loaded ones the highest rendezvous hash of (the prompt's first unheld block,
-endpoint name). Replicas see the same scraped loads and the same events, so they mostly
-agree without talking; when they do not, nothing worse than today's spread happens.
+names one endpoint for such a prompt (`least_loaded`): the least loaded candidate (the
+scorer measures load as prefill work pending, `prefill.prefill_load`), and among equally
+loaded ones the highest rendezvous hash of (the prompt's first unheld block, endpoint
+name). Replicas see the same scraped loads and the same events, so they mostly agree
+without talking; when they do not, nothing worse than today's spread happens.
 
 Measured on the stale-prefix routing shape (benchmarks/RESULTS.md, "Cold placement").
 """
@@ -22,7 +23,7 @@ import numpy as np
 import xxhash
 
 from epp.scheduling.cycle import CycleState
-from epp.scheduling.scorers import queued_load
+from epp.scheduling.scorers import Load
 
 
 def rendezvous(key: int, name: str) -> int:
@@ -30,11 +31,11 @@ def rendezvous(key: int, name: str) -> int:
     return xxhash.xxh64_intdigest(name.encode(), seed=key & 0xFFFF_FFFF_FFFF_FFFF)
 
 
-def least_loaded(state: CycleState, candidates: np.ndarray, key: int,
-                 running_weight: float) -> int | None:
-    """The position in `candidates` of the least loaded one (`queued_load`), ties broken
-    by `rendezvous(key, name)`; None when no candidate's load is known and fresh."""
-    w, known = queued_load(state, candidates, running_weight)
+def least_loaded(state: CycleState, candidates: np.ndarray, key: int, load: Load) -> int | None:
+    """The position in `candidates` of the least loaded one (`load`, one per candidate),
+    ties broken by `rendezvous(key, name)`; None when no candidate's load is known and
+    fresh."""
+    w, known = load
     if known is not None:
         if not known.any():
             return None

@@ -28,13 +28,17 @@ Parameters:
     speculativeTTLSeconds: 10      # a pick's blocks count as held until events confirm them
     coldPromptScore: 0.3           # a prompt no endpoint holds: this for the least loaded one
     coldPromptThreshold: 0.5       # "holds": this share of the prompt's blocks
+    prefillTokensPerRequest: 800   # cold placement's load unit; 0: count queued requests
     tokenizers:                    # model name -> directory with tokenizer.json
       meta-llama/Llama-3.1-8B-Instruct: /models/llama-3.1-8b
 ```
 
 A prompt no endpoint holds (`coldPromptThreshold`) is a full prefill wherever it goes;
-the endpoint `coldplace.least_loaded` names (least loaded, ties broken by a rendezvous
-hash that every EPP replica computes alike) gets `coldPromptScore` for it.
+the endpoint `coldplace.least_loaded` names gets `coldPromptScore` for it: the one with the
+least prefill work pending (`prefill.prefill_load`: the tokens this EPP sent it that it did
+not hold, until the engine's events show them stored, in units of
+`prefillTokensPerRequest`, plus other waiting requests), ties broken by a rendezvous hash
+that every EPP replica computes alike.
 
 Two ways to get the events. By default (above) the EPP connects a SUB socket to every
 endpoint at `kvEventsPort`, where vLLM binds (`"endpoint": "tcp://*:5557"`,
@@ -74,8 +78,10 @@ from epp.scheduling import prefix as _prefix
 from epp.scheduling.coldplace import least_loaded
 from epp.scheduling.cycle import CycleState
 from epp.scheduling.interface import SchedulingRequest
+from epp.scheduling.prefill import DEFAULT_TOKENS_PER_REQUEST, PendingPrefills, prefill_load
 from epp.scheduling.prefix import PrefixHomes
-from epp.scheduling.scorers import PrefixCacheScorer, lora_affinity, load_discount, prefer_home
+from epp.scheduling.scorers import (Load, PrefixCacheScorer, load_discount, lora_affinity,
+                                    prefer_home, queued_load)
 from epp.scheduling.speculative import SpeculativePicks
 from epp.tokenization import TokenizerError, TokenizerPool, prompt_of
 
@@ -164,7 +170,7 @@ class PrecisePrefixCacheScorer:
     bounded = True
     PARAMS = ("blockSize", "maxPrefixBlocksToMatch", "kvEventsPort", "kvEventsReplayPort",
               "maxIndexedBlocks", "tokenizers", "speculativeTTLSeconds", "kvEventsConfig",
-              "coldPromptScore", "coldPromptThreshold")
+              "coldPromptScore", "coldPromptThreshold", "prefillTokensPerRequest")
 
     def __init__(
         self,
@@ -182,6 +188,7 @@ class PrecisePrefixCacheScorer:
         topic_filter: str = DEFAULT_TOPIC_FILTER,
         cold_score: float = COLD_PROMPT_SCORE,
         cold_threshold: float = COLD_PROMPT_THRESHOLD,
+        tokens_per_request: float = DEFAULT_TOKENS_PER_REQUEST,
     ) -> None:
         self.name = name
         self.block_size = block_size
@@ -217,6 +224,9 @@ class PrecisePrefixCacheScorer:
         self.subscriber.on_stored = self.blocks_stored
         self.cold_score = cold_score
         self.cold_threshold = cold_threshold
+        self.tokens_per_request = tokens_per_request
+        self.pending = PendingPrefills(speculative_ttl if tokens_per_request > 0 else 0.0)
+        """Prefill work sent to each endpoint and not yet reported done: the load."""
 
     @classmethod
     def from_params(cls, name: str, params: dict[str, Any]) -> "PrecisePrefixCacheScorer":
@@ -250,6 +260,8 @@ class PrecisePrefixCacheScorer:
                                    minimum=0.0, maximum=1.0),
             cold_threshold=param_float(params, "coldPromptThreshold", COLD_PROMPT_THRESHOLD,
                                        minimum=0.0, maximum=1.0),
+            tokens_per_request=param_float(params, "prefillTokensPerRequest",
+                                           DEFAULT_TOKENS_PER_REQUEST, minimum=0.0),
         )
 
     # -- lifecycle (the app starts and stops it) ------------------------------------
@@ -335,6 +347,7 @@ class PrecisePrefixCacheScorer:
             return None
         now = state.now
         self.speculative.expire(now)
+        self.pending.expire(now)
         snap: Snapshot = state.snapshot
         by_name = snap.by_name
         unknown, base = self._pool_view(state)
@@ -402,8 +415,13 @@ class PrecisePrefixCacheScorer:
         if not keys:
             return
         self.speculative.record(name, keys, state.now)
+        full = self.match_scores(state)
+        if self.tokens_per_request > 0 and self.subscriber.healthy(name):
+            held = int(round(full[index] * len(keys))) if full is not None else 0
+            ids = self.tokens(state.request)
+            self.pending.record(name, max(len(ids) - held * self.block_size, 0),  # type: ignore[arg-type]
+                                keys[-1], state.now)
         if self.approx.hit_queue_worth > 0:
-            full = self.match_scores(state)
             endpoints = state.snapshot.endpoints
             holders = ([endpoints[i].name for i in np.flatnonzero(full)]
                        if full is not None else ())
@@ -416,9 +434,11 @@ class PrecisePrefixCacheScorer:
         blocks are now in the index are settled (`SpeculativePicks.settle`)."""
         if self.speculative:
             self.speculative.settle(name, self.index.holds)
+        self.pending.settle(name, self.index.holds)
 
     def forget_endpoint(self, name: str) -> None:
         self.speculative.forget(name)
+        self.pending.forget(name)
         self.approx.forget_endpoint(name)
 
     def score(self, state: CycleState, candidates: np.ndarray) -> np.ndarray:
@@ -432,8 +452,8 @@ class PrecisePrefixCacheScorer:
             # The same load-aware policy as the approximate scorer (docs/scoring.md): a
             # holder far busier than the best alternative has nothing left to offer, and
             # the group's home wins among equal holders.
-            s = s * load_discount(state, candidates, approx.hit_queue_worth,
-                                  approx.running_weight)
+            s = s * load_discount(queued_load(state, candidates, approx.running_weight),
+                                  approx.hit_queue_worth)
             group = self._group(state)
             home = self.homes.get(group) if group is not None else None
             i = state.snapshot.by_name.get(home) if home is not None else None
@@ -442,6 +462,13 @@ class PrecisePrefixCacheScorer:
         if held < self.cold_threshold and self.cold_score > 0:
             s = self._place_cold(state, candidates, s, held)
         return s
+
+    def _cold_load(self, state: CycleState, candidates: np.ndarray) -> Load:
+        """Per candidate, the load cold placement compares: prefill work pending."""
+        rw = self.approx.running_weight
+        if self.tokens_per_request > 0:
+            return prefill_load(state, candidates, self.pending, self.tokens_per_request, rw)
+        return queued_load(state, candidates, rw)
 
     def _place_cold(self, state: CycleState, candidates: np.ndarray, s: np.ndarray,
                     held: float) -> np.ndarray:
@@ -456,11 +483,12 @@ class PrecisePrefixCacheScorer:
         # for a base-model request): a cold prompt is no reason to load an adapter.
         affinity = state.take(lora_affinity(state), candidates)
         best = np.flatnonzero(affinity == affinity.max())
-        among = candidates if len(best) == len(candidates) else candidates[best]
-        j = least_loaded(state, among, key, self.approx.running_weight)
+        whole = len(best) == len(candidates)
+        among = candidates if whole else candidates[best]
+        j = least_loaded(state, among, key, self._cold_load(state, among))
         if j is None:
             return s
-        if among is not candidates:
+        if not whole:
             j = int(best[j])
         s = s.copy()
         s[j] = max(s[j], self.cold_score)

@@ -287,14 +287,18 @@ queue alone misses a pod whose batch is full of short, cached requests: its queu
 short while every step gets slower."""
 
 
-def queued_load(state: CycleState, candidates: np.ndarray,
-                running_weight: float) -> tuple[np.ndarray, np.ndarray | None]:
+Load = tuple[np.ndarray, "np.ndarray | None"]
+"""A load per candidate, in queued-request units, and which candidates' loads are known
+and fresh (None: all are, the common case)."""
+
+
+def queued_load(state: CycleState, candidates: np.ndarray, running_weight: float) -> Load:
     """Per candidate: waiting requests (scraped and routed since the scrape) +
     `running_weight` x running requests, and which of them are known and fresh (None: all
     are, the common case)."""
     w = state.take(state.waiting, candidates)
     if running_weight > 0:
-        w = w + running_weight * state.take(state.derived.get("running-or-0", _running_or_zero), candidates)
+        w = w + running_weight * state.take(state.derived.get("running-or-0", running_or_zero), candidates)
     _, all_known = state.derived.get(("notnan", "waiting"), _NOTNAN["waiting"])
     if all_known and state.all_fresh:
         return w, None
@@ -304,12 +308,11 @@ def queued_load(state: CycleState, candidates: np.ndarray,
     return w, known
 
 
-def load_discount(
-    state: CycleState, candidates: np.ndarray, worth: float, running_weight: float
-) -> np.ndarray:
+def load_discount(load: Load, worth: float) -> np.ndarray:
     """Per candidate, 1 while excess <= worth / 2, falling linearly to 0 at excess = worth;
-    excess = its load minus the least loaded candidate's, load = waiting requests (scraped
-    and routed since the scrape) + `running_weight` x running requests.
+    excess = its load minus the least loaded candidate's. The approximate scorer's load is
+    `queued_load`: waiting requests (scraped and routed since the scrape) +
+    `running_weight` x running requests; the precise scorer's is `prefill.prefill_load`.
 
     Multiplying the prefix score by this is a cost model in units of queued requests: a
     cached prefix saves its prefill, about `worth` queued requests' delay, so a pod whose
@@ -321,7 +324,7 @@ def load_discount(
     ahead, so it stays sticky. Unknown or stale loads are not discounted (the other
     scorers already give them their worst score).
     """
-    w, known = queued_load(state, candidates, running_weight)
+    w, known = load
     if known is None:  # the common case: no mask to build
         excess = w - w.min()
     else:
@@ -350,7 +353,7 @@ def prefer_home(state: CycleState, candidates: np.ndarray, scores: np.ndarray,
         scores[~at_home] *= AWAY_SHARE
 
 
-def _running_or_zero(s: Snapshot) -> np.ndarray:
+def running_or_zero(s: Snapshot) -> np.ndarray:
     return np.nan_to_num(s.running)
 
 
@@ -512,7 +515,8 @@ class PrefixCacheScorer:
             if fresh.any():
                 s = s * fresh
         if self.hit_queue_worth > 0 and s.any():
-            s = s * load_discount(state, candidates, self.hit_queue_worth, self.running_weight)
+            s = s * load_discount(queued_load(state, candidates, self.running_weight),
+                                  self.hit_queue_worth)
             self._away_share(state, candidates, s)
         return s
 
