@@ -30,24 +30,25 @@ from collections.abc import Callable
 
 import numpy as np
 
+from epp.datastore import Snapshot
 from epp.scheduling.cycle import CycleState
-from epp.scheduling.scorers import Load, running_or_zero
+from epp.scheduling.scorers import Load, queued_load
 
 Holds = Callable[[str, int], bool]
 
 DEFAULT_TOKENS_PER_REQUEST = 800.0
-"""Prefill tokens that count as one queued request in the load discount's and cold
-placement's units: about the tokens a pod prefills in the ~40 ms one queued request delays
-the next one's admission (`scorers.DEFAULT_HIT_QUEUE_WORTH`)."""
+"""Prefill tokens that count as one queued request in cold placement's load: about the
+tokens a pod prefills in the ~40 ms one queued request delays the next one's admission
+(`scorers.DEFAULT_HIT_QUEUE_WORTH`)."""
+
 
 class _Entry:
-    __slots__ = ("endpoint", "tokens", "last_key", "until")
+    __slots__ = ("slot", "tokens", "last_key")
 
-    def __init__(self, endpoint: str, tokens: int, last_key: int, until: float) -> None:
-        self.endpoint = endpoint
+    def __init__(self, slot: int, tokens: int, last_key: int) -> None:
+        self.slot = slot
         self.tokens = tokens
         self.last_key = last_key
-        self.until = until
 
 
 class PendingPrefills:
@@ -55,87 +56,114 @@ class PendingPrefills:
 
     An entry ends when the engine's events show its last block stored on the endpoint
     (`settle`, called by the event intake), when its TTL ends (a request that failed or
-    was evicted before its prefill), or when the endpoint leaves the pool."""
+    was evicted before its prefill), or when the endpoint leaves the pool.
+
+    Sums are kept per endpoint slot in two arrays, so that a pick reads them for the whole
+    pool with one index operation (`per_endpoint`); a slot of an endpoint that left is
+    reused."""
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
-        self._by_endpoint: dict[str, dict[int, _Entry]] = {}
-        self._tokens: dict[str, int] = {}
+        self._slot_of: dict[str, int] = {}
+        self._free_slots: list[int] = []
+        self._entries: list[dict[int, _Entry]] = []
+        """Per slot: entry id -> entry."""
+        self._tokens = np.zeros(16)
+        self._counts = np.zeros(16)
         self._queue: deque[tuple[float, int, _Entry]] = deque()
         self._ids = 0
-        self.version = 0
-        """Changes whenever the ledger does (for caching what is derived from it)."""
+        self._slots_gen = 0
+        self._view: tuple[int, int, np.ndarray] | None = None
+        """(snapshot version, slot generation, slot per snapshot index)."""
 
     def __len__(self) -> int:
         """Live entries."""
-        return sum(map(len, self._by_endpoint.values()))
+        return int(self._counts.sum())
+
+    def _slot(self, endpoint: str) -> int:
+        slot = self._slot_of.get(endpoint)
+        if slot is not None:
+            return slot
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        else:
+            slot = len(self._entries)
+            self._entries.append({})
+            if slot == len(self._tokens):
+                self._tokens = np.concatenate([self._tokens, np.zeros(slot)])
+                self._counts = np.concatenate([self._counts, np.zeros(slot)])
+        self._slot_of[endpoint] = slot
+        self._slots_gen += 1
+        return slot
 
     def record(self, endpoint: str, tokens: int, last_key: int, now: float) -> None:
         """A pick sent `endpoint` a prompt of which it holds all but `tokens` tokens;
         `last_key` is the prompt's last full block."""
         if self.ttl <= 0 or tokens <= 0:
             return
+        slot = self._slot(endpoint)
         self._ids += 1
-        entry = _Entry(endpoint, tokens, last_key, now + self.ttl)
-        self._by_endpoint.setdefault(endpoint, {})[self._ids] = entry
-        self._tokens[endpoint] = self._tokens.get(endpoint, 0) + tokens
-        self._queue.append((entry.until, self._ids, entry))
-        self.version += 1
+        entry = _Entry(slot, tokens, last_key)
+        self._entries[slot][self._ids] = entry
+        self._tokens[slot] += tokens
+        self._counts[slot] += 1
+        self._queue.append((now + self.ttl, self._ids, entry))
 
     def expire(self, now: float) -> None:
         q = self._queue
         while q and q[0][0] <= now:
             _, i, entry = q.popleft()
-            self._end(entry.endpoint, i)
+            self._end(entry.slot, i)
 
-    def _end(self, endpoint: str, i: int) -> None:
-        entries = self._by_endpoint.get(endpoint)
-        entry = entries.pop(i, None) if entries is not None else None
-        if entry is None:
+    def _end(self, slot: int, i: int) -> None:
+        entry = self._entries[slot].pop(i, None)
+        if entry is None:  # settled, or its endpoint left
             return
-        left = self._tokens[endpoint] - entry.tokens
-        if entries:
-            self._tokens[endpoint] = left
-        else:
-            del self._by_endpoint[endpoint]
-            del self._tokens[endpoint]
-        self.version += 1
+        self._tokens[slot] -= entry.tokens
+        self._counts[slot] -= 1
 
     def settle(self, endpoint: str, holds: Holds) -> None:
         """The index has just stored blocks on `endpoint`: end the entries there whose
         last block it now holds."""
-        entries = self._by_endpoint.get(endpoint)
-        if not entries:
+        slot = self._slot_of.get(endpoint)
+        if slot is None:
             return
+        entries = self._entries[slot]
         for i in [i for i, e in entries.items() if holds(endpoint, e.last_key)]:
-            self._end(endpoint, i)
+            self._end(slot, i)
 
     def forget(self, endpoint: str) -> None:
-        for i in list(self._by_endpoint.get(endpoint, ())):
-            self._end(endpoint, i)
+        slot = self._slot_of.pop(endpoint, None)
+        if slot is None:
+            return
+        self._entries[slot].clear()
+        self._tokens[slot] = 0.0
+        self._counts[slot] = 0.0
+        self._free_slots.append(slot)
+        self._slots_gen += 1
 
     def tokens(self, endpoint: str) -> int:
-        return self._tokens.get(endpoint, 0)
+        slot = self._slot_of.get(endpoint)
+        return 0 if slot is None else int(self._tokens[slot])
 
     def count(self, endpoint: str) -> int:
-        return len(self._by_endpoint.get(endpoint, ()))
+        slot = self._slot_of.get(endpoint)
+        return 0 if slot is None else len(self._entries[slot])
 
-    def per_endpoint(self, state: CycleState) -> tuple[np.ndarray, np.ndarray]:
-        """(pending tokens, pending picks) per endpoint of the snapshot."""
-        return state.memo(("pending-prefills", id(self), self.version),  # type: ignore[no-any-return]
-                          lambda: self._per_endpoint(state))
-
-    def _per_endpoint(self, state: CycleState) -> tuple[np.ndarray, np.ndarray]:
-        n = len(state.snapshot)
-        toks = np.zeros(n)
-        counts = np.zeros(n)
-        by_name = state.snapshot.by_name
-        for name, t in self._tokens.items():
-            i = by_name.get(name)
-            if i is not None:
-                toks[i] = t
-                counts[i] = len(self._by_endpoint[name])
-        return toks, counts
+    def per_endpoint(self, snapshot: Snapshot) -> tuple[np.ndarray, np.ndarray]:
+        """(pending tokens, pending picks) per endpoint of the snapshot (new arrays)."""
+        view = self._view
+        if view is None or view[0] != snapshot.version or view[1] != self._slots_gen:
+            # Endpoints with no slot read slot 0 of arrays one longer, kept at zero.
+            n = len(self._entries)
+            slots = np.fromiter((self._slot_of.get(e.name, n) for e in snapshot.endpoints),
+                                np.int64, len(snapshot))
+            view = self._view = (snapshot.version, self._slots_gen, slots)
+        slots = view[2]
+        if len(self._tokens) <= len(self._entries):
+            self._tokens = np.concatenate([self._tokens, np.zeros(len(self._tokens))])
+            self._counts = np.concatenate([self._counts, np.zeros(len(self._counts))])
+        return self._tokens[slots], self._counts[slots]
 
 
 def prefill_load(state: CycleState, candidates: np.ndarray, pending: PendingPrefills,
@@ -146,17 +174,13 @@ def prefill_load(state: CycleState, candidates: np.ndarray, pending: PendingPref
 
     Other waiting requests: the scraped waiting count plus this EPP's picks since the
     scrape (`CycleState.waiting`), less this EPP's picks still pending there."""
-    toks, counts = pending.per_endpoint(state)
+    toks, counts = pending.per_endpoint(state.snapshot)
+    if candidates is not state.derived.all:
+        toks, counts = toks[candidates], counts[candidates]
+    w, known = queued_load(state, candidates, running_weight)
+    # queued_load's waiting part, less our pending picks, floored at 0; plus our tokens.
     waiting = state.take(state.waiting, candidates)
-    others = np.maximum(waiting - state.take(counts, candidates), 0.0)
-    w = state.take(toks, candidates) / tokens_per_request
-    w += others
-    if running_weight > 0:
-        w += running_weight * state.take(state.derived.get("running-or-0", running_or_zero),
-                                         candidates)
-    known = ~np.isnan(waiting)
-    if not state.all_fresh:
-        known &= state.take(state.fresh, candidates)
-    if known.all():
-        return w, None
+    w = w - waiting + np.maximum(waiting - counts, 0.0)
+    toks *= 1.0 / tokens_per_request
+    w += toks
     return w, known

@@ -66,6 +66,19 @@ def test_an_endpoint_that_leaves_takes_its_entries() -> None:
     assert len(pending) == 0
 
 
+def test_sums_per_endpoint_of_a_snapshot() -> None:
+    pending = PendingPrefills(ttl=10.0)
+    for i in range(40):  # more endpoints than the first arrays hold
+        pending.record(f"pod-{i}", 100 + i, last_key=i, now=0.0)
+    pending.forget("pod-3")
+    pending.record("pod-new", 7, last_key=99, now=0.0)  # takes pod-3's slot
+    snap = pool({"pod-new": 0, "pod-3": 0, "pod-39": 0, "never-picked": 0})
+    tokens, counts = pending.per_endpoint(snap)
+    assert tokens.tolist() == [7, 0, 139, 0] and counts.tolist() == [1, 0, 1, 0]
+    pending.settle("pod-39", held_by({("pod-39", 39)}))
+    assert pending.per_endpoint(snap)[0].tolist() == [7, 0, 0, 0]
+
+
 def test_nothing_is_kept_when_turned_off() -> None:
     pending = PendingPrefills(ttl=0.0)
     pending.record("a", 1500, last_key=11, now=0.0)
