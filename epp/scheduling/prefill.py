@@ -6,7 +6,8 @@ holds computes a few dozen tokens, a cold one thousands. A queue length counts b
 alike, so a pod with three queued cache misses looks as busy as one with three queued
 hits. The precise prefix scorer knows, at each pick, how many of the prompt's tokens the
 chosen endpoint does not hold, and learns from the engine's KV events when the prefill
-is done (its last block is stored). `PendingPrefills` keeps that ledger, and
+is done (its last block is stored; of a prompt longer than `maxPrefixBlocksToMatch` blocks,
+the last one matched, so there the entry ends early). `PendingPrefills` keeps that ledger, and
 `prefill_load` turns it into the load cold placement compares (`coldplace`): tokens still
 to prefill, in units of `tokens_per_request`.
 
@@ -20,21 +21,20 @@ Requests this EPP did not send (another EPP replica's, a client that bypasses th
 are seen only as scraped waiting requests, and each counts as one unit, as in
 `scorers.queued_load`.
 
-Measured on the stale-prefix routing shape (benchmarks/RESULTS.md, "Prefill-aware load").
+Measured on the stale-prefix routing shape (benchmarks/RESULTS.md, "Prefill-aware cold
+placement").
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 
 import numpy as np
 
 from epp.datastore import Snapshot
 from epp.scheduling.cycle import CycleState
 from epp.scheduling.scorers import Load, queued_load
-
-Holds = Callable[[str, int], bool]
+from epp.scheduling.speculative import Holds
 
 DEFAULT_TOKENS_PER_REQUEST = 800.0
 """Prefill tokens that count as one queued request in cold placement's load: about the
