@@ -59,7 +59,7 @@ import yaml
 
 from tests.k8s import cluster as k
 from tests.k8s.conftest import Kubelet
-from tests.support import Proc, free_port, start_epp, wait_until
+from tests.support import Proc, free_port, retry_port_taken, start_epp
 
 BUILD_GOEPP = ROOT / "benchmarks" / "goepp" / "build_goepp.sh"
 BUILD_APISERVER = ROOT / "tests" / "k8s" / "build_apiserver.sh"
@@ -98,8 +98,13 @@ def idle_cpu_all(pids: dict[str, int], seconds: float) -> dict[str, float]:
     return {n: (sweep.process_cpu_seconds(p) - s0[n]) / dt for n, p in pids.items()}
 
 
-def start_sims(port: int, n: int) -> tuple[Proc, list[str]]:
-    """`n` simulated vLLM servers in one `epp-sim` process, on 127.0.0.2.. and one port."""
+def start_sims(n: int) -> tuple[Proc, list[str], int]:
+    """`n` simulated vLLM servers in one `epp-sim` process, on 127.0.0.2.. and one free
+    port (started again on a new one if another process took it first)."""
+    return retry_port_taken(lambda: _start_sims(free_port(), n), "simulators")
+
+
+def _start_sims(port: int, n: int) -> tuple[Proc, list[str], int]:
     ips = [f"127.0.0.{2 + i}" for i in range(n)]
     fleet = {"defaults": {"model": MODEL, "seed": 1},
              "replicas": [{"name": f"sim-{i}", "host": ip, "port": port} for i, ip in enumerate(ips)]}
@@ -109,12 +114,11 @@ def start_sims(port: int, n: int) -> tuple[Proc, list[str]]:
     proc = Proc([sys.executable, "-m", "epp.sim", "--fleet-config", cfg.name,
                  "--log-level", "WARNING"], "sim")
     try:
-        wait_until(lambda: "ready" in proc.output() or proc.p.poll() is not None, 30, "simulators")
+        # Not "ready" alone: a bind failure's "already in use" holds it too.
+        proc.wait_ready(lambda: "epp-sim: ready" in proc.output(), 30, "epp-sim")
     finally:
         os.unlink(cfg.name)
-    if proc.p.poll() is not None:
-        raise RuntimeError("epp-sim exited:\n" + proc.output())
-    return proc, ips
+    return proc, ips, port
 
 
 def setup_pool(admin: Any, crds: Path, ips: list[str], port: int) -> None:
@@ -133,7 +137,13 @@ def setup_pool(admin: Any, crds: Path, ips: list[str], port: int) -> None:
 
 
 def start_go_epp(binary: Path, kubeconfig: str, hosts: set[str]) -> tuple[Proc, int, int]:
-    """The upstream EPP serving the pool; ready once an exchange is routed to a pod."""
+    """The upstream EPP serving the pool; ready once an exchange is routed to a pod. A
+    port another process took first makes it exit with Go's "bind: address already in
+    use" in its log: started again on new ports."""
+    return retry_port_taken(lambda: _start_go_epp(binary, kubeconfig, hosts), "the Go EPP")
+
+
+def _start_go_epp(binary: Path, kubeconfig: str, hosts: set[str]) -> tuple[Proc, int, int]:
     grpc_port, metrics_port = free_port(), free_port()
     proc = Proc([str(binary), "--pool-name", POOL, "--pool-namespace", NAMESPACE,
                  "--grpc-port", str(grpc_port), "--grpc-health-port", str(free_port()),
@@ -142,21 +152,10 @@ def start_go_epp(binary: Path, kubeconfig: str, hosts: set[str]) -> tuple[Proc, 
                 "go-epp", env={"KUBECONFIG": kubeconfig})
 
     def routes() -> bool:
-        if proc.p.poll() is not None:
-            return True
-        try:
-            bx.check_direct(grpc_port, hosts)
-            return True
-        except Exception:  # not listening yet, or no pods known yet
-            return False
+        bx.check_direct(grpc_port, hosts)  # raises while not listening or no pods known
+        return True
 
-    try:
-        wait_until(routes, 90, "the Go EPP routing to the pool")
-    except TimeoutError:
-        proc.stop()
-        raise RuntimeError("the Go EPP did not route:\n" + proc.output()[-3000:]) from None
-    if proc.p.poll() is not None:
-        raise RuntimeError("the Go EPP exited:\n" + proc.output()[-3000:])
+    proc.wait_ready(routes, 90, "the Go EPP routing to the pool")
     return proc, grpc_port, metrics_port
 
 
@@ -236,8 +235,7 @@ def main() -> int:
     procs: list[Proc] = []
     try:
         admin = cluster.admin()
-        port = free_port()
-        sims, ips = start_sims(port, a.pods)
+        sims, ips, port = start_sims(a.pods)
         procs.append(sims)
         hosts = {f"{ip}:{port}" for ip in ips}
         setup_pool(admin, crds, ips, port)

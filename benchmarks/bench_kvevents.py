@@ -102,6 +102,11 @@ def _stream(batches: int, seed: int = 0) -> list[bytes]:
     return out
 
 
+PORT_TAKEN_EXIT = 98
+"""The publisher's exit code when a port it was to bind is in use: another process took
+it after `free_ports` (bench_kvevents_bound.py starts again on new ports)."""
+
+
 def publisher(where: list[str], payloads: list[bytes], rate_batches: float, ready: Any,
               go: Any, connect: bool = False, topics: list[bytes] | None = None) -> None:
     """A child process: one PUB per address, bound there (each engine's own socket) or
@@ -114,7 +119,13 @@ def publisher(where: list[str], payloads: list[bytes], rate_batches: float, read
     for w in where:
         s = ctx.socket(zmq.PUB)
         s.setsockopt(zmq.SNDHWM, 1_000_000)
-        (s.connect if connect else s.bind)(w)
+        try:
+            (s.connect if connect else s.bind)(w)
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EADDRINUSE:
+                raise
+            print(f"publisher: cannot bind {w}: {e}", file=sys.stderr, flush=True)
+            sys.exit(PORT_TAKEN_EXIT)
         socks.append(s)
     names = topics or [b"kv"] * len(socks)
     ready.set()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import multiprocessing as mp
 import os
 import platform
@@ -31,12 +32,21 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kvevents import BATCH_EVENTS, BS, _stream, free_ports, measure, publisher  # noqa: E402
+from bench_kvevents import (  # noqa: E402
+    BATCH_EVENTS,
+    BS,
+    PORT_TAKEN_EXIT,
+    _stream,
+    free_ports,
+    measure,
+    publisher,
+)
 
 from epp.datastore import Datastore, Endpoint  # noqa: E402
 from epp.kvevents.bound import BoundKVEventsSubscriber  # noqa: E402
 from epp.kvevents.index import KVBlockIndex  # noqa: E402
 from epp.kvevents.subscriber import PORT_LABEL, REPLAY_PORT_LABEL, KVEventsSubscriber  # noqa: E402
+from tests.support import PortTaken, retry_port_taken  # noqa: E402
 
 
 def _ip(i: int) -> str:
@@ -45,6 +55,8 @@ def _ip(i: int) -> str:
 
 async def run(mode: str, endpoints: int, rate: float, seconds: float,
               payloads: list[bytes]) -> dict[str, Any]:
+    """One round of one mode, on new ports; `PortTaken` when another process took one of
+    them after `free_ports` (the publisher's in connect mode, the EPP's in bound mode)."""
     ds = Datastore()
     index = KVBlockIndex()
     sub: KVEventsSubscriber
@@ -68,8 +80,17 @@ async def run(mode: str, endpoints: int, rate: float, seconds: float,
                                                 go, mode == "bound", topics))
     if mode == "connect":
         pub.start()
-        ready.wait(30)
-    await sub.start(ds)
+        deadline = time.monotonic() + 30
+        while not ready.wait(0.05) and pub.exitcode is None and time.monotonic() < deadline:
+            pass
+        if pub.exitcode == PORT_TAKEN_EXIT:
+            raise PortTaken(f"publisher: one of the ports {ports} in use")
+    try:
+        await sub.start(ds)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise PortTaken(str(e)) from None
+        raise
     if mode == "bound":
         pub.start()
         while not ready.is_set():
@@ -107,10 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, Any]]] = {"connect": [], "bound": []}
     for r in range(rounds):
         for mode in ("connect", "bound") if r % 2 == 0 else ("bound", "connect"):
-            for _ in range(3):  # a port taken between free_ports() and bind(): again
-                res = asyncio.run(run(mode, args.endpoints, args.rate, seconds, payloads))
-                if res["publisher_exit"] == 0:
-                    break
+            res = retry_port_taken(
+                lambda: asyncio.run(run(mode, args.endpoints, args.rate, seconds, payloads)),
+                f"{mode} intake")
             print(f"round {r}:", res, flush=True)
             results[mode].append(res)
     for mode, rs in results.items():

@@ -4,7 +4,8 @@ Each server runs as its own process on 127.0.0.1; a client in this process keeps
 number of requests in flight until a fixed count is done. The server's CPU time is read
 from /proc/<pid>/stat before and after, so the client's own cost is not counted.
 Both servers are set to similar latencies (~12 ms to first token, ~12-15 ms per output
-token), so they hold similar numbers of requests in flight.
+token), so they hold similar numbers of requests in flight. A server whose free port another
+process took before it bound it is started again on a new one (`retry_port_taken`).
 
 Also measured: CPU of an idle 8-replica fleet over a few seconds (should be ~0: idle
 engines wait on an event, no polling).
@@ -21,27 +22,23 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import time
+import urllib.request
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support import stop_process  # noqa: E402
+from tests.support import Proc, free_port, retry_port_taken, stop_process  # noqa: E402
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -49,21 +46,36 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
-async def start(cmd: list[str], url: str) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=asyncio.subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            try:
-                async with s.get(url + "/health") as r:
-                    if r.status == 200:
-                        return proc
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"{cmd[0]} did not start")
+def epp_sim_cmd(port: int) -> list[str]:
+    return [sys.executable, "-m", "epp.sim.cli", "--port", str(port), "--model", MODEL,
+            "--log-level", "WARNING"]
+
+
+def go_sim_cmd(go_bin: Path, port: int) -> list[str]:
+    return [str(go_bin), "--port", str(port), "--model", MODEL, "--force-dummy-tokenizer",
+            "--max-num-seqs", "256", "--time-to-first-token", "12ms",
+            "--inter-token-latency", "13ms", "-v", "0"]
+
+
+def start(name: str, cmd_for: Callable[[int], list[str]]) -> tuple[Proc, str]:
+    """The server `cmd_for(port)` on a free port, and its URL, once /health answers. A
+    port taken before the server bound it makes it exit saying "address already in use"
+    (both servers; llm-d-inference-sim with status 0), which `wait_ready` turns into
+    `PortTaken`: started again on a new port."""
+
+    def once() -> tuple[Proc, str]:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = Proc(cmd_for(port), "server")
+
+        def healthy() -> bool:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                return r.status == 200
+
+        proc.wait_ready(healthy, 30, name)
+        return proc, url
+
+    return retry_port_taken(once, name)
 
 
 async def drive(url: str, pid: int, requests: int, concurrency: int, stream: bool) -> dict:
@@ -88,7 +100,6 @@ async def drive(url: str, pid: int, requests: int, concurrency: int, stream: boo
 
 
 async def idle_fleet_cpu(seconds: float) -> float:
-    port = free_port()
     cmd = [sys.executable, "-m", "epp.sim.cli", "--replicas", "8", "--base-port", "0",
            "--log-level", "WARNING"]
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
@@ -102,7 +113,6 @@ async def idle_fleet_cpu(seconds: float) -> float:
         await asyncio.sleep(seconds)
         return (cpu_seconds(proc.pid) - c0) / seconds * 100
     finally:
-        del port
         await stop_process(proc)
 
 
@@ -123,23 +133,17 @@ async def main() -> None:
     results: dict[str, list[dict]] = {}
     for _ in range(args.rounds):
         for stream in (False, True):
-            port = free_port()
-            ours = [sys.executable, "-m", "epp.sim.cli", "--port", str(port), "--model", MODEL,
-                    "--log-level", "WARNING"]
-            servers = [(f"epp-sim stream={stream}", ours)]
+            servers: list[tuple[str, Callable[[int], list[str]]]] = [
+                (f"epp-sim stream={stream}", epp_sim_cmd)]
             if go_bin is not None:
-                gport = free_port()
-                servers.append((f"llm-d-inference-sim stream={stream}", [
-                    str(go_bin), "--port", str(gport), "--model", MODEL,
-                    "--force-dummy-tokenizer", "--max-num-seqs", "256",
-                    "--time-to-first-token", "12ms", "--inter-token-latency", "13ms", "-v", "0"]))
-            for name, cmd in servers:
-                url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
-                proc = await start(cmd, url)
+                servers.append((f"llm-d-inference-sim stream={stream}",
+                                partial(go_sim_cmd, go_bin)))
+            for name, cmd_for in servers:
+                proc, url = start(name, cmd_for)  # blocks the loop: nothing else runs yet
                 try:
-                    r = await drive(url, proc.pid, args.requests, args.concurrency, stream)
+                    r = await drive(url, proc.p.pid, args.requests, args.concurrency, stream)
                 finally:
-                    await stop_process(proc)
+                    proc.stop()
                 results.setdefault(name, []).append(r)
     idle = [await idle_fleet_cpu(3.0) for _ in range(args.rounds)]
     out = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
