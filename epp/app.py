@@ -246,12 +246,17 @@ class EppApp:
             await asyncio.to_thread(self.tracer.shutdown)
 
 
-async def serve(settings: Settings, on_started: Callable[[], None] | None = None) -> int:
+async def serve(settings: Settings, on_started: Callable[[], None] | None = None,
+                adjust: Callable[[EppApp], None] | None = None) -> int:
+    """Run until SIGTERM/SIGINT, then drain. `adjust` changes the app before it starts (the
+    routing benchmark's ablations). Expected start faults are one log line and exit 2."""
     try:
         app = EppApp(settings)
     except ValueError as e:  # ConfigError, engine config errors
         log.error("invalid configuration: %s", e)
         return 2
+    if adjust is not None:
+        adjust(app)
     try:
         await app.start()
     except (ValueError, OSError) as e:
