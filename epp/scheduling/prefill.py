@@ -73,8 +73,8 @@ class PendingPrefills:
         self._queue: deque[tuple[float, int, _Entry]] = deque()
         self._ids = 0
         self._slots_gen = 0
-        self._view: tuple[int, int, np.ndarray] | None = None
-        """(snapshot version, slot generation, slot per snapshot index)."""
+        self._view: tuple[Snapshot, int, np.ndarray] | None = None
+        """(snapshot, slot generation, slot per snapshot index)."""
 
     def __len__(self) -> int:
         """Live entries."""
@@ -153,12 +153,12 @@ class PendingPrefills:
     def per_endpoint(self, snapshot: Snapshot) -> tuple[np.ndarray, np.ndarray]:
         """(pending tokens, pending picks) per endpoint of the snapshot (new arrays)."""
         view = self._view
-        if view is None or view[0] != snapshot.version or view[1] != self._slots_gen:
-            # Endpoints with no slot read slot 0 of arrays one longer, kept at zero.
+        if view is None or view[0] is not snapshot or view[1] != self._slots_gen:
+            # Endpoints with no slot read slot n, past the used ones: always zero.
             n = len(self._entries)
             slots = np.fromiter((self._slot_of.get(e.name, n) for e in snapshot.endpoints),
                                 np.int64, len(snapshot))
-            view = self._view = (snapshot.version, self._slots_gen, slots)
+            view = self._view = (snapshot, self._slots_gen, slots)
         slots = view[2]
         if len(self._tokens) <= len(self._entries):
             self._tokens = np.concatenate([self._tokens, np.zeros(len(self._tokens))])
