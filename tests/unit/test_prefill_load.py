@@ -126,27 +126,26 @@ class Epp:
 
 
 def test_a_new_prompt_goes_where_less_prefill_waits_not_fewer_requests(tokdir: Path) -> None:
-    snap = pool({"a": 0, "b": 0, "c": 2})
-    epp = Epp(tokdir)
-    ids = epp.scorer.tokens(completion(3, "Q?"))
-    epp.scorer.tokens_per_request = len(ids) / 4  # a cold prompt here is 4 queued requests' worth
-    # a is prefilling three prompts it did not hold; b holds tenant 3's system prompt, and
-    # prefills only the questions of the three requests it got.
-    for tenant in (1, 2, 3):
-        epp.send(completion(tenant, "Who?"), snap, to="a")
-    engine_holds(epp.scorer, "b", ids, len(ids) // 16 - 1)
-    for q in ("Why?", "How?", "When?"):
-        epp.send(completion(3, q), snap, to="b")
+    snap = pool({"a": 0, "b": 0, "c": 2})  # c: 2 requests this EPP did not send
+    ids = Epp(tokdir).scorer.tokens(completion(3, "Q?"))
+
+    def traffic(epp: Epp) -> None:
+        # a is prefilling three prompts it did not hold; b holds tenant 3's system
+        # prompt, and prefills only the questions of the three requests it got.
+        for tenant in (1, 2, 3):
+            epp.send(completion(tenant, "Who?"), snap, to="a")
+        engine_holds(epp.scorer, "b", ids, len(ids) // 16 - 1)
+        for q in ("Why?", "How?", "When?"):
+            epp.send(completion(3, q), snap, to="b")
+
+    epp = Epp(tokdir, tokens_per_request=len(ids) / 4)  # a cold prompt: 4 requests' worth
+    traffic(epp)
     loads = {n: epp.scorer.pending.tokens(n) / epp.scorer.tokens_per_request for n in "abc"}
-    assert loads["a"] > 11 and loads["b"] < 1.5 and loads["c"] == 0  # c: 2 requests not ours
+    assert loads["a"] > 11 and loads["b"] < 1.5 and loads["c"] == 0
     # Queued requests say c (2 waiting, against 3 and 3); queued prefill says b.
     assert epp.send(completion(9, "Hi"), snap) == "b"
-    counting = Epp(tokdir, tokens_per_request=0)  # the same traffic, load in requests
-    for tenant in (1, 2, 3):
-        counting.send(completion(tenant, "Who?"), snap, to="a")
-    engine_holds(counting.scorer, "b", ids, len(ids) // 16 - 1)
-    for q in ("Why?", "How?", "When?"):
-        counting.send(completion(3, q), snap, to="b")
+    counting = Epp(tokdir, tokens_per_request=0)  # load in requests, as before
+    traffic(counting)
     assert counting.send(completion(9, "Hi"), snap) == "c"
 
 
