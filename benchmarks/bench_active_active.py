@@ -35,7 +35,6 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 

@@ -76,7 +76,6 @@ from tests.support import (
     retry_port_taken,
     start_envoy,
     start_epp,
-    wait_until,
 )
 
 WRK_INSTALL = "apt-get update && apt-get install -y wrk"
