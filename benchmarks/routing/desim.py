@@ -13,6 +13,8 @@ and the EPP's own CPU time.
     .venv/bin/python benchmarks/routing/desim.py --variant w4:prefix-cache-scorer.cacheHitQueueWorth=4
     .venv/bin/python benchmarks/routing/desim.py --shapes stale-prefix \
         --strategies round-robin default precise --replicas 2
+    .venv/bin/python benchmarks/routing/desim.py --shapes shared-prefix --kv-events \
+        --strategies default precise
 
 For `stale-prefix` the pods tokenize (the tiny tokenizer) and their KV events go straight
 into the precise scorer's index at the end of each step; `--replicas`, `--direct` and
@@ -270,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="simulated seconds between pod restarts (cache cleared), 0: none")
     ap.add_argument("--replicas", type=int, default=1,
                     help="EPP replicas without state sync, taking requests in turn")
+    ap.add_argument("--kv-events", action="store_true",
+                    help="the other shapes' pods tokenize and publish KV events too, so that "
+                         "the precise strategy can run on them (stale-prefix's always do)")
     ap.add_argument("--own-scrapes", action="store_true",
                     help="with --replicas: each replica scrapes the pods itself, at "
                          "staggered times (closer to separate EPP processes)")
@@ -309,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for shape_name in args.shapes:
         lora = LoraShape() if shape_name == "lora" else None
-        sims = stale_fleet(1.0) if shape_name == "stale-prefix" else fleet(1.0, lora=lora)
+        sims = (stale_fleet(1.0) if shape_name == "stale-prefix"
+                else fleet(1.0, lora=lora, kv_events=args.kv_events))
         for qps in args.qps or default_qps[shape_name]:
             ref = None
             for name, router in routers.items():
