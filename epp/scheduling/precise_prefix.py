@@ -226,7 +226,8 @@ class PrecisePrefixCacheScorer:
         self.cold_threshold = cold_threshold
         self.tokens_per_request = tokens_per_request
         self.pending = PendingPrefills(speculative_ttl if tokens_per_request > 0 else 0.0)
-        """Prefill work sent to each endpoint and not yet reported done: the load."""
+        """Prefill work sent to each endpoint and not yet reported done: cold placement's
+        load (`prefill.prefill_load`)."""
 
     @classmethod
     def from_params(cls, name: str, params: dict[str, Any]) -> "PrecisePrefixCacheScorer":
@@ -347,7 +348,6 @@ class PrecisePrefixCacheScorer:
             return None
         now = state.now
         self.speculative.expire(now)
-        self.pending.expire(now)
         snap: Snapshot = state.snapshot
         by_name = snap.by_name
         unknown, base = self._pool_view(state)

@@ -89,9 +89,9 @@ class PendingPrefills:
         else:
             slot = len(self._entries)
             self._entries.append({})
-            if slot == len(self._tokens):
-                self._tokens = np.concatenate([self._tokens, np.zeros(slot)])
-                self._counts = np.concatenate([self._counts, np.zeros(slot)])
+            if slot + 1 == len(self._tokens):  # keep slot n (`per_endpoint`'s zero) in range
+                self._tokens = np.concatenate([self._tokens, np.zeros(slot + 1)])
+                self._counts = np.concatenate([self._counts, np.zeros(slot + 1)])
         self._slot_of[endpoint] = slot
         self._slots_gen += 1
         return slot
@@ -101,6 +101,7 @@ class PendingPrefills:
         `last_key` is the prompt's last full block."""
         if self.ttl <= 0 or tokens <= 0:
             return
+        self.expire(now)  # the ledger stays bounded by the picks of one TTL
         slot = self._slot(endpoint)
         self._ids += 1
         entry = _Entry(slot, tokens, last_key)
@@ -160,9 +161,6 @@ class PendingPrefills:
                                 np.int64, len(snapshot))
             view = self._view = (snapshot, self._slots_gen, slots)
         slots = view[2]
-        if len(self._tokens) <= len(self._entries):
-            self._tokens = np.concatenate([self._tokens, np.zeros(len(self._tokens))])
-            self._counts = np.concatenate([self._counts, np.zeros(len(self._counts))])
         return self._tokens[slots], self._counts[slots]
 
 
@@ -174,13 +172,10 @@ def prefill_load(state: CycleState, candidates: np.ndarray, pending: PendingPref
 
     Other waiting requests: the scraped waiting count plus this EPP's picks since the
     scrape (`CycleState.waiting`), less this EPP's picks still pending there."""
+    pending.expire(state.now)
     toks, counts = pending.per_endpoint(state.snapshot)
     if candidates is not state.derived.all:
         toks, counts = toks[candidates], counts[candidates]
-    w, known = queued_load(state, candidates, running_weight)
-    # queued_load's waiting part, less our pending picks, floored at 0; plus our tokens.
-    waiting = state.take(state.waiting, candidates)
-    w = w - waiting + np.maximum(waiting - counts, 0.0)
+    others = np.maximum(state.take(state.waiting, candidates) - counts, 0.0)
     toks *= 1.0 / tokens_per_request
-    w += toks
-    return w, known
+    return queued_load(state, candidates, running_weight, waiting=others + toks)

@@ -292,13 +292,14 @@ Load = tuple[np.ndarray, "np.ndarray | None"]
 and fresh (None: all are, the common case)."""
 
 
-def queued_load(state: CycleState, candidates: np.ndarray, running_weight: float) -> Load:
-    """Per candidate: waiting requests (scraped and routed since the scrape) +
-    `running_weight` x running requests, and which of them are known and fresh (None: all
-    are, the common case)."""
-    w = state.take(state.waiting, candidates)
+def queued_load(state: CycleState, candidates: np.ndarray, running_weight: float,
+                waiting: np.ndarray | None = None) -> Load:
+    """Per candidate: waiting requests (scraped and routed since the scrape; or `waiting`,
+    one per candidate, as `prefill.prefill_load` counts them) + `running_weight` x running
+    requests, and which of them are known and fresh (None: all are, the common case)."""
+    w = state.take(state.waiting, candidates) if waiting is None else waiting
     if running_weight > 0:
-        w = w + running_weight * state.take(state.derived.get("running-or-0", running_or_zero), candidates)
+        w = w + running_weight * state.take(state.derived.get("running-or-0", _running_or_zero), candidates)
     _, all_known = state.derived.get(("notnan", "waiting"), _NOTNAN["waiting"])
     if all_known and state.all_fresh:
         return w, None
@@ -310,9 +311,9 @@ def queued_load(state: CycleState, candidates: np.ndarray, running_weight: float
 
 def load_discount(load: Load, worth: float) -> np.ndarray:
     """Per candidate, 1 while excess <= worth / 2, falling linearly to 0 at excess = worth;
-    excess = its load minus the least loaded candidate's. The approximate scorer's load is
+    excess = its load minus the least loaded candidate's; both prefix scorers pass
     `queued_load`: waiting requests (scraped and routed since the scrape) +
-    `running_weight` x running requests; the precise scorer's is `prefill.prefill_load`.
+    `running_weight` x running requests.
 
     Multiplying the prefix score by this is a cost model in units of queued requests: a
     cached prefix saves its prefill, about `worth` queued requests' delay, so a pod whose
@@ -353,7 +354,7 @@ def prefer_home(state: CycleState, candidates: np.ndarray, scores: np.ndarray,
         scores[~at_home] *= AWAY_SHARE
 
 
-def running_or_zero(s: Snapshot) -> np.ndarray:
+def _running_or_zero(s: Snapshot) -> np.ndarray:
     return np.nan_to_num(s.running)
 
 
