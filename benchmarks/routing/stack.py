@@ -44,6 +44,8 @@ def ensure_tokenizer() -> Path:
     from epp.sim import tinytok
 
     return tinytok.write(TOKENIZER_DIR)
+
+
 TICKS = os.sysconf("SC_CLK_TCK")
 
 _HEAD = """\

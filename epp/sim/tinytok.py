@@ -13,6 +13,7 @@ would with a model's tokenizer.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -64,10 +65,13 @@ def build() -> Tokenizer:
 
 
 def write(directory: str | Path) -> Path:
-    """Build the tokenizer into `directory` (created); returns the directory."""
+    """Build the tokenizer into `directory` (created); returns the directory.
+
+    Each file is written beside its final name and then renamed over it, so that a
+    process loading the directory while another (re)writes it (two benchmarks sharing
+    one directory) reads the old file or the new one, never half of one."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    build().save(str(d / "tokenizer.json"))
     config = {
         "bos_token": BOS,
         "eos_token": "<|eot_id|>",
@@ -75,8 +79,15 @@ def write(directory: str | Path) -> Path:
         "model_max_length": 131072,
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
-    (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _replace(d / "tokenizer.json", build().to_str(pretty=True))  # as Tokenizer.save writes it
+    _replace(d / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
     return d
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

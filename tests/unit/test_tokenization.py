@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,28 @@ def tokdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_project_tokenizer_is_deterministic(tokdir: Path, tmp_path: Path) -> None:
     again = tinytok.write(tmp_path / "again")
     assert (again / "tokenizer.json").read_bytes() == (tokdir / "tokenizer.json").read_bytes()
+
+
+def _rewrite(directory: str, times: int) -> None:
+    for _ in range(times):
+        tinytok.write(directory)
+
+
+def test_a_directory_rewritten_meanwhile_always_loads(tmp_path: Path) -> None:
+    # Benchmarks share one tokenizer directory and each writes it at start: a process
+    # loading it then must read the old files or the new ones, never half of one.
+    tinytok.write(tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    writers = [ctx.Process(target=_rewrite, args=(str(tmp_path), 15)) for _ in range(2)]
+    for w in writers:
+        w.start()
+    loads = 0
+    while any(w.is_alive() for w in writers) or loads < 20:
+        ModelTokenizer(MODEL, tmp_path)  # raises TokenizerError on a torn file
+        loads += 1
+    for w in writers:
+        w.join()
+        assert w.exitcode == 0
 
 
 def test_chat_is_rendered_with_the_template_then_tokenized_without_extra_specials(tokdir: Path) -> None:
